@@ -1,0 +1,204 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Packet parsing helpers for the TC-ingress program.
+ *
+ * Contract, for every helper here: it parses exactly one header at the
+ * cursor, bounds-checks it against data_end, fills its part of struct
+ * ctctl_pkt, advances the cursor past the header and returns CTCTL_R_NONE;
+ * or it returns the enum ctctl_reason that makes the packet a punt.  A
+ * helper never guesses: whatever it cannot parse with certainty (fragments,
+ * options, extension headers, inconsistent lengths) is software's.
+ */
+#ifndef CTCTL_PARSE_H
+#define CTCTL_PARSE_H
+
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/in.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <linux/icmp.h>
+#include <linux/icmpv6.h>
+
+#include "ctctl_abi.h"
+
+#ifndef IPPROTO_ICMPV6
+#define IPPROTO_ICMPV6 58
+#endif
+#define CTCTL_IP_MF 0x2000
+#define CTCTL_IP_OFFSET 0x1fff
+#define CTCTL_ETH_P_8021Q 0x8100
+#define CTCTL_ETH_P_8021AD 0x88A8
+
+/*
+ * pos walks the linear area [start, end); len is the whole packet's length,
+ * which may reach beyond `end` into paged data that no helper reads.
+ */
+struct cursor {
+	void *start;
+	void *pos;
+	void *end;
+	__u32 len;
+};
+
+/* Bytes of the packet from the cursor to its end, linear or not. */
+static __always_inline __u32 cursor_remaining(struct cursor *c)
+{
+	return c->len - (__u32)(c->pos - c->start);
+}
+
+/* What the parsers learnt about a packet. */
+struct ctctl_pkt {
+	__u16 eth_proto;	/* host order, after at most one VLAN tag */
+	__u8 ip_version;	/* 4, 6, or 0 when not IP */
+	__u8 proto;		/* IP protocol */
+	__u32 l3_len;		/* IP total length, header included */
+	__u8 tcp_flags;
+	__u8 pad[3];
+};
+
+struct vlan_hdr_ {
+	__be16 tci;
+	__be16 proto;
+};
+
+static __always_inline int parse_eth(struct cursor *c, struct ctctl_pkt *p)
+{
+	struct ethhdr *eth = c->pos;
+
+	if ((void *)(eth + 1) > c->end)
+		return CTCTL_R_TRUNC_ETH;
+	c->pos = eth + 1;
+	p->eth_proto = bpf_ntohs(eth->h_proto);
+	if (p->eth_proto == CTCTL_ETH_P_8021Q || p->eth_proto == CTCTL_ETH_P_8021AD) {
+		struct vlan_hdr_ *vh = c->pos;
+
+		if ((void *)(vh + 1) > c->end)
+			return CTCTL_R_TRUNC_ETH;
+		c->pos = vh + 1;
+		p->eth_proto = bpf_ntohs(vh->proto);
+	}
+	if (p->eth_proto != ETH_P_IP && p->eth_proto != ETH_P_IPV6)
+		return CTCTL_R_UNKNOWN_ETHERTYPE;
+	return CTCTL_R_NONE;
+}
+
+static __always_inline int parse_ipv4(struct cursor *c, struct ctctl_pkt *p)
+{
+	struct iphdr *iph = c->pos;
+	__u32 avail, tot;
+
+	if ((void *)(iph + 1) > c->end)
+		return CTCTL_R_TRUNC_L3;
+	if (iph->version != 4 || iph->ihl < 5)
+		return CTCTL_R_BAD_L3;
+	tot = bpf_ntohs(iph->tot_len);
+	avail = cursor_remaining(c);
+	/* Ethernet may pad a short frame, so less than the packet is fine. */
+	if (tot < iph->ihl * 4 || tot > avail)
+		return CTCTL_R_BAD_L3;
+	if (iph->ihl != 5)
+		return CTCTL_R_IP_OPTIONS;
+	if (iph->frag_off & bpf_htons(CTCTL_IP_MF | CTCTL_IP_OFFSET))
+		return CTCTL_R_FRAGMENT;
+	p->ip_version = 4;
+	p->proto = iph->protocol;
+	p->l3_len = tot;
+	c->pos = iph + 1;
+	return CTCTL_R_NONE;
+}
+
+static __always_inline int parse_ipv6(struct cursor *c, struct ctctl_pkt *p)
+{
+	struct ipv6hdr *ip6h = c->pos;
+	__u32 avail, tot;
+
+	if ((void *)(ip6h + 1) > c->end)
+		return CTCTL_R_TRUNC_L3;
+	if (ip6h->version != 6)
+		return CTCTL_R_BAD_L3;
+	tot = bpf_ntohs(ip6h->payload_len) + sizeof(*ip6h);
+	avail = cursor_remaining(c);
+	if (tot > avail)
+		return CTCTL_R_BAD_L3;
+	p->ip_version = 6;
+	p->proto = ip6h->nexthdr;
+	p->l3_len = tot;
+	c->pos = ip6h + 1;
+	switch (p->proto) {
+	case IPPROTO_TCP:
+	case IPPROTO_UDP:
+	case IPPROTO_ICMPV6:
+		return CTCTL_R_NONE;
+	case IPPROTO_FRAGMENT:
+		return CTCTL_R_FRAGMENT;
+	case IPPROTO_HOPOPTS:
+	case IPPROTO_ROUTING:
+	case IPPROTO_DSTOPTS:
+	case IPPROTO_AH:
+	case IPPROTO_ESP:
+	case 135: /* mobility */
+	case 139: /* HIP */
+	case 140: /* shim6 */
+		return CTCTL_R_IPV6_EXTHDR;
+	}
+	return CTCTL_R_UNKNOWN_L4;
+}
+
+static __always_inline int parse_l4(struct cursor *c, struct ctctl_pkt *p)
+{
+	switch (p->proto) {
+	case IPPROTO_TCP: {
+		struct tcphdr *th = c->pos;
+		__u32 hlen;
+
+		if ((void *)(th + 1) > c->end)
+			return CTCTL_R_TRUNC_L4;
+		hlen = th->doff * 4;
+		if (hlen < sizeof(*th))
+			return CTCTL_R_BAD_L4;
+		if (c->pos + hlen > c->end)
+			return CTCTL_R_TRUNC_L4;
+		/* The flags byte follows the data offset byte. */
+		p->tcp_flags = ((__u8 *)th)[13];
+		c->pos += hlen;
+		return CTCTL_R_NONE;
+	}
+	case IPPROTO_UDP: {
+		struct udphdr *uh = c->pos;
+
+		if ((void *)(uh + 1) > c->end)
+			return CTCTL_R_TRUNC_L4;
+		c->pos = uh + 1;
+		return CTCTL_R_NONE;
+	}
+	case IPPROTO_ICMP:
+	case IPPROTO_ICMPV6: {
+		/* Type, code, checksum and the id/sequence (or unused) word. */
+		if (c->pos + 8 > c->end)
+			return CTCTL_R_TRUNC_L4;
+		c->pos += 8;
+		return CTCTL_R_NONE;
+	}
+	}
+	return CTCTL_R_UNKNOWN_L4;
+}
+
+/* Parse from Ethernet to the end of the transport header. */
+static __always_inline int parse_packet(struct cursor *c, struct ctctl_pkt *p)
+{
+	int r = parse_eth(c, p);
+
+	if (r != CTCTL_R_NONE)
+		return r;
+	if (p->eth_proto == ETH_P_IP)
+		r = parse_ipv4(c, p);
+	else
+		r = parse_ipv6(c, p);
+	if (r != CTCTL_R_NONE)
+		return r;
+	return parse_l4(c, p);
+}
+
+#endif /* CTCTL_PARSE_H */

@@ -1,0 +1,1 @@
+"""ctctl: tc connection tracking with offload, modelled with eBPF and Python."""

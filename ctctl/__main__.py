@@ -1,0 +1,5 @@
+import sys
+
+from ctctl.cli import main
+
+sys.exit(main())

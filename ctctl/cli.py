@@ -1,0 +1,174 @@
+"""The ctctl command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ctctl import control
+
+EPILOG = """\
+examples:
+  ctctl topo create --ports eth5,eth6          # namespaces + veths to play with
+  ctctl load --config box.yaml                 # run a box in the foreground
+  ctctl stats                                  # counters of the loaded box
+  ctctl stats --json                           # the same, for scripts
+  ctctl unload --name demo                     # stop it, or clean up after a crash
+  ctctl demo                                   # build, load, send traffic, report, clean up
+"""
+
+
+def _die(msg: str, code: int = 1) -> int:
+    print(f"ctctl: {msg}", file=sys.stderr)
+    return code
+
+
+def _box_name(args) -> str:
+    if args.name:
+        return args.name
+    names = control.boxes()
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise control.ControlError("no box is loaded")
+    raise control.ControlError(f"several boxes are loaded ({', '.join(names)}): say which with --name")
+
+
+def cmd_load(args) -> int:
+    from ctctl import config, loader
+    from ctctl.controller import Controller
+
+    if args.ebpf:
+        print(loader.source_text())
+        return 0
+    try:
+        cfg = config.load(args.config)
+    except config.ConfigError as e:
+        return _die(str(e))
+
+    def ready():
+        print(f"ctctl: box {cfg.name} loaded on {cfg.netns} ports {', '.join(cfg.ports)} "
+              f"(pid {os.getpid()}); Ctrl-C or `ctctl unload --name {cfg.name}` to stop", flush=True)
+
+    try:
+        Controller(cfg).run(on_ready=ready)
+    except loader.LoadError as e:
+        return _die(str(e))
+    print(f"ctctl: box {cfg.name} unloaded", flush=True)
+    return 0
+
+
+def cmd_unload(args) -> int:
+    from ctctl import unload
+
+    try:
+        name = _box_name(args)
+        for line in unload.unload(name, timeout=args.timeout):
+            print(f"ctctl: {line}")
+    except control.ControlError as e:
+        return _die(str(e))
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from ctctl import report
+
+    try:
+        stats = control.request(_box_name(args), "stats")["stats"]
+    except control.ControlError as e:
+        return _die(str(e))
+    if args.json:
+        json.dump(stats, sys.stdout, indent=2)
+        print()
+    else:
+        print(report.format_stats(stats))
+    return 0
+
+
+def cmd_topo(args) -> int:
+    from ctctl import topology
+
+    if args.action == "create":
+        ports = [p for p in args.ports.split(",") if p]
+        hosts = [h for h in args.hosts.split(",") if h] if args.hosts else None
+        try:
+            t = topology.build(args.tag, ports, hosts)
+        except (topology.TopologyError, OSError) as e:
+            return _die(str(e))
+        print(f"box netns: {t.box}")
+        for p in t.ports:
+            print(f"  port {p.name} <-> {p.host.netns} {p.host.ifname} {p.host.addr4} {p.host.addr6}")
+        print(f"destroy with: ctctl topo destroy {t.box.removesuffix('-box')}")
+        return 0
+    from pyroute2 import netns
+    mine = [ns for ns in netns.listnetns() if ns.startswith(args.tag + "-")]
+    if not mine:
+        return _die(f"no namespace named {args.tag}-*")
+    topology.destroy(mine)
+    print("removed " + " ".join(mine))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ctctl import demo
+
+    return demo.run(size_mb=args.size, as_json=args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ctctl",
+        description="Run, measure and change a model of tc connection tracking with "
+                    "hardware offload: an eBPF program on TC ingress plays the NIC, "
+                    "a Python controller plays the kernel.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("load", help="load a box and run its controller in the foreground",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="config (YAML):\n"
+                              "  name: demo\n  netns: ctctl-demo-box\n  ports: [eth5, eth6]\n"
+                              "  forward: {eth5: eth6, eth6: eth5}\n  perf_pages: 2048\n")
+    s.add_argument("--config", "-c", required=False, help="box configuration file (YAML)")
+    s.add_argument("--ebpf", action="store_true", help="print the program's C source and exit")
+    s.set_defaults(func=cmd_load)
+
+    s = sub.add_parser("unload", help="stop a box; cleans up after a controller that died")
+    s.add_argument("--name", "-n", help="box name (default: the only loaded box)")
+    s.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the controller (default 10)")
+    s.set_defaults(func=cmd_unload)
+
+    s = sub.add_parser("stats", help="counters of the program and the controller")
+    s.add_argument("--name", "-n", help="box name (default: the only loaded box)")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_stats)
+
+    s = sub.add_parser("topo", help="create or destroy a box namespace with hosts on veth pairs")
+    s.add_argument("action", choices=["create", "destroy"])
+    s.add_argument("--tag", default=None, help="namespace prefix (create: default random ctctl-XXXXXX)")
+    s.add_argument("--ports", default="p0,p1", help="box port names, comma-separated (default p0,p1)")
+    s.add_argument("--hosts", default=None, help="host names, one per port (default h0,h1,...)")
+    s.set_defaults(func=cmd_topo)
+
+    s = sub.add_parser("demo", help="build a topology, load a box, send real traffic, report, clean up")
+    s.add_argument("--size", type=int, default=10, help="MB sent over TCP (default 10)")
+    s.add_argument("--json", action="store_true", help="print the report as JSON")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "load" and not args.ebpf and not args.config:
+        return _die("load needs --config FILE (see ctctl load --help)", 2)
+    if args.command == "topo" and args.action == "destroy" and not args.tag:
+        return _die("topo destroy needs --tag", 2)
+    if os.geteuid() != 0 and not (args.command == "load" and args.ebpf):
+        return _die("must run as root (BPF, namespaces, /run/ctctl)")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

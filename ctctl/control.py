@@ -1,0 +1,129 @@
+"""The control socket of a running box, and the state file that lets
+`ctctl unload` clean up after a controller that died.
+
+Both live under /run/ctctl/: <name>.sock (newline-delimited JSON requests
+and replies) and <name>.json (pid, namespace, what was attached, pins).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import socketserver
+import threading
+from pathlib import Path
+from typing import Callable
+
+RUN_DIR = Path(os.environ.get("CTCTL_RUN_DIR", "/run/ctctl"))
+
+
+class ControlError(Exception):
+    pass
+
+
+def sock_path(name: str) -> Path:
+    return RUN_DIR / f"{name}.sock"
+
+
+def state_path(name: str) -> Path:
+    return RUN_DIR / f"{name}.json"
+
+
+def write_state(name: str, state: dict) -> None:
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = state_path(name).with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    tmp.replace(state_path(name))
+
+
+def read_state(name: str) -> dict | None:
+    try:
+        return json.loads(state_path(name).read_text())
+    except FileNotFoundError:
+        return None
+
+
+def remove_state(name: str) -> None:
+    for p in (state_path(name), sock_path(name)):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def boxes() -> list[str]:
+    if not RUN_DIR.is_dir():
+        return []
+    return sorted(p.stem for p in RUN_DIR.glob("*.json"))
+
+
+class Server:
+    """Serves requests {"op": ..., ...} with `dispatch(request) -> dict` in
+    a thread of its own; the reply gets "ok": true, or "ok": false and
+    "error" when dispatch raised."""
+
+    def __init__(self, name: str, dispatch: Callable[[dict], dict]):
+        RUN_DIR.mkdir(parents=True, exist_ok=True)
+        path = sock_path(name)
+        if path.exists():
+            path.unlink()  # stale: the state file check ran before us
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                for line in self.rfile:
+                    try:
+                        req = json.loads(line)
+                        if not isinstance(req, dict):
+                            raise ValueError("request must be a JSON object")
+                        reply = {"ok": True, **dispatch(req)}
+                    except Exception as e:  # the reply carries any failure
+                        reply = {"ok": False, "error": f"{type(e).__name__}: {e}" if not isinstance(e, ControlError) else str(e)}
+                    self.wfile.write((json.dumps(reply) + "\n").encode())
+                    self.wfile.flush()
+
+        class UnixServer(socketserver.ThreadingUnixStreamServer):
+            daemon_threads = True
+
+        self.path = path
+        self.server = UnixServer(str(path), Handler)
+        os.chmod(path, 0o600)
+        self.thread = threading.Thread(target=self.server.serve_forever, name="ctctl-control", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def request(name: str, op: str, timeout: float = 10.0, **args) -> dict:
+    """One request to the box `name`; raises ControlError when the box does
+    not answer or answers with an error."""
+    path = sock_path(name)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(path))
+            s.sendall((json.dumps({"op": op, **args}) + "\n").encode())
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+    except FileNotFoundError:
+        raise ControlError(f"box {name!r} is not loaded (no {path})") from None
+    except OSError as e:
+        raise ControlError(f"box {name!r} does not answer on {path}: {e.strerror or e}") from None
+    if not buf:
+        raise ControlError(f"box {name!r} closed the connection without a reply")
+    reply = json.loads(buf)
+    if not reply.pop("ok", False):
+        raise ControlError(reply.get("error", "unknown error"))
+    return reply

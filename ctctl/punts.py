@@ -1,0 +1,72 @@
+"""Read the packets the program hands to software.
+
+Each perf sample is a struct ctctl_punt_hdr followed by the packet bytes
+(the kernel pads the sample to 8 bytes, so the header's pkt_len, not the
+sample size, says where the packet ends).  BCC's table.event() cannot
+decode perf_submit_skb samples, hence the ctypes header of ctctl.abi.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Callable
+
+from ctctl import abi
+
+HDR_SIZE = ctypes.sizeof(abi.PuntHdr)
+
+
+@dataclass
+class Punt:
+    hdr: abi.PuntHdr
+    frame: bytearray
+    cpu: int
+
+    @property
+    def reason(self) -> abi.Reason:
+        return abi.Reason(self.hdr.reason)
+
+
+class MalformedSample(Exception):
+    pass
+
+
+def decode(raw: bytes, cpu: int = 0) -> Punt:
+    if len(raw) < HDR_SIZE:
+        raise MalformedSample(f"sample of {len(raw)} bytes, header needs {HDR_SIZE}")
+    hdr = abi.PuntHdr.from_buffer_copy(raw, 0)
+    end = HDR_SIZE + hdr.pkt_len
+    if end > len(raw):
+        raise MalformedSample(f"header says {hdr.pkt_len} packet bytes, sample has {len(raw) - HDR_SIZE}")
+    if hdr.reason >= abi.REASON_MAX:
+        raise MalformedSample(f"unknown reason {hdr.reason}")
+    return Punt(hdr, bytearray(raw[HDR_SIZE:end]), cpu)
+
+
+class PuntReader:
+    """Open the `punts` perf buffer of a compiled program and deliver each
+    decoded punt to `handler`.  Samples the ring dropped before we read them
+    are counted in `lost` (the program also counts its own failed submits)."""
+
+    def __init__(self, bpf, handler: Callable[[Punt], None], page_cnt: int = 256):
+        self.bpf = bpf
+        self.handler = handler
+        self.lost = 0
+        self.malformed = 0
+        bpf["punts"].open_perf_buffer(self._on_sample, page_cnt=page_cnt, lost_cb=self._on_lost)
+
+    def _on_sample(self, cpu, data, size) -> None:
+        raw = ctypes.string_at(data, size)
+        try:
+            punt = decode(raw, cpu)
+        except MalformedSample:
+            self.malformed += 1
+            return
+        self.handler(punt)
+
+    def _on_lost(self, count) -> None:
+        self.lost += count
+
+    def poll(self, timeout_ms: int) -> None:
+        self.bpf.perf_buffer_poll(timeout=timeout_ms)
