@@ -1,0 +1,45 @@
+# ctctl: the two commands a new user needs are `make demo` and `make test`;
+# both provision the machine first (idempotent, about a second when done).
+PY      := .venv/bin/python
+PYTEST  := $(PY) -m pytest
+# Results of the VM stage and benchmarks go here.
+OUT     ?= build
+
+.PHONY: all provision demo test test-unit test-bpf test-integration bench clean help
+
+all: help
+
+help:
+	@echo "make demo              build a box, send real traffic through it, report, clean up"
+	@echo "make test              provision, then every test tier (unit, bpf, integration, VM stage)"
+	@echo "make test-unit         pure Python tier (no root)"
+	@echo "make test-bpf          BPF_PROG_TEST_RUN tier (root)"
+	@echo "make test-integration  netns/veth tier with real programs (root)"
+	@echo "make vm-test           bpf + integration tiers inside a virtme-ng guest (KERNEL=...)"
+	@echo "make bench             benchmarks, reports under bench/results/"
+
+provision:
+	@bash vm/provision.sh
+
+demo: provision
+	$(PY) -m ctctl demo
+
+test: provision
+	$(PYTEST) tests -ra
+
+test-unit: provision
+	$(PYTEST) tests/unit -ra
+
+test-bpf: provision
+	$(PYTEST) tests/bpf -ra
+
+test-integration: provision
+	$(PYTEST) tests/integration -ra
+
+bench: provision
+	@mkdir -p bench/results
+	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(OUT) .pytest_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +

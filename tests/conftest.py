@@ -1,0 +1,66 @@
+"""Shared fixtures: unique topologies and running boxes, removed again on
+teardown whatever the test did."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from ctctl import topology
+from ctctl.boxproc import BoxProcess
+
+IS_ROOT = os.geteuid() == 0
+
+
+def _bcc_usable() -> str | None:
+    try:
+        import bcc  # noqa: F401
+    except ImportError as e:
+        return f"BCC not importable ({e}): run vm/provision.sh and use .venv/bin/python"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """The root tiers skip with a reason instead of failing without root."""
+    no_bcc = _bcc_usable()
+    for item in items:
+        path = str(item.fspath)
+        root_tier = any(f"{os.sep}tests{os.sep}{t}{os.sep}" in path for t in ("bpf", "integration", "vm"))
+        if root_tier or item.get_closest_marker("root"):
+            if not IS_ROOT:
+                item.add_marker(pytest.mark.skip(reason="needs root (BPF, network namespaces)"))
+            elif no_bcc:
+                item.add_marker(pytest.mark.skip(reason=no_bcc))
+
+
+@pytest.fixture
+def topo():
+    """A box with ports eth5 (client side) and eth6 (server side)."""
+    t = topology.build(topology.unique_tag("ctctl-t"), ["eth5", "eth6"], ["client", "server"])
+    try:
+        yield t
+    finally:
+        t.destroy()
+
+
+def box_config(t: topology.Topology, **extra) -> dict:
+    names = [p.name for p in t.ports]
+    cfg = {"name": t.box.removesuffix("-box"), "netns": t.box, "ports": names,
+           "forward": {names[0]: names[1], names[1]: names[0]}}
+    cfg.update(extra)
+    return cfg
+
+
+@pytest.fixture
+def box(topo):
+    """A running controller (a real `ctctl load` process) on `topo`."""
+    with BoxProcess(box_config(topo)) as b:
+        b.topo = topo
+        yield b
+
+
+def tc_filters(ns: str, dev: str) -> str:
+    return subprocess.run(["ip", "netns", "exec", ns, "tc", "filter", "show", "dev", dev, "ingress"],
+                          capture_output=True, text=True).stdout

@@ -1,0 +1,77 @@
+"""bpf/ctctl_abi.h and ctctl/abi.py describe the same boundary.
+
+The header is compiled with the host C compiler into a probe that prints
+every enum constant, struct size and field offset; each is compared with
+the ctypes mirror.  Adding a constant or a field on one side only fails
+here.
+"""
+
+import ctypes
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from ctctl import abi
+
+CC = shutil.which("cc") or shutil.which("gcc")
+
+
+def _header_enum_names() -> list[str]:
+    text = abi.HEADER.read_text()
+    body = "\n".join(re.findall(r"enum\s+\w+\s*\{(.*?)\};", text, re.S))
+    return re.findall(r"^\s*(CTCTL_\w+)\s*[=,]", body, re.M)
+
+
+def _header_fields(struct: str) -> list[str]:
+    text = abi.HEADER.read_text()
+    body = re.search(rf"struct\s+{struct}\s*\{{(.*?)\}};", text, re.S)[1]
+    return re.findall(r"^\s*__\w+\s+(\w+)(?:\[\d+\])?;", body, re.M)
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    if not CC:
+        pytest.skip("no C compiler")
+    d = tmp_path_factory.mktemp("abi")
+    lines = ['#include <stdio.h>', '#include <stddef.h>', f'#include "{abi.HEADER}"', "int main(void) {"]
+    for name in _header_enum_names() + ["CTCTL_MAX_PUNT"]:
+        lines.append(f'printf("{name} %lld\\n", (long long){name});')
+    for s in abi.C_STRUCTS:
+        lines.append(f'printf("sizeof {s} %zu\\n", sizeof(struct {s}));')
+        for f in _header_fields(s):
+            lines.append(f'printf("offsetof {s}.{f} %zu\\n", offsetof(struct {s}, {f}));')
+    lines += ["return 0;", "}"]
+    src = d / "probe.c"
+    src.write_text("\n".join(lines))
+    subprocess.run([CC, "-o", str(d / "probe"), str(src)], check=True)
+    out = subprocess.run([str(d / "probe")], check=True, capture_output=True, text=True).stdout
+    return dict(line.rsplit(" ", 1) for line in out.splitlines())
+
+
+def test_every_enum_constant_matches(probe):
+    checked = 0
+    for prefix, enum in abi.C_ENUMS.items():
+        # The prefixes are distinct (CTCTL_C_ is not a prefix of CTCTL_CS_).
+        c_names = {k[len(prefix):] for k in probe if k.startswith(prefix) and k != prefix + "MAX"}
+        py_names = {m.name for m in enum}
+        assert c_names == py_names, f"{prefix}*: C has {sorted(c_names - py_names)}, Python has {sorted(py_names - c_names)}"
+        for m in enum:
+            assert int(probe[prefix + m.name]) == m.value, f"{prefix}{m.name}"
+            checked += 1
+    assert checked >= 20
+
+
+def test_constants_match(probe):
+    for name, value in abi.C_CONSTANTS.items():
+        assert int(probe[name]) == value, name
+
+
+def test_struct_layouts_match(probe):
+    for s, cls in abi.C_STRUCTS.items():
+        assert int(probe[f"sizeof {s}"]) == ctypes.sizeof(cls), s
+        c_fields = _header_fields(s)
+        assert c_fields == [f[0] for f in cls._fields_], f"{s}: field list differs"
+        for f in c_fields:
+            assert int(probe[f"offsetof {s}.{f}"]) == getattr(cls, f).offset, f"{s}.{f}"

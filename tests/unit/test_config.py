@@ -1,0 +1,40 @@
+"""Config validation: every refusal names the reason and the position."""
+
+import pytest
+
+from ctctl import config
+
+GOOD = "name: demo\nnetns: ctctl-x-box\nports: [eth5, eth6]\nforward: {eth5: eth6, eth6: eth5}\n"
+
+
+def test_good_config_parses():
+    cfg = config.parse(GOOD, "box.yaml")
+    assert (cfg.name, cfg.netns, cfg.ports) == ("demo", "ctctl-x-box", ["eth5", "eth6"])
+    assert cfg.forward == {"eth5": "eth6", "eth6": "eth5"}
+    assert cfg.perf_pages == 2048
+
+
+@pytest.mark.parametrize("text, where, words", [
+    ("name: demo\nnetns: [x\n", "box.yaml:3:1", "YAML syntax error"),
+    ("name: demo\nnetns: n\nports: [a]\nprots: 1\n", "box.yaml:4:1", "unknown key 'prots'"),
+    ("name: demo\nports: [a]\n", "box.yaml:1:1", "missing key 'netns'"),
+    ("name: demo\nnetns: n\nports: []\n", "box.yaml:3:8", "non-empty list"),
+    ("name: demo\nnetns: n\nports: [a, a]\n", "box.yaml:3:12", "listed twice"),
+    ("name: demo\nnetns: n\nports: [a, b]\nforward: {a: c}\n", "box.yaml:4:14", "unknown port 'c'"),
+    ("name: 'bad name'\nnetns: n\nports: [a]\n", "box.yaml:1:7", "name 'bad name'"),
+    ("name: demo\nnetns: 3\nports: [a]\n", "box.yaml:2:8", "netns must be a str"),
+    ("name: demo\nnetns: n\nports: [a]\nperf_pages: 100\n", "box.yaml:4:13", "power of two"),
+    ("name: demo\nname: again\nnetns: n\nports: [a]\n", "box.yaml:2:1", "duplicate key"),
+    ("- just\n- a list\n", "box.yaml:1:1", "expected a mapping"),
+    ("", "box.yaml:1:1", "expected a mapping"),
+])
+def test_bad_config_is_refused_with_position(text, where, words):
+    with pytest.raises(config.ConfigError) as e:
+        config.parse(text, "box.yaml")
+    assert str(e.value).startswith(where + ": "), str(e.value)
+    assert words in str(e.value)
+
+
+def test_missing_file():
+    with pytest.raises(config.ConfigError, match="no-such.yaml: No such file"):
+        config.load("/nonexistent/no-such.yaml")
