@@ -97,17 +97,18 @@ def cmd_topo(args) -> int:
             t = topology.build(args.tag, ports, hosts)
         except (topology.TopologyError, OSError) as e:
             return _die(str(e))
+        tag = t.box.removesuffix("-box")
+        topology.remember(tag, t)
         print(f"box netns: {t.box}")
         for p in t.ports:
             print(f"  port {p.name} <-> {p.host.netns} {p.host.ifname} {p.host.addr4} {p.host.addr6}")
-        print(f"destroy with: ctctl topo destroy {t.box.removesuffix('-box')}")
+        print(f"destroy with: ctctl topo destroy --tag {tag}")
         return 0
-    from pyroute2 import netns
-    mine = [ns for ns in netns.listnetns() if ns.startswith(args.tag + "-")]
-    if not mine:
-        return _die(f"no namespace named {args.tag}-*")
-    topology.destroy(mine)
-    print("removed " + " ".join(mine))
+    try:
+        gone = topology.forget(args.tag)
+    except topology.TopologyError as e:
+        return _die(str(e))
+    print("removed " + " ".join(gone))
     return 0
 
 

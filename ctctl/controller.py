@@ -126,14 +126,20 @@ class Controller:
         try:
             with Datapath(name, self.cfg.netns, self.cfg.ports) as dp:
                 self.dp = dp
-                self.port_by_ifindex = {a.ifindex: a.ifname for a in dp.attached}
-                control.write_state(name, {
-                    "pid": os.getpid(), "netns": self.cfg.netns,
-                    "attached": [asdict(a) for a in dp.attached],
-                    "pin_dir": str(dp.pin_dir),
-                })
-                self.transmitter = Transmitter(self.cfg.netns, self.cfg.ports)
+                # Reader and sockets first: the first packet after attach
+                # already finds someone listening.
                 self.reader = PuntReader(dp.bpf, self.handle, page_cnt=self.cfg.perf_pages)
+                self.transmitter = Transmitter(self.cfg.netns, self.cfg.ports)
+                try:
+                    dp.attach()
+                finally:
+                    # Also after a partial attach: unload must find it.
+                    control.write_state(name, {
+                        "pid": os.getpid(), "netns": self.cfg.netns,
+                        "attached": [asdict(a) for a in dp.attached],
+                        "pin_dir": str(dp.pin_dir),
+                    })
+                self.port_by_ifindex = {a.ifindex: a.ifname for a in dp.attached}
                 server = control.Server(name, self.dispatch)
                 server.start()
                 if on_ready:

@@ -95,16 +95,20 @@ class Datapath:
         self.close()
 
     def load(self) -> None:
+        """Compile and pin; attaching is a separate step so that the caller
+        can open the perf buffer first and lose no packet."""
         if self.pin_dir.exists():
             raise LoadError(
                 f"{self.pin_dir} exists: a box named {self.name!r} is loaded "
                 f"(or was not unloaded: `ctctl unload --name {self.name}`)")
         self.bpf = compile_program()
+        self._pin_maps()
+
+    def attach(self) -> None:
         fn = self.bpf.load_func(FUNCTION, self.bpf.SCHED_CLS)
         with IPRoute(netns=self.netns) as ipr:
             for port in self.ports:
                 self._attach(ipr, port, fn)
-        self._pin_maps()
 
     def _attach(self, ipr: IPRoute, port: str, fn) -> None:
         idx = ipr.link_lookup(ifname=port)

@@ -10,6 +10,7 @@ share one subnet.  Used by the demo, the tests and users (`ctctl topo`).
 from __future__ import annotations
 
 import ipaddress
+import json
 import secrets
 import subprocess
 import time
@@ -140,6 +141,31 @@ def destroy(namespaces: list[str]) -> None:
         if time.monotonic() > deadline:
             raise TopologyError(f"namespaces not removed: {namespaces}")
         time.sleep(0.05)
+
+
+def _record(tag: str):
+    from ctctl.control import RUN_DIR
+
+    return RUN_DIR / "topo" / f"{tag}.json"
+
+
+def remember(tag: str, topo: Topology) -> None:
+    """Record what `ctctl topo create` made, so that `destroy` removes
+    exactly that and never a namespace it did not create."""
+    path = _record(tag)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(topo.namespaces))
+
+
+def forget(tag: str) -> list[str]:
+    path = _record(tag)
+    try:
+        namespaces = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TopologyError(f"no topology {tag!r} made by `ctctl topo create`") from None
+    destroy(namespaces)
+    path.unlink()
+    return namespaces
 
 
 def ns_exec(ns: str, *argv: str, **kw) -> subprocess.CompletedProcess:
