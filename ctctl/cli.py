@@ -76,15 +76,30 @@ def cmd_stats(args) -> int:
     from ctctl import report
 
     try:
-        stats = control.request(_box_name(args), "stats")["stats"]
+        name = _box_name(args)
+        stats = control.request(name, "stats")["stats"]
     except control.ControlError as e:
-        return _die(str(e))
+        stats = _stats_from_pins(args.name)
+        if stats is None:
+            return _die(str(e))
+        print(f"ctctl: {e}; the controller is gone, showing the data path's pinned counters",
+              file=sys.stderr)
     if args.json:
         json.dump(stats, sys.stdout, indent=2)
         print()
     else:
         print(report.format_stats(stats))
     return 0
+
+
+def _stats_from_pins(name: str | None) -> dict | None:
+    from ctctl import loader, pins
+    from ctctl.controller import program_stats
+
+    if not name or not (loader.PIN_ROOT / name / "counters").exists():
+        return None
+    return {"box": name, "controller": None,
+            "program": program_stats(pins.read_counters(loader.PIN_ROOT / name))}
 
 
 def cmd_topo(args) -> int:

@@ -76,14 +76,7 @@ class Controller:
         return {
             "box": self.cfg.name,
             "uptime_s": round(self.clock() - self.started, 3),
-            "program": {
-                "rx_packets": prog[abi.Counter.RX],
-                "rx_bytes": prog[abi.Counter.RX_BYTES],
-                "punted": prog[abi.Counter.PUNT],
-                "perf_lost": prog[abi.Counter.PERF_LOST],
-                "too_big": prog[abi.Counter.TOO_BIG],
-                "punts_by_reason": {r.label: prog[r] for r in abi.Reason if r and prog[r]},
-            },
+            "program": program_stats(prog),
             "software": {
                 "received": sum(self.rx.values()),
                 "ring_lost": self.reader.lost if self.reader else 0,
@@ -155,6 +148,18 @@ class Controller:
             control.remove_state(name)
             for s, h in previous.items():
                 signal.signal(s, h)
+
+
+def program_stats(prog: list[int]) -> dict:
+    """The program's counter array as the stats report names it."""
+    return {
+        "rx_packets": prog[abi.Counter.RX],
+        "rx_bytes": prog[abi.Counter.RX_BYTES],
+        "punted": prog[abi.Counter.PUNT],
+        "perf_lost": prog[abi.Counter.PERF_LOST],
+        "too_big": prog[abi.Counter.TOO_BIG],
+        "punts_by_reason": {r.label: prog[r] for r in abi.Reason if r and prog[r]},
+    }
 
 
 def _alive(pid) -> bool:

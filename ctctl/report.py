@@ -12,14 +12,19 @@ def human_bytes(n: int) -> str:
 
 
 def format_stats(s: dict) -> str:
-    prog, sw = s["program"], s["software"]
-    out = [f"box {s['box']}, up {s['uptime_s']:.1f} s",
+    prog = s["program"]
+    head = f"box {s['box']}, up {s['uptime_s']:.1f} s" if "uptime_s" in s else \
+        f"box {s['box']}, controller not running (pinned counters)"
+    out = [head,
            f"program:  rx {prog['rx_packets']} packets ({human_bytes(prog['rx_bytes'])}), "
            f"punted {prog['punted']}, perf_lost {prog['perf_lost']}, too_big {prog['too_big']}"]
     if prog["punts_by_reason"]:
         out.append("punts by reason:")
         width = max(len(r) for r in prog["punts_by_reason"])
         out += [f"  {r:<{width}}  {n}" for r, n in sorted(prog["punts_by_reason"].items(), key=lambda x: -x[1])]
+    sw = s.get("software")
+    if sw is None:
+        return "\n".join(out)
     out.append(f"software: received {sw['received']}, ring_lost {sw['ring_lost']}, "
                f"drops {sum(sw['drops'].values())}"
                + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(sw['drops'].items())) + ")" if sw["drops"] else ""))
