@@ -42,6 +42,10 @@ static __always_inline int punt(struct __sk_buff *skb, __u16 reason)
 	hdr.ifindex = skb->ifindex;
 	hdr.pkt_len = len;
 	hdr.tstamp_ns = bpf_ktime_get_ns();
+	if (skb->vlan_present) {
+		hdr.vlan_proto = bpf_ntohs(skb->vlan_proto);
+		hdr.vlan_tci = skb->vlan_tci;
+	}
 	/* BCC rewrites perf_submit_skb into a statement: keep it on its own. */
 	err = punts.perf_submit_skb(skb, len, &hdr, sizeof(hdr));
 	if (err < 0) {
@@ -72,6 +76,7 @@ int ctctl_ingress(struct __sk_buff *skb)
 	c.pos = c.start;
 	c.end = (void *)(long)skb->data_end;
 	c.len = skb->len;
+	c.l3_end = skb->len;
 	r = parse_packet(&c, &pkt);
 	if (r != CTCTL_R_NONE)
 		return punt(skb, r);

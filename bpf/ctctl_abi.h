@@ -88,7 +88,13 @@ struct ctctl_punt_hdr {
 	__u8 hops;		/* goto chain hops taken so far */
 	__u32 mark;
 	__u8 label[16];
-	__u32 pad;		/* zero; keeps tstamp_ns 8-byte aligned */
+	/*
+	 * The VLAN tag the receiving kernel moved out of the packet into the
+	 * skb (veth does this), host order; vlan_proto 0 when there was none.
+	 * Software puts it back before it forwards the frame.
+	 */
+	__u16 vlan_proto;
+	__u16 vlan_tci;
 	__u64 tstamp_ns;	/* bpf_ktime_get_ns() when the program stopped */
 };
 

@@ -34,18 +34,34 @@
 /*
  * pos walks the linear area [start, end); len is the whole packet's length,
  * which may reach beyond `end` into paged data that no helper reads.
+ * l3_end is where the IP packet ends (offset from start): Ethernet padding
+ * after it belongs to no header.
  */
 struct cursor {
 	void *start;
 	void *pos;
 	void *end;
 	__u32 len;
+	__u32 l3_end;
 };
+
+static __always_inline __u32 cursor_offset(struct cursor *c)
+{
+	return (__u32)(c->pos - c->start);
+}
 
 /* Bytes of the packet from the cursor to its end, linear or not. */
 static __always_inline __u32 cursor_remaining(struct cursor *c)
 {
-	return c->len - (__u32)(c->pos - c->start);
+	return c->len - cursor_offset(c);
+}
+
+/* Bytes of the IP packet from the cursor on (the transport's share). */
+static __always_inline __u32 cursor_l3_remaining(struct cursor *c)
+{
+	__u32 off = cursor_offset(c);
+
+	return off < c->l3_end ? c->l3_end - off : 0;
 }
 
 /* What the parsers learnt about a packet. */
@@ -105,6 +121,7 @@ static __always_inline int parse_ipv4(struct cursor *c, struct ctctl_pkt *p)
 	p->ip_version = 4;
 	p->proto = iph->protocol;
 	p->l3_len = tot;
+	c->l3_end = cursor_offset(c) + tot;
 	c->pos = iph + 1;
 	return CTCTL_R_NONE;
 }
@@ -125,6 +142,7 @@ static __always_inline int parse_ipv6(struct cursor *c, struct ctctl_pkt *p)
 	p->ip_version = 6;
 	p->proto = ip6h->nexthdr;
 	p->l3_len = tot;
+	c->l3_end = cursor_offset(c) + tot;
 	c->pos = ip6h + 1;
 	switch (p->proto) {
 	case IPPROTO_TCP:
@@ -148,15 +166,21 @@ static __always_inline int parse_ipv6(struct cursor *c, struct ctctl_pkt *p)
 
 static __always_inline int parse_l4(struct cursor *c, struct ctctl_pkt *p)
 {
+	/* The transport header must lie inside the IP packet, not its padding. */
+	__u32 room = cursor_l3_remaining(c);
+
 	switch (p->proto) {
 	case IPPROTO_TCP: {
 		struct tcphdr *th = c->pos;
 		__u32 hlen;
 
-		if ((void *)(th + 1) > c->end)
+		if (room < sizeof(*th) || (void *)(th + 1) > c->end)
 			return CTCTL_R_TRUNC_L4;
 		hlen = th->doff * 4;
 		if (hlen < sizeof(*th))
+			return CTCTL_R_BAD_L4;
+		/* A data offset beyond the packet is inconsistent, not short. */
+		if (hlen > room)
 			return CTCTL_R_BAD_L4;
 		if (c->pos + hlen > c->end)
 			return CTCTL_R_TRUNC_L4;
@@ -168,7 +192,7 @@ static __always_inline int parse_l4(struct cursor *c, struct ctctl_pkt *p)
 	case IPPROTO_UDP: {
 		struct udphdr *uh = c->pos;
 
-		if ((void *)(uh + 1) > c->end)
+		if (room < sizeof(*uh) || (void *)(uh + 1) > c->end)
 			return CTCTL_R_TRUNC_L4;
 		c->pos = uh + 1;
 		return CTCTL_R_NONE;
@@ -176,7 +200,7 @@ static __always_inline int parse_l4(struct cursor *c, struct ctctl_pkt *p)
 	case IPPROTO_ICMP:
 	case IPPROTO_ICMPV6: {
 		/* Type, code, checksum and the id/sequence (or unused) word. */
-		if (c->pos + 8 > c->end)
+		if (room < 8 || c->pos + 8 > c->end)
 			return CTCTL_R_TRUNC_L4;
 		c->pos += 8;
 		return CTCTL_R_NONE;

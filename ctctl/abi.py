@@ -94,7 +94,8 @@ class PuntHdr(ctypes.Structure):
         ("hops", ctypes.c_uint8),
         ("mark", ctypes.c_uint32),
         ("label", ctypes.c_uint8 * 16),
-        ("pad", ctypes.c_uint32),
+        ("vlan_proto", ctypes.c_uint16),
+        ("vlan_tci", ctypes.c_uint16),
         ("tstamp_ns", ctypes.c_uint64),
     ]
 

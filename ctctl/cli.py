@@ -13,6 +13,9 @@ EPILOG = """\
 examples:
   ctctl topo create --ports eth5,eth6          # namespaces + veths to play with
   ctctl load --config box.yaml                 # run a box in the foreground
+  ctctl filter add dev eth6 protocol ip parent ffff: chain 0 flower ct_state -trk action ct action goto chain 9
+  ctctl filter show dev eth6 -s                # rules, in the syntax they were added, with counters
+  ctctl conntrack -L                           # the connection table, as conntrack -L prints it
   ctctl stats                                  # counters of the loaded box
   ctctl stats --json                           # the same, for scripts
   ctctl unload --name demo                     # stop it, or clean up after a crash
@@ -102,6 +105,42 @@ def _stats_from_pins(name: str | None) -> dict | None:
             "program": program_stats(pins.read_counters(loader.PIN_ROOT / name))}
 
 
+def cmd_filter(args) -> int:
+    # tc wants `tc -s filter show`; `ctctl filter show -s` is what one types.
+    stat_flags = ("-s", "-stats", "-statistics")
+    words = [w for w in args.words if w not in stat_flags]
+    line = " ".join((["-s"] if len(words) != len(args.words) else []) + ["filter"] + words)
+    try:
+        reply = control.request(_box_name(args), "filter", line=line)
+    except control.ControlError as e:
+        msg = str(e)
+        if e.column:
+            # Point at the token in the line as the box read it.
+            msg += f"\n  {line}\n  {' ' * (e.column - 1)}^"
+        return _die(msg)
+    for out in reply["lines"]:
+        print(out)
+    if reply["verb"] == "del" and not reply["filters"]:
+        return _die("no filter matched")
+    return 0
+
+
+def cmd_conntrack(args) -> int:
+    try:
+        lines = control.request(_box_name(args), "conntrack")["lines"]
+    except control.ControlError as e:
+        return _die(str(e))
+    if args.json:
+        json.dump(lines, sys.stdout, indent=2)
+        print()
+        return 0
+    for line in lines:
+        print(line)
+    # conntrack(8) prints its summary on stderr, so scripts can read stdout.
+    print(f"ctctl conntrack: {len(lines)} flow entries have been shown.", file=sys.stderr)
+    return 0
+
+
 def cmd_topo(args) -> int:
     from ctctl import topology
 
@@ -160,6 +199,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", "-n", help="box name (default: the only loaded box)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_stats)
+
+    s = sub.add_parser("filter", help="add, delete or show tc rules of a running box (tc syntax)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples (the seed's slide 9):\n"
+                              "  ctctl filter add dev eth6 protocol ip parent ffff: chain 0 flower ct_state -trk "
+                              "action ct action goto chain 9\n"
+                              "  ctctl filter add dev eth5 protocol ip parent ffff: chain 9 flower ct_state +trk+est "
+                              "action mirred egress redirect dev eth6\n"
+                              "  ctctl filter show dev eth5 -s\n"
+                              "  ctctl filter del dev eth5 chain 9 prio 49152\n"
+                              "A refused rule changes nothing; the error names the token and its column.")
+    s.add_argument("--name", "-n", help="box name (default: the only loaded box)")
+    s.add_argument("words", nargs=argparse.REMAINDER, help="add|del|show ... as tc takes it")
+    s.set_defaults(func=cmd_filter)
+
+    s = sub.add_parser("conntrack", help="the box's connection table, as conntrack -L prints it")
+    s.add_argument("-L", "--dump", action="store_true", default=True, help="list entries (the default)")
+    s.add_argument("--name", "-n", help="box name (default: the only loaded box)")
+    s.add_argument("--json", action="store_true", help="a JSON list of the lines")
+    s.set_defaults(func=cmd_conntrack)
 
     s = sub.add_parser("topo", help="create or destroy a box namespace with hosts on veth pairs")
     s.add_argument("action", choices=["create", "destroy"])

@@ -24,6 +24,7 @@ KEYS = {
     "netns": "namespace of the box",
     "ports": "list of interfaces",
     "forward": "static port map",
+    "rules": "tc filter lines",
     "perf_pages": "perf buffer pages per CPU",
 }
 REQUIRED = ("name", "netns", "ports")
@@ -40,6 +41,7 @@ class BoxConfig:
     netns: str
     ports: list[str]
     forward: dict[str, str] = field(default_factory=dict)
+    rules: list | None = None          # list[ctctl.rules.Filter] when given
     perf_pages: int = 2048
     # key -> (key node, value node): positions for check_system's errors
     nodes: dict = field(default_factory=dict, repr=False, compare=False)
@@ -107,6 +109,11 @@ def parse(text: str, path: str = "<config>") -> BoxConfig:
                 if p not in ports:
                     raise ConfigError(_where(path, n), f"forward: unknown port {p!r} (ports: {', '.join(ports)})")
             cfg.forward[src] = dst
+    if "rules" in seen:
+        if "forward" in seen:
+            raise ConfigError(_where(path, seen["rules"][0]), "rules and forward exclude each other: "
+                              "the rules decide where packets go")
+        cfg.rules = _rules(path, seen["rules"][1], ports)
     if "perf_pages" in seen:
         n = seen["perf_pages"][1]
         pages = _scalar(path, n, int, "perf_pages")
@@ -115,6 +122,23 @@ def parse(text: str, path: str = "<config>") -> BoxConfig:
         cfg.perf_pages = pages
     cfg.nodes = seen
     return cfg
+
+
+def _rules(path: str, node, ports: list[str]) -> list:
+    from ctctl.rules import MirredAction, RulesFileError, rules_from_node
+
+    try:
+        filters = rules_from_node(node, path)
+    except RulesFileError as e:
+        raise ConfigError(e.where, str(e)[len(e.where) + 2:]) from None
+    # rules_from_node keeps the order of the list: item i is filter i.
+    for item, f in zip(node.value, filters):
+        for dev, what in [(f.dev, "dev")] + [(a.dev, "mirred dev") for a in f.actions
+                                              if isinstance(a, MirredAction)]:
+            if dev not in ports:
+                raise ConfigError(_where(path, item), f"{what} {dev!r} is not a port of the box "
+                                                      f"(ports: {', '.join(ports)})")
+    return filters
 
 
 def check_system(cfg: BoxConfig, path: str = "<config>") -> None:

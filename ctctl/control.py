@@ -19,7 +19,9 @@ RUN_DIR = Path(os.environ.get("CTCTL_RUN_DIR", "/run/ctctl"))
 
 
 class ControlError(Exception):
-    pass
+    def __init__(self, msg: str, column: int | None = None):
+        super().__init__(msg)
+        self.column = column
 
 
 def sock_path(name: str) -> Path:
@@ -77,8 +79,10 @@ class Server:
                         if not isinstance(req, dict):
                             raise ValueError("request must be a JSON object")
                         reply = {"ok": True, **dispatch(req)}
-                    except Exception as e:  # the reply carries any failure
-                        reply = {"ok": False, "error": f"{type(e).__name__}: {e}" if not isinstance(e, ControlError) else str(e)}
+                    except (ControlError, ValueError) as e:  # the caller's mistake: say what
+                        reply = {"ok": False, "error": str(e), "column": getattr(e, "column", None)}
+                    except Exception as e:  # our bug: the reply carries it, the box goes on
+                        reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
                     self.wfile.write((json.dumps(reply) + "\n").encode())
                     self.wfile.flush()
 
@@ -125,5 +129,5 @@ def request(name: str, op: str, timeout: float = 10.0, **args) -> dict:
         raise ControlError(f"box {name!r} closed the connection without a reply")
     reply = json.loads(buf)
     if not reply.pop("ok", False):
-        raise ControlError(reply.get("error", "unknown error"))
+        raise ControlError(reply.get("error", "unknown error"), reply.get("column"))
     return reply

@@ -1,9 +1,10 @@
 """The controller of one box: software's half of the data path.
 
 It loads the program onto the box's ports, reads every punt, decides where
-the packet goes and transmits it on the output port.  In this version the
-decision is a static port map (the box is a software switch); the rule
-pipeline and conntrack take that place as they arrive.
+the packet goes and transmits it on the output port.  The decision is the
+tc software path: the box's rules run by ctctl.pipeline with the conntrack
+tracker; a box configured with a static port map instead is a plain
+software switch.
 
 It also serves the control socket and keeps the state file that lets
 `ctctl unload` clean up after it.  Leaving run() -- normally, on an error,
@@ -15,17 +16,23 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import threading
 import time
 from collections import Counter as Tally
 from dataclasses import asdict
 
 from ctctl import abi, control
 from ctctl.config import BoxConfig
+from ctctl.conntrack import ConnTracker, format_conntrack
+from ctctl.pipeline import Pipeline
+from ctctl.rules import (AddCommand, MirredAction, RuleSet, RuleSyntaxError, execute, format_filter,
+                         parse_command)
 from ctctl.loader import Datapath, LoadError
 from ctctl.punts import Punt, PuntReader
 from ctctl.transmit import Transmitter
 
 POLL_MS = 100
+SWEEP_EVERY_S = 1.0   # conntrack's periodic sweep, besides lazy expiry on lookup
 
 
 class Controller:
@@ -45,6 +52,11 @@ class Controller:
         self.tx_bytes = Tally()
         self.drops = Tally()       # software drops, per cause
         self.reasons = Tally()     # punts received, per reason
+        self.tracker = ConnTracker(clock=clock)
+        self.ruleset = RuleSet(cfg.rules) if cfg.rules is not None else None
+        self.pipeline = Pipeline(self.ruleset, self.tracker, cfg.ports) if self.ruleset is not None else None
+        # The control thread changes rules while the data path runs them.
+        self.lock = threading.Lock()
 
     # -- the data path ----------------------------------------------------
     def handle(self, punt: Punt) -> None:
@@ -58,17 +70,29 @@ class Controller:
             return
         self.rx[in_port] += 1
         self.rx_bytes[in_port] += len(punt.frame)
-        out = self.cfg.forward.get(in_port)
-        if out is None:
-            self.drops["no_route"] += 1
-            return
+        if self.pipeline is None:
+            out, frame = self.cfg.forward.get(in_port), punt.frame
+            if out is None:
+                self.drops["no_route"] += 1
+                return
+        else:
+            try:
+                with self.lock:
+                    v = self.pipeline.process(punt.frame, in_port)
+            except Exception as e:  # a bug must cost one packet, not the box
+                self.drops["error_" + type(e).__name__] += 1
+                return
+            if v.kind != "output":
+                self.drops[v.reason or v.kind] += 1
+                return
+            out, frame = v.output, v.packet.data
         try:
-            self.transmitter.send(out, punt.frame)
+            self.transmitter.send(out, frame)
         except OSError as e:
             self.drops["tx_" + (errno.errorcode.get(e.errno, str(e.errno)).lower())] += 1
             return
         self.tx_pkts[out] += 1
-        self.tx_bytes[out] += len(punt.frame)
+        self.tx_bytes[out] += len(frame)
 
     # -- control ----------------------------------------------------------
     def stats(self) -> dict:
@@ -84,6 +108,8 @@ class Controller:
                 "by_reason": dict(self.reasons),
                 "drops": dict(self.drops),
             },
+            "pipeline": dict(self.pipeline.counters) if self.pipeline else None,
+            "conntrack": {"entries": len(self.tracker)},
             "ports": {
                 p: {"rx_packets": self.rx[p], "rx_bytes": self.rx_bytes[p],
                     "tx_packets": self.tx_pkts[p], "tx_bytes": self.tx_bytes[p]}
@@ -100,7 +126,32 @@ class Controller:
         if op == "stop":
             self.stop_requested = True
             return {}
-        raise control.ControlError(f"unknown request {op!r} (stats, ping, stop)")
+        if op == "filter":
+            return self.filter_command(str(req.get("line", "")))
+        if op == "conntrack":
+            with self.lock:
+                now = self.clock()
+                return {"lines": [format_conntrack(c, now) for c in self.tracker.entries()]}
+        raise control.ControlError(f"unknown request {op!r} (stats, ping, stop, filter, conntrack)")
+
+    def filter_command(self, line: str) -> dict:
+        """One `filter add|del|show` line.  A refused line changes nothing:
+        the reply carries the reason and the column."""
+        if self.ruleset is None:
+            raise control.ControlError(f"box {self.cfg.name!r} runs a static port map (forward:), "
+                                       "not rules: give it `rules:` in its config")
+        cmd = parse_command(line)   # RuleSyntaxError goes back to the caller as is
+        if isinstance(cmd, AddCommand):
+            f = cmd.filter
+            for dev in [f.dev] + [a.dev for a in f.actions if isinstance(a, MirredAction)]:
+                if dev not in self.cfg.ports:
+                    col = line.find(f" {dev}") + 2 if f" {dev}" in line else None
+                    raise RuleSyntaxError(f"dev {dev!r} is not a port of box {self.cfg.name!r} "
+                                          f"(ports: {', '.join(self.cfg.ports)})", col, dev)
+        with self.lock:
+            out = execute(self.ruleset, line)
+        return {"verb": out.verb, "lines": out.lines,
+                "filters": [format_filter(f) for f in out.filters]}
 
     # -- life cycle -------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
@@ -137,8 +188,13 @@ class Controller:
                 server.start()
                 if on_ready:
                     on_ready()
+                next_sweep = self.clock() + SWEEP_EVERY_S
                 while not self.stop_requested:
                     self.reader.poll(POLL_MS)
+                    if self.clock() >= next_sweep:
+                        with self.lock:
+                            self.tracker.sweep()
+                        next_sweep = self.clock() + SWEEP_EVERY_S
         finally:
             if server:
                 server.close()

@@ -20,7 +20,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from ctctl import abi
 
 PROGRAM = abi.BPF_DIR / "ctctl.c"
-FUNCTION = "ctctl_ingress"
+FUNCTION = b"ctctl_ingress"
 PIN_ROOT = Path("/sys/fs/bpf/ctctl")
 # Maps pinned for tools that read the data path without the controller.
 PINNED_MAPS = ("counters",)
@@ -134,7 +134,7 @@ class Datapath:
         self.pin_dir.mkdir(parents=True, exist_ok=False)
         self._pinned = True
         for m in PINNED_MAPS:
-            _pin(self.bpf[m].map_fd, self.pin_dir / m)
+            _pin(self.bpf[m.encode()].map_fd, self.pin_dir / m)
 
     # -- take-down --------------------------------------------------------
     def close(self) -> None:
@@ -152,7 +152,7 @@ class Datapath:
     # -- reading ----------------------------------------------------------
     def counters(self) -> list[int]:
         """The program's counters, summed over CPUs."""
-        table = self.bpf["counters"]
+        table = self.bpf[b"counters"]
         return [int(sum(table[table.Key(i)])) for i in range(abi.COUNTER_MAX)]
 
 

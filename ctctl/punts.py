@@ -9,6 +9,7 @@ decode perf_submit_skb samples, hence the ctypes header of ctctl.abi.
 from __future__ import annotations
 
 import ctypes
+import struct
 from dataclasses import dataclass
 from typing import Callable
 
@@ -41,7 +42,12 @@ def decode(raw: bytes, cpu: int = 0) -> Punt:
         raise MalformedSample(f"header says {hdr.pkt_len} packet bytes, sample has {len(raw) - HDR_SIZE}")
     if hdr.reason >= abi.REASON_MAX:
         raise MalformedSample(f"unknown reason {hdr.reason}")
-    return Punt(hdr, bytearray(raw[HDR_SIZE:end]), cpu)
+    frame = bytearray(raw[HDR_SIZE:end])
+    if hdr.vlan_proto and len(frame) >= 12:
+        # Restore the tag the receiving kernel took out: software continues
+        # the packet as it was on the wire.
+        frame[12:12] = struct.pack("!HH", hdr.vlan_proto, hdr.vlan_tci)
+    return Punt(hdr, frame, cpu)
 
 
 class PuntReader:
@@ -54,7 +60,7 @@ class PuntReader:
         self.handler = handler
         self.lost = 0
         self.malformed = 0
-        bpf["punts"].open_perf_buffer(self._on_sample, page_cnt=page_cnt, lost_cb=self._on_lost)
+        bpf[b"punts"].open_perf_buffer(self._on_sample, page_cnt=page_cnt, lost_cb=self._on_lost)
 
     def _on_sample(self, cpu, data, size) -> None:
         raw = ctypes.string_at(data, size)

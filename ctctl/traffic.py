@@ -89,6 +89,24 @@ def tcp_transfer(client_ns: str, server_ns: str, server_addr: str, size: int,
         return TransferResult(size, _sha(src), _sha(dst), os.path.getsize(dst), secs, err)
 
 
+def tcp_connect_blocked(client_ns: str, server_ns: str, server_addr: str, port: int = 5003,
+                        wait: float = 3) -> bool:
+    """True when a TCP connection from client_ns to a listening nc on
+    server_ns does not get through within `wait` seconds: a firewall's
+    drop, told apart from "nobody listens" by the listener being there."""
+    server = ns_popen(server_ns, "nc", "-l", "-n", str(port), stdout=subprocess.DEVNULL,
+                      stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: listening(server_ns, "tcp", port), 30, f"nc to listen on {server_ns}:{port}")
+        r = ns_exec(client_ns, "nc", "-z", "-n", "-w", str(int(wait)), server_addr, str(port),
+                    capture_output=True, timeout=wait + 30)
+        return r.returncode != 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
+
+
 def _sha(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

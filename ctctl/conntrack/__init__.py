@@ -1,0 +1,12 @@
+"""Connection tracking faithful to nf_conntrack (see docs/conntrack.md for
+where it is not): ``ConnTracker.ct`` is the tc ``ct`` action."""
+
+from .format import format_conntrack, format_event
+from .nat import NatSpec
+from .tracker import DEFAULT_TIMEOUTS, Conn, ConnTracker, CtConfig, CtResult, Status
+from .tuples import Tuple, tuple_of
+
+__all__ = [
+    "ConnTracker", "CtConfig", "CtResult", "Conn", "NatSpec", "Status", "Tuple",
+    "tuple_of", "format_conntrack", "format_event", "DEFAULT_TIMEOUTS",
+]

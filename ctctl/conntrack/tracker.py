@@ -1,0 +1,579 @@
+"""The connection table and the tc ``ct`` action on it.
+
+``ConnTracker.ct`` does for one packet what net/sched/act_ct.c does with
+nf_conntrack_in(): error checks, lookup or creation of an unconfirmed
+entry, the protocol tracker (TCP/UDP/ICMP/generic), RELATED for ICMP
+errors, NAT, and on ``commit`` the confirmation (insertion) plus mark and
+label.  Time comes from the injected clock; entries expire lazily when
+looked up and in ``sweep``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+import time
+from typing import Callable
+
+from ctctl.abi import CtState
+from ctctl.packet import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Packet
+
+from . import tcp as tcpmod
+from .nat import NatExhausted, NatSpec, rewrite, rewrite_icmp_error, unique_tuple
+from .tuples import IPPROTO_GRE, ICMP_NEW, ICMPV6_NEW, ICMPV6_UNTRACKED, Tuple, tuple_of
+
+ORIGINAL, REPLY = 0, 1
+LABEL_MASK = (1 << 128) - 1
+NR_ICMP_TYPES = 18
+
+
+class Status(enum.IntFlag):
+    """enum ip_conntrack_status bits (same values as the kernel)."""
+
+    EXPECTED = 1 << 0
+    SEEN_REPLY = 1 << 1
+    ASSURED = 1 << 2
+    CONFIRMED = 1 << 3
+    SRC_NAT = 1 << 4
+    DST_NAT = 1 << 5
+    SEQ_ADJUST = 1 << 6
+    SRC_NAT_DONE = 1 << 7
+    DST_NAT_DONE = 1 << 8
+    DYING = 1 << 9
+    FIXED_TIMEOUT = 1 << 10
+    TEMPLATE = 1 << 11
+    NAT_CLASH = 1 << 12
+    HELPER = 1 << 13
+    OFFLOAD = 1 << 14
+    HW_OFFLOAD = 1 << 15
+
+
+DEFAULT_TIMEOUTS = {
+    "SYN_SENT": 120, "SYN_RECV": 60, "ESTABLISHED": 432000, "FIN_WAIT": 120,
+    "CLOSE_WAIT": 60, "LAST_ACK": 30, "TIME_WAIT": 120, "CLOSE": 10, "SYN_SENT2": 120,
+    "NONE": 120,  # never used as a resting state; present so lookups cannot fail
+    "tcp_max_retrans": 300, "tcp_unacked": 300,
+    "udp": 30, "udp_stream": 120, "icmp": 30, "icmpv6": 30, "gre": 30, "gre_stream": 180,
+    "generic": 600,
+}
+UDP_STREAM_DELAY = 2.0  # seconds before a replied UDP flow counts as a stream
+
+
+@dataclasses.dataclass
+class CtConfig:
+    """The sysctls of nf_conntrack that matter here, with kernel defaults.
+    ``timeouts`` overrides merge over DEFAULT_TIMEOUTS."""
+
+    timeouts: dict = dataclasses.field(default_factory=dict)
+    tcp_be_liberal: bool = False
+    tcp_loose: bool = True
+    tcp_max_retrans: int = 3
+    tcp_ignore_invalid_rst: bool = False
+    tcp_no_window_check: bool = False
+    checksum: bool = True  # net.netfilter.nf_conntrack_checksum
+    nat_port_min: int | None = None  # default SNAT port range when a spec has none
+    nat_port_max: int | None = None
+
+    def __post_init__(self):
+        unknown = set(self.timeouts) - set(DEFAULT_TIMEOUTS)
+        if unknown:
+            raise ValueError(f"unknown conntrack timeouts: {sorted(unknown)}")
+        merged = dict(DEFAULT_TIMEOUTS)
+        for k, v in self.timeouts.items():
+            if not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"timeout {k} must be a number >= 0, not {v!r}")
+            merged[k] = v
+        self.timeouts = merged
+        if self.tcp_max_retrans < 0:
+            raise ValueError("tcp_max_retrans must be >= 0")
+
+
+class Conn:
+    """One conntrack entry (struct nf_conn)."""
+
+    __slots__ = ("id", "orig", "reply", "status", "mark", "label", "zone", "packets",
+                 "bytes", "timeout_at", "created", "last_seen", "tcp", "udp_stream_ts",
+                 "_timeout_rel", "__weakref__")
+
+    def __init__(self, cid: int, orig: Tuple, reply: Tuple, now: float):
+        self.id = cid
+        self.orig = orig
+        self.reply = reply
+        self.status = Status(0)
+        self.mark = 0
+        self.label = 0
+        self.zone = orig.zone
+        self.packets = [0, 0]
+        self.bytes = [0, 0]
+        self.timeout_at = now
+        self.created = now
+        self.last_seen = now
+        self.tcp = tcpmod.TcpInfo() if orig.proto == IPPROTO_TCP else None
+        self.udp_stream_ts = now + UDP_STREAM_DELAY
+        self._timeout_rel = 0.0
+
+    @property
+    def proto(self) -> int:
+        return self.orig.proto
+
+    @property
+    def l3(self) -> int:
+        return self.orig.l3
+
+    @property
+    def state(self) -> str | None:
+        return self.tcp.state.name if self.tcp is not None else None
+
+    @property
+    def confirmed(self) -> bool:
+        return bool(self.status & Status.CONFIRMED)
+
+    @property
+    def windows(self):
+        """Per-direction TCP window data (TcpSeen), or None."""
+        return self.tcp.seen if self.tcp is not None else None
+
+    def tuple(self, direction: int) -> Tuple:
+        return self.reply if direction else self.orig
+
+    def remaining(self, now: float) -> float:
+        return self.timeout_at - now
+
+    def __repr__(self) -> str:
+        st = f" {self.state}" if self.state else ""
+        return f"<Conn #{self.id}{st} {self.orig} -> {self.reply} status={self.status!r}>"
+
+
+@dataclasses.dataclass
+class CtResult:
+    """What the ``ct`` action leaves on the packet."""
+
+    ct_state: CtState
+    conn: Conn | None = None
+    reply: bool = False
+    zone: int = 0
+    mark: int = 0
+    label: int = 0
+    reason: str | None = None  # why INV / untracked, for logs and tests
+
+    @staticmethod
+    def cleared() -> "CtResult":
+        """The metadata after ``ct clear``: nothing tracked."""
+        return CtResult(CtState(0))
+
+
+class ConnTracker:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, config: CtConfig | None = None):
+        self.clock = clock
+        self.config = config or CtConfig()
+        self._table: dict[Tuple, tuple[Conn, int]] = {}
+        self._conns: dict[int, Conn] = {}
+        self._ids = itertools.count(1)
+        self._subscribers: list[Callable[[str, Conn], None]] = []
+        # conntrack -S style counters
+        self.stats = {"found": 0, "invalid": 0, "insert": 0, "insert_failed": 0,
+                      "drop": 0, "early_drop": 0, "error": 0, "search_restart": 0,
+                      "expired": 0, "ignore": 0}
+
+    # ------------------------------------------------------------------
+    # Table
+
+    def subscribe(self, callback: Callable[[str, Conn], None]) -> None:
+        self._subscribers.append(callback)
+
+    def unsubscribe(self, callback) -> None:
+        self._subscribers.remove(callback)
+
+    def _emit(self, event: str, conn: Conn) -> None:
+        for cb in list(self._subscribers):
+            cb(event, conn)
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def _expired(self, conn: Conn, now: float) -> bool:
+        return now >= conn.timeout_at
+
+    def _find(self, t: Tuple, now: float):
+        hit = self._table.get(t)
+        if hit is None:
+            return None
+        if self._expired(hit[0], now):
+            self._destroy(hit[0], expired=True)
+            return None
+        return hit
+
+    def lookup(self, t: Tuple) -> Conn | None:
+        """The live entry that has ``t`` as either direction's tuple."""
+        hit = self._find(t, self.clock())
+        return hit[0] if hit else None
+
+    def entries(self) -> list[Conn]:
+        self.sweep()
+        return list(self._conns.values())
+
+    def sweep(self, now: float | None = None) -> int:
+        now = self.clock() if now is None else now
+        due = [c for c in self._conns.values() if self._expired(c, now)]
+        for c in due:
+            self._destroy(c, expired=True)
+        return len(due)
+
+    def delete(self, conn: Conn) -> bool:
+        if self._conns.get(conn.id) is not conn:
+            return False
+        self._destroy(conn)
+        return True
+
+    def flush(self) -> int:
+        conns = list(self._conns.values())
+        for c in conns:
+            self._destroy(c)
+        return len(conns)
+
+    def set_timeout(self, conn: Conn, seconds: float, fixed: bool = False) -> None:
+        """Expire ``conn`` ``seconds`` from now.  ``fixed`` keeps packets
+        from refreshing it (IPS_FIXED_TIMEOUT) until cleared by another
+        set_timeout with fixed=False."""
+        if seconds < 0:
+            raise ValueError("timeout must be >= 0")
+        now = self.clock()
+        conn.timeout_at = now + seconds
+        conn._timeout_rel = seconds
+        if fixed:
+            conn.status |= Status.FIXED_TIMEOUT
+        else:
+            conn.status &= ~Status.FIXED_TIMEOUT
+
+    def set_status(self, conn: Conn, bits: Status, on: bool = True) -> None:
+        """Set or clear status bits (e.g. OFFLOAD) with an UPDATE event."""
+        old = conn.status
+        conn.status = (old | bits) if on else (old & ~bits)
+        if conn.status != old and conn.confirmed:
+            self._emit("UPDATE", conn)
+
+    def _destroy(self, conn: Conn, expired: bool = False) -> None:
+        if self._conns.pop(conn.id, None) is None:
+            return
+        for t in (conn.orig, conn.reply):
+            hit = self._table.get(t)
+            if hit is not None and hit[0] is conn:
+                del self._table[t]
+        conn.status |= Status.DYING
+        if expired:
+            self.stats["expired"] += 1
+        self._emit("DESTROY", conn)
+
+    def _taken(self, t: Tuple, ignore: Conn | None = None) -> bool:
+        hit = self._table.get(t)
+        if hit is None or hit[0] is ignore:
+            return False
+        if self._expired(hit[0], self.clock()):
+            self._destroy(hit[0], expired=True)
+            return False
+        return True
+
+    def _bysource(self, orig: Tuple) -> Tuple | None:
+        for c in self._conns.values():
+            o = c.orig
+            if (c.status & Status.SRC_NAT and o.zone == orig.zone and o.proto == orig.proto
+                    and o.src == orig.src and o.sport == orig.sport):
+                r = c.reply
+                return orig._replace(src=r.dst, sport=r.dport)
+        return None
+
+    def _confirm(self, conn: Conn, now: float) -> str | None:
+        """Insert an unconfirmed entry; the reason on a clash."""
+        for t in (conn.orig, conn.reply):
+            if self._taken(t):
+                return f"insert clash on {t}"
+        conn.status |= Status.CONFIRMED
+        conn.timeout_at = now + conn._timeout_rel
+        self._table[conn.orig] = (conn, ORIGINAL)
+        self._table[conn.reply] = (conn, REPLY)
+        self._conns[conn.id] = conn
+        self.stats["insert"] += 1
+        self._emit("NEW", conn)
+        return None
+
+    # ------------------------------------------------------------------
+    # The ct action
+
+    def ct(self, pkt: Packet, *, zone: int = 0, commit: bool = False, force: bool = False,
+           nat: NatSpec | None = None, mark: tuple[int, int] | None = None,
+           label: tuple[int, int] | None = None) -> CtResult:
+        if not 0 <= zone <= 0xFFFF:
+            raise ValueError(f"zone {zone} is not a u16")
+        if mark is not None and not all(0 <= v <= 0xFFFFFFFF for v in mark):
+            raise ValueError(f"mark {mark} is not a (u32, u32 mask)")
+        if label is not None and not all(0 <= v <= LABEL_MASK for v in label):
+            raise ValueError("label must be a (128-bit value, 128-bit mask)")
+        now = self.clock()
+        cfg = self.config
+
+        if pkt.ip_version is None:
+            return CtResult(CtState(0), zone=zone, reason="not IP")
+        if pkt.is_fragment:
+            return CtResult(CtState(0), zone=zone, reason="fragment (not reassembled)")
+        proto = pkt.proto
+
+        # Per-protocol error checks, before any lookup (l4proto->error).
+        err = self._l4_error(pkt)
+        if err is not None:
+            return self._invalid(zone, err)
+        if proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
+            t = pkt.icmp_type
+            if proto == IPPROTO_ICMPV6 and t in ICMPV6_UNTRACKED:
+                # Untracked in the kernel; act_ct/flower then see no ct: +trk+inv.
+                return CtResult(CtState.TRK | CtState.INV, zone=zone, reason="untracked (ICMPv6 ND/MLD)")
+            if (proto == IPPROTO_ICMP and t in (3, 4, 5, 11, 12)) or (proto == IPPROTO_ICMPV6 and t < 128):
+                return self._icmp_error(pkt, zone, nat, now)
+
+        tup = tuple_of(pkt, zone)
+        if tup is None:
+            return self._invalid(zone, "cannot build a tuple")
+
+        for _attempt in range(2):
+            hit = self._find(tup, now)
+            if hit is not None:
+                conn, direction = hit
+                if force and commit and direction == REPLY:
+                    # act_ct force: a packet of the other side starts anew.
+                    self._destroy(conn)
+                    hit = None
+            if hit is None:
+                rt = tup.invert()
+                if rt is None:
+                    return self._invalid(zone, "tuple has no inverse")
+                conn = Conn(next(self._ids), tup, rt, now)
+                direction = ORIGINAL
+                ok = self._l4_new(conn, pkt)
+                if not ok:
+                    return self._invalid(zone, f"not a valid new {self._pname(proto)} connection")
+            else:
+                self.stats["found"] += 1
+
+            seen_reply = bool(conn.status & Status.SEEN_REPLY)
+            if direction == REPLY:
+                ctinfo = CtState.EST | CtState.RPL
+            elif seen_reply:
+                ctinfo = CtState.EST
+            else:
+                ctinfo = CtState.NEW
+
+            notes: list[str] = []
+            outcome, timeout, assure = self._l4_packet(conn, pkt, direction, now, notes)
+            if outcome == tcpmod.REPEAT:
+                self.stats["search_restart"] += 1
+                if conn.confirmed:
+                    self._destroy(conn)
+                continue
+            break
+        else:  # pragma: no cover - a SYN can re-open at most once
+            return self._invalid(zone, "lookup restarted twice")
+
+        if outcome == tcpmod.INVALID:
+            if "shrink-timeout" in notes and conn.confirmed:
+                rem = conn.timeout_at - now
+                unack = cfg.timeouts["tcp_unacked"]
+                if rem >= 120 and rem > unack:
+                    conn.timeout_at = now + unack
+            return self._invalid(zone, "; ".join(n for n in notes if n != "shrink-timeout"))
+
+        changed = False
+        old_state = conn.tcp.state if conn.tcp is not None else None
+        if outcome in (tcpmod.ACCEPT, tcpmod.KILL) and timeout is not None:
+            # Accounting rides on the refresh (nf_ct_refresh_acct): a SYN
+            # retransmission, accepted without refresh, is not counted.
+            self._refresh(conn, timeout, now)
+            conn.packets[direction] += 1
+            conn.bytes[direction] += pkt.ip_len
+            conn.last_seen = now
+        elif outcome == tcpmod.IGNORE:
+            self.stats["ignore"] += 1
+        if assure and not conn.status & Status.ASSURED:
+            conn.status |= Status.ASSURED
+            changed = True
+        if conn.tcp is not None and conn.tcp.state != old_state:
+            changed = True
+        if direction == REPLY and not seen_reply:
+            conn.status |= Status.SEEN_REPLY
+            changed = True
+
+        result = CtResult(CtState.TRK | ctinfo, conn=conn, reply=direction == REPLY, zone=zone,
+                          reason="; ".join(notes) or None)
+
+        # NAT: set up a binding only when committing a new entry; apply the
+        # bindings whenever the action says nat.
+        if nat is not None:
+            if nat.kind is not None and commit and not conn.confirmed and not (
+                    conn.status & (Status.SRC_NAT | Status.DST_NAT)):
+                err = self._nat_setup(conn, nat)
+                if err is not None:
+                    return self._invalid(zone, err)
+            if conn.status & (Status.SRC_NAT | Status.DST_NAT):
+                target = conn.tuple(1 - direction).invert()
+                s, d = rewrite(pkt, tup, target)
+                if s:
+                    result.ct_state |= CtState.SNAT
+                if d:
+                    result.ct_state |= CtState.DNAT
+
+        if commit:
+            if mark is not None:
+                val, mask = mark
+                new = (conn.mark & ~mask) | (val & mask)
+                if new != conn.mark:
+                    conn.mark = new
+                    changed = True
+            if label is not None:
+                val, mask = label
+                new = (conn.label & ~mask) | (val & mask)
+                if new != conn.label:
+                    conn.label = new
+                    changed = True
+            if not conn.confirmed:
+                err = self._confirm(conn, now)
+                if err is not None:
+                    self.stats["insert_failed"] += 1
+                    self.stats["drop"] += 1
+                    return self._invalid(zone, err)
+                changed = False  # the NEW event already carries it
+
+        if outcome == tcpmod.KILL and conn.confirmed:
+            # A dying entry delivers no cached events: DESTROY only.
+            self._destroy(conn)
+        elif conn.confirmed and changed:
+            self._emit("UPDATE", conn)
+        result.mark = conn.mark
+        result.label = conn.label
+        return result
+
+    # ------------------------------------------------------------------
+
+    @staticmethod
+    def _pname(proto: int) -> str:
+        return {IPPROTO_TCP: "TCP", IPPROTO_UDP: "UDP", IPPROTO_ICMP: "ICMP",
+                IPPROTO_ICMPV6: "ICMPv6"}.get(proto, f"proto {proto}")
+
+    def _invalid(self, zone: int, reason: str) -> CtResult:
+        self.stats["invalid"] += 1
+        return CtResult(CtState.TRK | CtState.INV, zone=zone, reason=reason)
+
+    def _refresh(self, conn: Conn, timeout: float, now: float) -> None:
+        if conn.status & Status.FIXED_TIMEOUT:
+            return
+        conn._timeout_rel = timeout
+        if conn.confirmed:
+            conn.timeout_at = now + timeout
+
+    def _l4_error(self, pkt: Packet) -> str | None:
+        proto = pkt.proto
+        cfg = self.config
+        if proto == IPPROTO_TCP:
+            if pkt.tcp_doff == 0:
+                return "truncated packet"
+            err = tcpmod.tcp_error(pkt)
+            if err:
+                return err
+        elif proto == IPPROTO_ICMP:
+            if pkt.icmp_type is None:
+                return "icmp: short packet"
+            if pkt.icmp_type > NR_ICMP_TYPES:
+                return "icmp: invalid type"
+        elif proto == IPPROTO_ICMPV6:
+            if pkt.icmp_type is None:
+                return "icmpv6: short packet"
+        if cfg.checksum and proto in (IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP, IPPROTO_ICMPV6):
+            if not pkt.verify_l4_checksum():
+                return f"{self._pname(proto).lower()}: bad checksum"
+        return None
+
+    def _l4_new(self, conn: Conn, pkt: Packet) -> bool:
+        proto = conn.proto
+        if proto == IPPROTO_TCP:
+            return tcpmod.tcp_new(conn.tcp, pkt, self.config.tcp_loose)
+        if proto == IPPROTO_ICMP:
+            return pkt.icmp_type in ICMP_NEW
+        if proto == IPPROTO_ICMPV6:
+            return pkt.icmp_type in ICMPV6_NEW
+        return True
+
+    def _l4_packet(self, conn: Conn, pkt: Packet, direction: int, now: float, notes: list):
+        proto = conn.proto
+        to = self.config.timeouts
+        if proto == IPPROTO_TCP:
+            return tcpmod.tcp_packet(conn.tcp, pkt, direction,
+                                     seen_reply=bool(conn.status & Status.SEEN_REPLY),
+                                     assured=bool(conn.status & Status.ASSURED),
+                                     cfg=self.config, notes=notes)
+        if proto == IPPROTO_UDP:
+            if conn.status & Status.SEEN_REPLY:
+                if now > conn.udp_stream_ts:
+                    return tcpmod.ACCEPT, to["udp_stream"], not conn.status & Status.ASSURED
+                return tcpmod.ACCEPT, to["udp"], False
+            return tcpmod.ACCEPT, to["udp"], False
+        if proto == IPPROTO_ICMP:
+            return tcpmod.ACCEPT, to["icmp"], False
+        if proto == IPPROTO_ICMPV6:
+            return tcpmod.ACCEPT, to["icmpv6"], False
+        if proto == IPPROTO_GRE:
+            if conn.status & Status.SEEN_REPLY:
+                return tcpmod.ACCEPT, to["gre_stream"], not conn.status & Status.ASSURED
+            return tcpmod.ACCEPT, to["gre"], False
+        return tcpmod.ACCEPT, to["generic"], False
+
+    def _icmp_error(self, pkt: Packet, zone: int, nat: NatSpec | None, now: float) -> CtResult:
+        """nf_conntrack_inet_error(): RELATED to the entry of the quoted
+        header, whose destination must be the error's destination."""
+        inner = pkt.inner
+        if inner is None:
+            return self._invalid(zone, "icmp error: quoted header unreadable")
+        it = tuple_of(inner, zone)
+        if it is None:
+            return self._invalid(zone, "icmp error: quoted header not trackable")
+        inv = it.invert()
+        if inv is None:
+            return self._invalid(zone, "icmp error: quoted tuple has no inverse")
+        hit = self._find(inv, now)
+        if hit is None:
+            return self._invalid(zone, "icmp error: no connection for the quoted header")
+        conn, direction = hit
+        if conn.tuple(direction).dst != pkt.dst:
+            return self._invalid(zone, "icmp error: outer daddr mismatch")
+        self.stats["found"] += 1
+        st = CtState.TRK | CtState.REL | (CtState.RPL if direction == REPLY else 0)
+        res = CtResult(CtState(st), conn=conn, reply=direction == REPLY, zone=zone,
+                       mark=conn.mark, label=conn.label)
+        if nat is not None and conn.status & (Status.SRC_NAT | Status.DST_NAT):
+            snat = bool(conn.status & Status.SRC_NAT)
+            dnat = bool(conn.status & Status.DST_NAT)
+            # The manips a packet of this direction gets (reply: undo).
+            src_manip = snat if direction == ORIGINAL else dnat
+            dst_manip = dnat if direction == ORIGINAL else snat
+            other = conn.tuple(1 - direction)
+            rewrite_icmp_error(pkt, other, other.invert(), src_manip, dst_manip)
+            if src_manip:
+                res.ct_state |= CtState.SNAT
+            if dst_manip:
+                res.ct_state |= CtState.DNAT
+        return res
+
+    def _nat_setup(self, conn: Conn, spec: NatSpec) -> str | None:
+        cfg = self.config
+        if (spec.kind == "src" and spec.port_min is None and cfg.nat_port_min is not None):
+            spec = dataclasses.replace(spec, port_min=cfg.nat_port_min,
+                                       port_max=cfg.nat_port_max or cfg.nat_port_min)
+        try:
+            new_orig = unique_tuple(conn.orig, spec, lambda t: self._taken(t, conn),
+                                    self._bysource if spec.kind == "src" else None)
+        except NatExhausted as e:
+            return f"nat: {e}"
+        except ValueError as e:
+            return f"nat: {e}"
+        conn.reply = new_orig.invert()
+        if new_orig != conn.orig:
+            conn.status |= Status.SRC_NAT if spec.kind == "src" else Status.DST_NAT
+        conn.status |= Status.SRC_NAT_DONE | Status.DST_NAT_DONE
+        return None

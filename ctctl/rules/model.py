@@ -1,0 +1,180 @@
+"""The rule model shared by the software pipeline and the "hardware".
+
+A Filter is one `tc filter add ... flower ... action ...` line: where it
+hangs (ingress of a device, chain, prio, handle, protocol), what it matches
+(FlowerMatch) and what it does (a tuple of actions, run in order).  All of
+it is immutable and compares by value, so that parse(format(f)) == f can be
+checked and filters can be used as dictionary keys.
+
+Masked values are (value, mask) pairs of ints, the form the conntrack
+tracker takes for mark and label.  ct_state bits are ctctl.abi.CtState.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Union
+
+from ctctl.abi import CtState
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+Masked = tuple[int, int]
+
+ETH_P_ALL = 0x0003
+ETH_P_IP = 0x0800
+ETH_P_ARP = 0x0806
+ETH_P_IPV6 = 0x86DD
+ETH_P_8021Q = 0x8100
+
+IPPROTO_ICMP = 1
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+IPPROTO_ICMPV6 = 58
+IPPROTO_SCTP = 132
+
+U16 = 0xFFFF
+U32 = 0xFFFFFFFF
+U128 = (1 << 128) - 1
+
+# tc's default for a filter added without `prio`: see RuleSet.add.
+DEFAULT_PRIO = 0xC000
+
+
+@dataclass(frozen=True)
+class PortRange:
+    lo: int
+    hi: int  # == lo for a single port
+
+    def __contains__(self, port: int) -> bool:
+        return self.lo <= port <= self.hi
+
+
+@dataclass(frozen=True)
+class CtStateMatch:
+    """`ct_state +trk+est-rpl`: bits that must be set, bits that must be clear."""
+
+    set: CtState = CtState(0)
+    clear: CtState = CtState(0)
+
+    @property
+    def value(self) -> int:
+        return int(self.set)
+
+    @property
+    def mask(self) -> int:
+        return int(self.set | self.clear)
+
+    def matches(self, state: int) -> bool:
+        return (state & self.mask) == self.value
+
+
+@dataclass(frozen=True)
+class FlowerMatch:
+    """flower keys; None means "not matched on"."""
+
+    eth_type: int | None = None
+    ip_proto: int | None = None
+    src_ip: IPNetwork | None = None
+    dst_ip: IPNetwork | None = None
+    src_port: PortRange | None = None
+    dst_port: PortRange | None = None
+    icmp_type: int | None = None
+    icmp_code: int | None = None
+    ct_state: CtStateMatch | None = None
+    ct_zone: Masked | None = None
+    ct_mark: Masked | None = None
+    ct_label: Masked | None = None
+
+
+@dataclass(frozen=True)
+class CtNat:
+    """The `nat` part of the ct action.
+
+    kind None is a bare `nat`: apply the NAT an earlier commit configured for
+    the connection (act_ct's "restore").  With `src`/`dst` the range is
+    configured at commit; a missing address means a null binding (the
+    addresses stay, the connection is still marked as NATed), as OVS allows.
+    """
+
+    kind: str | None = None  # None, "src" or "dst"
+    addr_min: IPAddress | None = None
+    addr_max: IPAddress | None = None
+    port_min: int | None = None
+    port_max: int | None = None
+
+
+@dataclass(frozen=True)
+class CtAction:
+    commit: bool = False
+    force: bool = False
+    clear: bool = False
+    zone: int = 0
+    mark: Masked | None = None
+    label: Masked | None = None
+    nat: CtNat | None = None
+
+
+@dataclass(frozen=True)
+class GotoAction:
+    chain: int
+
+
+@dataclass(frozen=True)
+class MirredAction:
+    """`mirred egress redirect dev X`: the only mirred form the model runs."""
+
+    dev: str
+
+
+@dataclass(frozen=True)
+class DropAction:
+    pass
+
+
+@dataclass(frozen=True)
+class PassAction:
+    pass
+
+
+@dataclass(frozen=True)
+class TrapAction:
+    pass
+
+
+Action = Union[CtAction, GotoAction, MirredAction, DropAction, PassAction, TrapAction]
+
+# Actions after which tc does not run the rest of the rule's list.
+TERMINAL_ACTIONS = (GotoAction, MirredAction, DropAction, PassAction)
+
+
+@dataclass(frozen=True)
+class Filter:
+    """One flower filter on the ingress of `dev`.
+
+    prio and handle are None until a RuleSet assigns them, as tc does for a
+    filter added without them.
+    """
+
+    dev: str
+    chain: int = 0
+    prio: int | None = None
+    handle: int | None = None
+    protocol: int = ETH_P_ALL
+    matches: FlowerMatch = field(default_factory=FlowerMatch)
+    actions: tuple[Action, ...] = ()
+    skip_hw: bool = False
+    skip_sw: bool = False
+
+    @property
+    def key(self) -> tuple[str, int, int | None, int | None]:
+        """What identifies the filter in a RuleSet (and in `filter del`)."""
+        return (self.dev, self.chain, self.prio, self.handle)
+
+    @property
+    def effective_eth_type(self) -> int:
+        """The ethertype the filter matches: flower's eth_type, else protocol."""
+        if self.matches.eth_type is not None:
+            return self.matches.eth_type
+        return self.protocol

@@ -1,0 +1,162 @@
+"""The filters of a box: per ingress device, per chain, in tc's order.
+
+Ordering and default numbering follow the kernel (net/sched/cls_api.c):
+- a chain runs its filters by ascending prio; filters sharing a prio (one
+  flower instance in the kernel) run in the order they were added;
+- a filter added without prio gets tcf_auto_prio(): 0xC000 (49152) in an
+  empty chain, otherwise one less than the chain's current first (lowest)
+  prio, so it runs *before* the filters already there;
+- a filter added without handle gets the next free handle of its
+  (chain, prio), from 1 (flower allocates handles per instance);
+- two filters at the same prio must have the same protocol (tc refuses
+  "mismatched protocol" with EINVAL), and a handle is unique per prio.
+
+A filter is validated before anything changes: a refused add leaves the
+set as it was.  Per-filter packet and byte counters live here, so that
+`filter show -s` and the pipeline agree on them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+
+from . import validate as _validate
+from .errors import RuleSyntaxError
+from .model import DEFAULT_PRIO, U32, Filter
+from .printer import format_filter
+
+
+@dataclass
+class FilterStats:
+    packets: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class _Entry:
+    filter: Filter
+    seq: int
+    stats: FilterStats
+
+
+class RuleSet:
+    def __init__(self, filters: list[Filter] | None = None):
+        # dev -> chain -> entries, kept sorted by (prio, seq)
+        self._chains: dict[str, dict[int, list[_Entry]]] = {}
+        self._seq = itertools.count()
+        for f in filters or ():
+            self.add(f)
+
+    # -- changes ---------------------------------------------------------
+    def add(self, f: Filter) -> Filter:
+        """Add a filter; returns it with prio and handle filled in."""
+        _validate.validate(f)
+        entries = self._chains.get(f.dev, {}).get(f.chain, [])
+        prio = f.prio
+        if prio is None:
+            prio = entries[0].filter.prio - 1 if entries else DEFAULT_PRIO
+            if prio < 1:
+                raise RuleSyntaxError(f"filter: no free priority below {prio + 1} "
+                                      f"in chain {f.chain} of {f.dev}; give 'prio'")
+        same = [e for e in entries if e.filter.prio == prio]
+        if same and same[0].filter.protocol != f.protocol:
+            raise RuleSyntaxError(f"filter: prio {prio} in chain {f.chain} of {f.dev} "
+                                  "already holds filters of another protocol")
+        handle = f.handle
+        used = {e.filter.handle for e in same}
+        if handle is None:
+            handle = max(used, default=0) + 1
+            if handle > U32:
+                handle = next(h for h in range(1, U32 + 1) if h not in used)
+        elif handle in used:
+            raise RuleSyntaxError(f"filter: handle {handle:#x} already exists at prio {prio} "
+                                  f"in chain {f.chain} of {f.dev}")
+        f = dataclasses.replace(f, prio=prio, handle=handle)
+        entry = _Entry(f, next(self._seq), FilterStats())
+        entries = self._chains.setdefault(f.dev, {}).setdefault(f.chain, [])
+        entries.append(entry)
+        entries.sort(key=lambda e: (e.filter.prio, e.seq))
+        return f
+
+    def delete(self, dev: str, chain: int | None = None, prio: int | None = None,
+               handle: int | None = None, protocol: int | None = None) -> list[Filter]:
+        """Remove every filter of dev matching the given fields; returns
+        what was removed (the offload manager evicts their flows)."""
+        removed: list[Filter] = []
+        chains = self._chains.get(dev, {})
+        for c in list(chains):
+            if chain is not None and c != chain:
+                continue
+            keep = []
+            for e in chains[c]:
+                f = e.filter
+                if ((prio is None or f.prio == prio)
+                        and (handle is None or f.handle == handle)
+                        and (protocol is None or f.protocol == protocol)):
+                    removed.append(f)
+                else:
+                    keep.append(e)
+            if keep:
+                chains[c] = keep
+            else:
+                del chains[c]
+        if not chains:
+            self._chains.pop(dev, None)
+        return removed
+
+    def replace_all(self, filters: list[Filter]) -> None:
+        """Swap in a whole new set, or nothing if any filter is refused."""
+        fresh = RuleSet(filters)
+        self._chains, self._seq = fresh._chains, fresh._seq
+
+    # -- reading ---------------------------------------------------------
+    def devices(self) -> list[str]:
+        return sorted(self._chains)
+
+    def chains(self, dev: str) -> list[int]:
+        return sorted(self._chains.get(dev, {}))
+
+    def chain(self, dev: str, chain_no: int) -> list[Filter]:
+        """The filters of one chain in evaluation order; the index in this
+        list is the "rule" of a resume point."""
+        return [e.filter for e in self._chains.get(dev, {}).get(chain_no, [])]
+
+    def filters(self, dev: str | None = None) -> list[Filter]:
+        devs = [dev] if dev is not None else self.devices()
+        return [e.filter for d in devs for c in self.chains(d)
+                for e in self._chains[d][c]]
+
+    def __len__(self) -> int:
+        return len(self.filters())
+
+    def _entry(self, f: Filter) -> _Entry:
+        for e in self._chains.get(f.dev, {}).get(f.chain, []):
+            if e.filter.prio == f.prio and e.filter.handle == f.handle:
+                return e
+        raise KeyError(f"no filter {f.key}")
+
+    def stats(self, f: Filter) -> FilterStats:
+        return self._entry(f).stats
+
+    def record_hit(self, f: Filter, nbytes: int) -> None:
+        st = self._entry(f).stats
+        st.packets += 1
+        st.bytes += nbytes
+
+    def show(self, dev: str | None = None, chain: int | None = None,
+             stats: bool = False) -> list[str]:
+        """The filters as `filter add` lines (the round trip of the CLI's
+        `filter show`); with stats, each entry gets a second line with its
+        counters, as `tc -s filter show` does."""
+        out = []
+        for f in self.filters(dev):
+            if chain is not None and f.chain != chain:
+                continue
+            line = format_filter(f)
+            if stats:
+                st = self._entry(f).stats
+                line += f"\n\tSent {st.bytes} bytes {st.packets} pkt"
+            out.append(line)
+        return out

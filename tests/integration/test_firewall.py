@@ -1,0 +1,109 @@
+"""The seed's slide 9 as a running box: tc lines in, real TCP/ICMP/UDP
+through, the stateful firewall's verdicts out."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import box_config
+from ctctl import firewall, traffic
+from ctctl.boxproc import BoxProcess
+
+CTCTL = [sys.executable, "-m", "ctctl"]
+
+
+@pytest.fixture
+def fwbox(topo):
+    cfg = box_config(topo, rules=firewall.rules("eth5", "eth6"))
+    del cfg["forward"]
+    with BoxProcess(cfg) as b:
+        b.topo = topo
+        b.client, b.server = topo.port("eth5").host, topo.port("eth6").host
+        yield b
+
+
+def ctctl(b, *words):
+    return subprocess.run(CTCTL + [words[0], "--name", b.name, *words[1:]], capture_output=True,
+                          text=True, timeout=60)
+
+
+def chain9_hits(b, dev):
+    """Packets per rule of chain 9 on `dev`, keyed by the rule's ct_state."""
+    lines = b.request("filter", line=f"-s filter show dev {dev} chain 9")["lines"]
+    hits = {}
+    for entry in lines:
+        rule, stat = entry.split("\n")
+        state = rule.split("ct_state ")[1].split()[0]
+        proto = rule.split("protocol ")[1].split()[0]
+        hits[(proto, state)] = int(stat.split()[3])  # "Sent B bytes P pkt"
+    return hits
+
+
+@pytest.mark.vm
+def test_client_may_open_server_may_not_replies_pass(fwbox):
+    b = fwbox
+    res = traffic.tcp_transfer(b.client.netns, b.server.netns, b.server.addr4, 1_000_000)
+    assert res.ok, res
+    assert traffic.tcp_connect_blocked(b.server.netns, b.client.netns, b.client.addr4)
+    # Replies crossed the server side's +trk+est rule; the server's own SYNs matched nothing.
+    assert chain9_hits(b, "eth6")[("ip", "+trk+est")] > 0
+    assert b.stats()["pipeline"]["no_match"] >= 1
+    # The connection went through the tracker and was committed.
+    conns = b.request("conntrack")["lines"]
+    assert any(l.startswith("tcp") and "dport=5001" in l and "[ASSURED]" in l for l in conns), conns
+
+
+def test_ping_v4_v6_and_udp_through_the_firewall(fwbox):
+    b = fwbox
+    assert traffic.ping(b.client.netns, b.server.addr4, count=3).ok
+    assert traffic.ping(b.client.netns, b.server.addr6, count=3).ok
+    assert traffic.udp_exchange(b.client.netns, b.server.netns, b.server.addr6, count=10).ok
+    # The server cannot ping the client: its echo request is a new connection.
+    assert traffic.ping(b.server.netns, b.client.addr4, count=2).received == 0
+    hits = chain9_hits(b, "eth5")
+    assert hits[("ip", "+trk+new")] >= 1 and hits[("ipv6", "+trk+est")] >= 2
+
+
+def test_the_slides_own_lines_decide(fwbox):
+    """Deleting the slide's client-side +trk+est rule stops established
+    traffic from the client; adding it back, pasted as the slide prints it,
+    restores it."""
+    b = fwbox
+    assert traffic.ping(b.client.netns, b.server.addr4, count=2).ok
+    r = ctctl(b, "filter", "del", "dev", "eth5", "protocol", "ip", "chain", "9", "prio", "10")
+    assert r.returncode == 0, r.stderr
+    assert traffic.ping(b.client.netns, b.server.addr4, count=3).received <= 1  # only the first (+new)
+    slide = firewall.SLIDE9[1].split()[1:]  # without the leading "tc"
+    r = ctctl(b, *slide)
+    assert r.returncode == 0, r.stderr
+    assert traffic.ping(b.client.netns, b.server.addr4, count=3).ok
+
+
+def test_bad_rule_is_refused_with_its_column_and_changes_nothing(fwbox):
+    b = fwbox
+    before = ctctl(b, "filter", "show").stdout
+    words = firewall.SLIDE9[1].replace("+trk+est", "+trk+estab").split()[1:]
+    r = ctctl(b, *words)
+    assert r.returncode != 0
+    line = "filter " + " ".join(words[1:])
+    col = line.index("+trk+estab") + 1
+    assert f"unknown flag 'estab'" in r.stderr and f"at column" in r.stderr, r.stderr
+    # The caret points under the token.
+    caret = r.stderr.splitlines()[-1]
+    assert caret.index("^") - 2 >= col - 1, r.stderr
+    r = ctctl(b, "filter", "add", "dev", "eth7", "protocol", "ip", "flower", "action", "drop")
+    assert r.returncode != 0 and "not a port" in r.stderr and "eth7" in r.stderr
+    assert ctctl(b, "filter", "show").stdout == before
+    assert traffic.tcp_transfer(b.client.netns, b.server.netns, b.server.addr4, 100_000).ok
+
+
+def test_conntrack_cli_lists_like_conntrack_L(fwbox):
+    b = fwbox
+    assert traffic.ping(b.client.netns, b.server.addr4, count=2).ok
+    r = ctctl(b, "conntrack", "-L")
+    assert r.returncode == 0
+    assert "flow entries have been shown" in r.stderr
+    line = next(l for l in r.stdout.splitlines() if l.startswith("icmp"))
+    assert f"src={b.client.addr4} dst={b.server.addr4} type=8 code=0" in line
+    assert f"src={b.server.addr4} dst={b.client.addr4} type=0 code=0" in line

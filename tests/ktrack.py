@@ -1,0 +1,355 @@
+"""Test support for connection tracking: the kernel's nf_conntrack as a
+reference tracker (``KernelCt``, for the differential tests), the TCP
+transition matrix shared by unit and differential tests, and packet
+builders with a fake clock for the unit tests.
+
+``KernelCt`` builds two network namespaces joined by a veth pair: frames
+crafted by the test are written with an AF_PACKET socket on the sender's
+end and arrive at the other end, in a namespace where IP forwarding sends
+them on out of a second veth pair to a MAC nobody owns.  Conntrack runs there
+because of iptables rules in mangle PREROUTING that count packets per
+``--ctstate``/``--ctdir``; the forwarded packet is confirmed at
+POSTROUTING like any forwarded packet, and no local socket ever sees or
+answers it, so only the crafted packets drive the state.
+
+Per packet, ``send`` returns the class the kernel gave it (INVALID, NEW,
+EST-O, EST-R, REL-O, REL-R, UNTRACKED) read from the rule counters, and
+``entries`` parses ``conntrack -L`` (accounting is on in that namespace).
+
+Addresses: clients live in 10.1.0.0/24 and fd01::/64, servers in
+10.2.0.0/24 and fd02::/64; both are routed out of a second veth pair to a
+gateway MAC that nobody owns.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import secrets
+import socket
+import subprocess
+import time
+
+CLONE_NEWNET = 0x40000000
+
+CLASSES = [
+    ("INVALID", ["-m", "conntrack", "--ctstate", "INVALID"]),
+    ("UNTRACKED", ["-m", "conntrack", "--ctstate", "UNTRACKED"]),
+    ("NEW", ["-m", "conntrack", "--ctstate", "NEW"]),
+    ("EST-O", ["-m", "conntrack", "--ctstate", "ESTABLISHED", "--ctdir", "ORIGINAL"]),
+    ("EST-R", ["-m", "conntrack", "--ctstate", "ESTABLISHED", "--ctdir", "REPLY"]),
+    ("REL-O", ["-m", "conntrack", "--ctstate", "RELATED", "--ctdir", "ORIGINAL"]),
+    ("REL-R", ["-m", "conntrack", "--ctstate", "RELATED", "--ctdir", "REPLY"]),
+    ("OTHER", []),
+]
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def run(*args: str, check: bool = True) -> str:
+    p = subprocess.run(args, capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({p.returncode}): {p.stderr.strip()}")
+    return p.stdout
+
+
+_LINE = re.compile(r"^(?P<l4>\w+)\s+(?P<num>\d+)\s+(?P<timeout>\d+)\s+(?P<rest>.*)$")
+
+
+def parse_conntrack_line(line: str) -> dict:
+    """One ``conntrack -L`` line to a dict: proto, timeout, state, orig and
+    reply tuples (dicts), per-direction packets/bytes, flags, mark, zone."""
+    m = _LINE.match(line.strip())
+    if not m:
+        raise ValueError(f"unparsable conntrack line: {line!r}")
+    out = {"proto": m["l4"], "timeout": int(m["timeout"]), "state": None, "flags": set(),
+           "mark": 0, "zone": 0, "packets": [0, 0], "bytes": [0, 0]}
+    tuples: list[dict] = []
+    for tok in m["rest"].split():
+        if tok.startswith("["):
+            out["flags"].add(tok.strip("[]"))
+        elif "=" in tok:
+            k, v = tok.split("=", 1)
+            if k == "src":
+                tuples.append({})
+            if k in ("packets", "bytes"):
+                out[k][len(tuples) - 1] = int(v)
+            elif k in ("mark", "zone", "use"):
+                out[k] = int(v)
+            else:
+                tuples[-1][k] = v
+        elif not tuples:
+            out["state"] = tok
+    out["orig"], out["reply"] = tuples[0], tuples[1]
+    return out
+
+
+class KernelCt:
+    """Context manager owning two namespaces; removed on exit, also after
+    a failure."""
+
+    def __init__(self):
+        suffix = secrets.token_hex(3)
+        self.tx = f"ctk-tx-{suffix}"
+        self.ct = f"ctk-ct-{suffix}"
+        self.sock: socket.socket | None = None
+        self.dst_mac = None
+        self._created: list[str] = []
+
+    # -- setup -----------------------------------------------------------
+
+    def __enter__(self) -> "KernelCt":
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def ns(self, *args: str, check: bool = True) -> str:
+        return run("ip", "netns", "exec", self.ct, *args, check=check)
+
+    def _setup(self) -> None:
+        for name in (self.tx, self.ct):
+            run("ip", "netns", "add", name)
+            self._created.append(name)
+        # The sender's stack must stay quiet (no IPv6 ND/MLD/RS of its own
+        # reaching the counters): only crafted frames leave it.
+        for k in ("all", "default"):
+            run("ip", "netns", "exec", self.tx, "sysctl", "-qw", f"net.ipv6.conf.{k}.disable_ipv6=1")
+        run("ip", "-n", self.tx, "link", "add", "a0", "type", "veth", "peer", "name", "b0",
+            "netns", self.ct)
+        for dev in ("lo", "a0"):
+            run("ip", "-n", self.tx, "link", "set", dev, "up")
+        sysctls = {
+            "net.ipv4.ip_forward": "1", "net.ipv4.conf.all.rp_filter": "0",
+            "net.ipv4.conf.default.rp_filter": "0", "net.ipv4.conf.all.send_redirects": "0",
+            "net.ipv4.conf.default.send_redirects": "0", "net.ipv6.conf.all.forwarding": "1",
+            "net.ipv6.conf.default.accept_dad": "0", "net.ipv6.conf.all.accept_dad": "0",
+        }
+        for k, v in sysctls.items():
+            self.ns("sysctl", "-qw", f"{k}={v}")
+        # The way out: a second veth pair towards a gateway whose MAC
+        # nobody has, so forwarded frames die at the far end (no dummy
+        # module on every kernel).
+        run("ip", "-n", self.tx, "link", "add", "c1", "type", "veth", "peer", "name", "c0",
+            "netns", self.ct)
+        run("ip", "-n", self.tx, "link", "set", "c1", "up")
+        for dev in ("lo", "b0", "c0"):
+            run("ip", "-n", self.ct, "link", "set", dev, "up")
+        self.ns("sysctl", "-qw", "net.ipv4.conf.b0.rp_filter=0")
+        run("ip", "-n", self.ct, "addr", "add", "10.9.0.1/24", "dev", "b0")
+        run("ip", "-n", self.ct, "addr", "add", "10.8.0.1/24", "dev", "c0")
+        run("ip", "-n", self.ct, "-6", "addr", "add", "fd08::1/64", "dev", "c0", "nodad")
+        for gw in ("10.8.0.2", "fd08::2"):
+            run("ip", "-n", self.ct, "neigh", "replace", gw, "lladdr", "02:00:00:00:00:99",
+                "dev", "c0", "nud", "permanent")
+        for net, gw in (("10.1.0.0/24", "10.8.0.2"), ("10.2.0.0/24", "10.8.0.2"),
+                        ("fd01::/64", "fd08::2"), ("fd02::/64", "fd08::2")):
+            run("ip", "-n", self.ct, "route", "add", net, "via", gw, "dev", "c0")
+        for fam in ("iptables", "ip6tables"):
+            self.ns(fam, "-t", "mangle", "-N", "CTSTATE")
+            self.ns(fam, "-t", "mangle", "-A", "PREROUTING", "-i", "b0", "-j", "CTSTATE")
+            for _name, match in CLASSES:
+                self.ns(fam, "-t", "mangle", "-A", "CTSTATE", *match, "-j", "RETURN")
+        # Accounting per entry, so packets/bytes can be compared too; the
+        # file exists once conntrack is loaded in this namespace.
+        self.ns("sysctl", "-qw", "net.netfilter.nf_conntrack_acct=1")
+        mac = run("ip", "-n", self.ct, "-j", "link", "show", "b0")
+        import json
+        self.dst_mac = json.loads(mac)[0]["address"]
+        self.src_mac = json.loads(run("ip", "-n", self.tx, "-j", "link", "show", "a0"))[0]["address"]
+        self.sock = self._open_socket()
+
+    def _open_socket(self) -> socket.socket:
+        own = os.open("/proc/self/ns/net", os.O_RDONLY)
+        target = os.open(f"/run/netns/{self.tx}", os.O_RDONLY)
+        try:
+            _setns(target)
+            try:
+                s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+                s.bind(("a0", 0))
+            finally:
+                _setns(own)
+        finally:
+            os.close(own)
+            os.close(target)
+        return s
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        for name in reversed(self._created):
+            run("ip", "netns", "del", name, check=False)
+        self._created.clear()
+
+    # -- use -------------------------------------------------------------
+
+    def sysctl(self, key: str, value) -> None:
+        self.ns("sysctl", "-qw", f"{key}={value}")
+
+    def flush(self) -> None:
+        self.ns("conntrack", "-F", check=False)
+        self._read_counters(6)
+        self._read_counters(4)
+
+    def _read_counters(self, family: int) -> dict[str, int]:
+        fam = "iptables" if family == 4 else "ip6tables"
+        out = self.ns(fam, "-t", "mangle", "-L", "CTSTATE", "-v", "-x", "-n", "-Z")
+        counts = []
+        for line in out.splitlines()[2:]:
+            f = line.split()
+            if f and f[0].isdigit():
+                counts.append(int(f[0]))
+        if len(counts) != len(CLASSES):
+            raise RuntimeError(f"unexpected CTSTATE listing:\n{out}")
+        return {name: n for (name, _m), n in zip(CLASSES, counts)}
+
+    def send(self, frame: bytes, family: int, timeout: float = 5.0) -> str:
+        """Send one Ethernet frame and return the class conntrack gave it."""
+        self.sock.send(frame)
+        deadline = time.monotonic() + timeout
+        seen: dict[str, int] = {}
+        while True:
+            c = self._read_counters(family)
+            for k, v in c.items():
+                seen[k] = seen.get(k, 0) + v
+            hits = [k for k, v in seen.items() if v]
+            if hits:
+                if len(hits) != 1 or seen[hits[0]] != 1:
+                    raise RuntimeError(f"expected one counted packet, got {seen}")
+                return hits[0]
+            if time.monotonic() > deadline:
+                raise TimeoutError("the kernel did not see the frame")
+            time.sleep(0.005)
+
+    def entries(self, family: int | None = None) -> list[dict]:
+        args = ["conntrack", "-L"]
+        if family == 6:
+            args += ["-f", "ipv6"]
+        out = self.ns(*args, check=False)
+        return [parse_conntrack_line(ln) for ln in out.splitlines() if ln.strip()]
+
+
+# ----------------------------------------------------------------------
+# The TCP transition matrix: a connection driven into each state, then one
+# probe segment of each flag class in each direction, in window.  Shared by
+# the unit test (expected outcomes from the kernel's table) and the
+# differential test (expected outcomes from the kernel itself).
+
+MATRIX_STATES = ["NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT",
+                 "LAST_ACK", "TIME_WAIT", "CLOSE", "SYN_SENT2"]
+MATRIX_CLASSES = ["syn", "synack", "fin", "ack", "rst", "none"]
+M_CISN, M_SISN = 1000, 5000
+
+
+def tcp_path(state: str, make):
+    """Segments that bring a connection to ``state`` and the next sequence
+    numbers (client, server) after them.  ``make(d, flags, seq, ack)``
+    builds one segment, d='o' (client to server) or 'r'."""
+    c1, s1 = M_CISN + 1, M_SISN + 1
+    syn = make("o", "S", M_CISN, 0)
+    synack = make("r", "SA", M_SISN, c1)
+    ack = make("o", "A", c1, s1)
+    est = [syn, synack, ack]
+    paths = {
+        "NONE": ([], M_CISN, M_SISN),
+        "SYN_SENT": ([syn], c1, M_SISN),
+        "SYN_SENT2": ([syn, make("r", "S", M_SISN, 0)], c1, s1),
+        "SYN_RECV": ([syn, synack], c1, s1),
+        "ESTABLISHED": (est, c1, s1),
+        "FIN_WAIT": (est + [make("o", "FA", c1, s1)], c1 + 1, s1),
+        "CLOSE_WAIT": (est + [make("o", "FA", c1, s1), make("r", "A", s1, c1 + 1)], c1 + 1, s1),
+        "LAST_ACK": (est + [make("o", "FA", c1, s1), make("r", "A", s1, c1 + 1),
+                            make("r", "FA", s1, c1 + 1)], c1 + 1, s1 + 1),
+        "TIME_WAIT": (est + [make("o", "FA", c1, s1), make("r", "A", s1, c1 + 1),
+                             make("r", "FA", s1, c1 + 1), make("o", "A", c1 + 1, s1 + 1)],
+                      c1 + 1, s1 + 1),
+        "CLOSE": (est + [make("o", "R", c1, 0)], c1, s1),
+    }
+    return paths[state]
+
+
+def tcp_probe(state: str, d: str, cls: str, cnext: int, snext: int, make):
+    """One in-window segment of flag class ``cls`` sent in direction ``d``."""
+    nxt, other = (cnext, snext) if d == "o" else (snext, cnext)
+    isn = M_CISN if d == "o" else M_SISN
+    if cls == "syn":
+        fresh = state in ("TIME_WAIT", "CLOSE", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT", "LAST_ACK")
+        return make(d, "S", nxt + 100000 if fresh else isn, 0)
+    if cls == "synack":
+        return make(d, "SA", isn, other)
+    if cls == "fin":
+        return make(d, "FA", nxt, other)
+    if cls == "ack":
+        return make(d, "A", nxt, other)
+    if cls == "rst":
+        return make(d, "R", nxt, 0)
+    return make(d, "", nxt, other)
+
+
+def tcp_matrix(make):
+    """name -> (state, direction, class, segments) for every cell."""
+    out = {}
+    for state in MATRIX_STATES:
+        for d in ("o", "r"):
+            if state == "NONE" and d == "r":
+                continue  # no entry has a reply direction yet
+            for cls in MATRIX_CLASSES:
+                path, cn, sn = tcp_path(state, make)
+                out[f"tcp {state} {'orig' if d == 'o' else 'reply'} {cls}"] = (
+                    state, d, cls, path + [tcp_probe(state, d, cls, cn, sn, make)])
+    return out
+
+
+# ----------------------------------------------------------------------
+# Unit-test helpers: scapy-built packets parsed by ctctl, a fake clock.
+
+class FakeClock:
+    """The tracker's clock, advanced by hand: tests never sleep."""
+
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, dt: float) -> None:
+        self.t += dt
+
+
+def pkt(ip):
+    """A scapy IP packet as a parsed ctctl Packet in an Ethernet frame."""
+    from scapy.all import Ether, raw
+
+    from ctctl.packet import parse
+    return parse(bytearray(raw(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / ip)))
+
+
+CLIENT, SERVER = "10.1.0.1", "10.2.0.1"
+CLIENT6, SERVER6 = "fd01::1", "fd02::1"
+
+
+def tcp_seg(d, flags, seq, ack=0, win=64240, data=0, opts=None, v=4, cport=40000, sport=80,
+            client=None, server=None):
+    """A TCP segment of the test connection as scapy: 'o' client->server."""
+    from scapy.all import IP, TCP, IPv6, Raw
+    c = client or (CLIENT if v == 4 else CLIENT6)
+    s = server or (SERVER if v == 4 else SERVER6)
+    L3 = IP if v == 4 else IPv6
+    ip = L3(src=c, dst=s) if d == "o" else L3(src=s, dst=c)
+    sp, dp = (cport, sport) if d == "o" else (sport, cport)
+    p = ip / TCP(sport=sp, dport=dp, flags=flags, seq=seq & 0xFFFFFFFF, ack=ack & 0xFFFFFFFF,
+                 window=win, options=opts or [])
+    return p / Raw(b"x" * data) if data else p
