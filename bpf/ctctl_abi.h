@@ -17,7 +17,7 @@
 /* Why the program stopped and handed the packet to software. */
 enum ctctl_reason {
 	CTCTL_R_NONE = 0,
-	CTCTL_R_NO_OFFLOAD = 1,		/* no offloaded rule handles it (foundation: every packet) */
+	CTCTL_R_NO_OFFLOAD = 1,		/* the port has no offloaded rules (a forward-only box) */
 	CTCTL_R_TRUNC_ETH = 2,		/* shorter than an Ethernet (or VLAN) header */
 	CTCTL_R_UNKNOWN_ETHERTYPE = 3,	/* not IPv4/IPv6: ARP, LLDP, ... */
 	CTCTL_R_TRUNC_L3 = 4,		/* shorter than the IP header claims or needs */
@@ -28,7 +28,11 @@ enum ctctl_reason {
 	CTCTL_R_TRUNC_L4 = 9,		/* transport header cut short */
 	CTCTL_R_BAD_L4 = 10,		/* TCP data offset < 5, or beyond the packet */
 	CTCTL_R_UNKNOWN_L4 = 11,	/* transport protocol the program does not parse */
-	CTCTL_R_MAX = 12,
+	CTCTL_R_CT_MISS = 12,		/* ct action: the (zone, tuple) is not in the offload table */
+	CTCTL_R_CT_FLAGS = 13,		/* ct action hit a TCP SYN/FIN/RST: establishment and teardown are software's */
+	CTCTL_R_TRAP = 14,		/* trap action, or a rule part the hardware cannot run */
+	CTCTL_R_NO_MATCH = 15,		/* no rule of the chain matched */
+	CTCTL_R_MAX = 16,
 };
 
 /*
@@ -41,6 +45,12 @@ enum ctctl_counter {
 	CTCTL_C_PUNT,			/* packets handed to software */
 	CTCTL_C_PERF_LOST,		/* perf_event_output failed: buffer full, packet dropped */
 	CTCTL_C_TOO_BIG,		/* longer than CTCTL_MAX_PUNT: dropped, never truncated */
+	CTCTL_C_CT_HIT,			/* ct actions answered from the offload table */
+	CTCTL_C_REDIRECT,		/* mirred: redirected to a port by the program */
+	CTCTL_C_DROP,			/* drop action */
+	CTCTL_C_PASS,			/* pass action, or the end of a rule's actions */
+	CTCTL_C_GOTO_LOOP,		/* more than CTCTL_MAX_HOPS gotos: dropped */
+	CTCTL_C_NAT,			/* packets rewritten by NAT in the program */
 	CTCTL_C_MAX,
 };
 
@@ -69,6 +79,14 @@ enum ctctl_done {
 /* Largest packet the program hands to software (a jumbo frame). */
 #define CTCTL_MAX_PUNT 9216
 
+/* Limits of the "hardware" rule interpreter (docs/offload.md). */
+#define CTCTL_MAX_RULES 64		/* rules per chain */
+#define CTCTL_MAX_ACTIONS 4		/* actions per rule */
+#define CTCTL_MAX_HOPS 8		/* goto chain hops per packet */
+#define CTCTL_MAX_RULE_IDS 4096		/* slots of the per-rule counter array */
+/* A resume point's action index meaning "match rule `rule` and on". */
+#define CTCTL_RESUME_MATCH 0xffff
+
 /*
  * The metadata header of a punt: the proposal's "restore all meta-data,
  * report where was the last stop".  The packet bytes follow it in the same
@@ -96,6 +114,126 @@ struct ctctl_punt_hdr {
 	__u16 vlan_proto;
 	__u16 vlan_tci;
 	__u64 tstamp_ns;	/* bpf_ktime_get_ns() when the program stopped */
+};
+
+/*
+ * A connection's tuple in one direction, as the packet carries it: the key
+ * of the offload table (one entry per direction, as nf_flowtable keeps).
+ */
+struct ctctl_tuple {
+	__u8 src[16];		/* IPv4: the first 4 bytes, the rest zero */
+	__u8 dst[16];
+	__be16 sport;		/* TCP/UDP source port; ICMP echo: the identifier */
+	__be16 dport;		/* TCP/UDP destination port; ICMP echo: type, code bytes */
+	__u8 l3;		/* 4 or 6 */
+	__u8 proto;		/* IP protocol */
+	__u16 zone;		/* conntrack zone */
+};
+
+/* What the NAT of an offloaded entry rewrites (enum ctctl_flow.nat). */
+enum ctctl_nat {
+	CTCTL_NAT_SRC = 0x01,	/* source address and port become nat_src, nat_sport */
+	CTCTL_NAT_DST = 0x02,	/* destination address and port become nat_dst, nat_dport */
+};
+
+/* An offloaded connection direction: what a ct action's hit restores. */
+struct ctctl_flow {
+	__u64 packets;		/* counted by the program, atomically */
+	__u64 bytes;		/* skb->len */
+	__u64 last_used_ns;	/* bpf_ktime_get_ns() of the last hit */
+	__u32 conn_id;		/* the controller's connection */
+	__u32 mark;
+	__u8 label[16];		/* big-endian 128-bit label */
+	__u8 ct_state;		/* set on a hit: trk+est, +rpl for the reply direction, +snat/+dnat */
+	__u8 dir;		/* 0 original, 1 reply */
+	__u8 nat;		/* enum ctctl_nat bits */
+	__u8 pad;
+	__be16 nat_sport;
+	__be16 nat_dport;
+	__u8 nat_src[16];
+	__u8 nat_dst[16];
+};
+
+/* Hardware capabilities the program honours at run time (ctctl_hw_config.caps). */
+enum ctctl_cap {
+	CTCTL_CAP_FLOW_COUNTERS = 0x01,	/* count packets/bytes per offloaded entry */
+};
+
+struct ctctl_hw_config {
+	__u32 caps;		/* enum ctctl_cap bits */
+	__u32 pad;
+};
+
+/*
+ * What a rule matches: the packet's key and its ct metadata, compared as
+ * (field & mask) == key.  Ports are ranges, kept beside the masked part.
+ */
+struct ctctl_match {
+	__u8 src[16];
+	__u8 dst[16];
+	__u16 eth_proto;	/* host order, after a VLAN tag */
+	__u8 ip_proto;
+	__u8 ct_state;		/* enum ctctl_ct_state bits */
+	__u8 icmp_type;
+	__u8 icmp_code;
+	__u16 ct_zone;
+	__u32 ct_mark;
+	__u8 ct_label[16];	/* big-endian */
+	__u32 pad;
+};
+
+enum ctctl_action_kind {
+	CTCTL_A_NONE = 0,	/* end of the rule's actions */
+	CTCTL_A_CT = 1,
+	CTCTL_A_CT_CLEAR = 2,
+	CTCTL_A_GOTO = 3,	/* arg: chain */
+	CTCTL_A_MIRRED = 4,	/* arg: ifindex, egress redirect */
+	CTCTL_A_DROP = 5,
+	CTCTL_A_PASS = 6,
+	CTCTL_A_TRAP = 7,	/* send to software, resuming at this action */
+};
+
+enum ctctl_ct_flags {
+	CTCTL_CTF_COMMIT = 0x01,
+	CTCTL_CTF_NAT = 0x02,	/* apply the entry's NAT on a hit */
+	CTCTL_CTF_FORCE = 0x04,
+};
+
+struct ctctl_action {
+	__u8 kind;		/* enum ctctl_action_kind */
+	__u8 flags;		/* ct: enum ctctl_ct_flags */
+	__u16 zone;		/* ct */
+	__u32 arg;
+};
+
+struct ctctl_rule {
+	struct ctctl_match key;
+	struct ctctl_match mask;
+	__u16 sport_min;	/* host order, inclusive; 0-65535 matches any */
+	__u16 sport_max;
+	__u16 dport_min;
+	__u16 dport_max;
+	__u32 id;		/* slot in the per-rule counter array */
+	__u32 pad;
+	struct ctctl_action actions[CTCTL_MAX_ACTIONS];
+};
+
+struct ctctl_chain_key {
+	__u32 ifindex;		/* ingress port */
+	__u32 chain;
+};
+
+/* The rules of one chain of one port, in the order software runs them. */
+struct ctctl_chain {
+	__u32 n_rules;
+	__u32 pad;
+	struct ctctl_rule rules[CTCTL_MAX_RULES];
+};
+
+/* Per-rule counters (per-CPU array indexed by ctctl_rule.id). */
+struct ctctl_rule_stats {
+	__u64 packets;
+	__u64 bytes;
 };
 
 #endif /* CTCTL_ABI_H */

@@ -31,13 +31,17 @@ class Reason(enum.IntEnum):
     TRUNC_L4 = 9
     BAD_L4 = 10
     UNKNOWN_L4 = 11
+    CT_MISS = 12
+    CT_FLAGS = 13
+    TRAP = 14
+    NO_MATCH = 15
 
     @property
     def label(self) -> str:
         return self.name.lower()
 
 
-REASON_MAX = 12
+REASON_MAX = 16
 
 
 class Counter(enum.IntEnum):
@@ -49,9 +53,15 @@ class Counter(enum.IntEnum):
     PUNT = REASON_MAX + 2
     PERF_LOST = REASON_MAX + 3
     TOO_BIG = REASON_MAX + 4
+    CT_HIT = REASON_MAX + 5
+    REDIRECT = REASON_MAX + 6
+    DROP = REASON_MAX + 7
+    PASS = REASON_MAX + 8
+    GOTO_LOOP = REASON_MAX + 9
+    NAT = REASON_MAX + 10
 
 
-COUNTER_MAX = REASON_MAX + 5
+COUNTER_MAX = REASON_MAX + 11
 
 
 class CtState(enum.IntFlag):
@@ -76,6 +86,37 @@ class Done(enum.IntFlag):
 
 
 MAX_PUNT = 9216
+MAX_RULES = 64          # rules per chain in the hardware
+MAX_ACTIONS = 4         # actions per rule
+MAX_HOPS = 8            # goto chain hops per packet
+MAX_RULE_IDS = 4096     # per-rule counter slots
+RESUME_MATCH = 0xFFFF   # resume action index: "match from rule `rule` on"
+
+
+class Nat(enum.IntFlag):
+    SRC = 0x01
+    DST = 0x02
+
+
+class Cap(enum.IntFlag):
+    FLOW_COUNTERS = 0x01
+
+
+class ActionKind(enum.IntEnum):
+    NONE = 0
+    CT = 1
+    CT_CLEAR = 2
+    GOTO = 3
+    MIRRED = 4
+    DROP = 5
+    PASS = 6
+    TRAP = 7
+
+
+class CtFlags(enum.IntFlag):
+    COMMIT = 0x01
+    NAT = 0x02
+    FORCE = 0x04
 
 
 class PuntHdr(ctypes.Structure):
@@ -100,16 +141,136 @@ class PuntHdr(ctypes.Structure):
     ]
 
 
+U8_16 = ctypes.c_uint8 * 16
+
+
+class Tuple(ctypes.Structure):
+    """struct ctctl_tuple: the offload table's key.  Ports are stored in
+    network order, as the packet carries them."""
+
+    _fields_ = [
+        ("src", U8_16),
+        ("dst", U8_16),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("l3", ctypes.c_uint8),
+        ("proto", ctypes.c_uint8),
+        ("zone", ctypes.c_uint16),
+    ]
+
+
+class Flow(ctypes.Structure):
+    """struct ctctl_flow: one offloaded connection direction."""
+
+    _fields_ = [
+        ("packets", ctypes.c_uint64),
+        ("bytes", ctypes.c_uint64),
+        ("last_used_ns", ctypes.c_uint64),
+        ("conn_id", ctypes.c_uint32),
+        ("mark", ctypes.c_uint32),
+        ("label", U8_16),
+        ("ct_state", ctypes.c_uint8),
+        ("dir", ctypes.c_uint8),
+        ("nat", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("nat_sport", ctypes.c_uint16),
+        ("nat_dport", ctypes.c_uint16),
+        ("nat_src", U8_16),
+        ("nat_dst", U8_16),
+    ]
+
+
+class HwConfig(ctypes.Structure):
+    _fields_ = [("caps", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class Match(ctypes.Structure):
+    """struct ctctl_match: a rule's key or mask."""
+
+    _fields_ = [
+        ("src", U8_16),
+        ("dst", U8_16),
+        ("eth_proto", ctypes.c_uint16),
+        ("ip_proto", ctypes.c_uint8),
+        ("ct_state", ctypes.c_uint8),
+        ("icmp_type", ctypes.c_uint8),
+        ("icmp_code", ctypes.c_uint8),
+        ("ct_zone", ctypes.c_uint16),
+        ("ct_mark", ctypes.c_uint32),
+        ("ct_label", U8_16),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class Action(ctypes.Structure):
+    _fields_ = [
+        ("kind", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("zone", ctypes.c_uint16),
+        ("arg", ctypes.c_uint32),
+    ]
+
+
+class Rule(ctypes.Structure):
+    _fields_ = [
+        ("key", Match),
+        ("mask", Match),
+        ("sport_min", ctypes.c_uint16),
+        ("sport_max", ctypes.c_uint16),
+        ("dport_min", ctypes.c_uint16),
+        ("dport_max", ctypes.c_uint16),
+        ("id", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("actions", Action * MAX_ACTIONS),
+    ]
+
+
+class ChainKey(ctypes.Structure):
+    _fields_ = [("ifindex", ctypes.c_uint32), ("chain", ctypes.c_uint32)]
+
+
+class Chain(ctypes.Structure):
+    _fields_ = [
+        ("n_rules", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("rules", Rule * MAX_RULES),
+    ]
+
+
+class RuleStats(ctypes.Structure):
+    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
+
+
 # Every enum of the header, by its C prefix, for the agreement test.
 C_ENUMS = {
     "CTCTL_R_": Reason,
     "CTCTL_C_": Counter,
     "CTCTL_CS_": CtState,
     "CTCTL_DONE_": Done,
+    "CTCTL_NAT_": Nat,
+    "CTCTL_CAP_": Cap,
+    "CTCTL_A_": ActionKind,
+    "CTCTL_CTF_": CtFlags,
 }
 C_CONSTANTS = {
     "CTCTL_R_MAX": REASON_MAX,
     "CTCTL_C_MAX": COUNTER_MAX,
     "CTCTL_MAX_PUNT": MAX_PUNT,
+    "CTCTL_MAX_RULES": MAX_RULES,
+    "CTCTL_MAX_ACTIONS": MAX_ACTIONS,
+    "CTCTL_MAX_HOPS": MAX_HOPS,
+    "CTCTL_MAX_RULE_IDS": MAX_RULE_IDS,
+    "CTCTL_RESUME_MATCH": RESUME_MATCH,
 }
-C_STRUCTS = {"ctctl_punt_hdr": PuntHdr}
+C_STRUCTS = {
+    "ctctl_punt_hdr": PuntHdr,
+    "ctctl_tuple": Tuple,
+    "ctctl_flow": Flow,
+    "ctctl_hw_config": HwConfig,
+    "ctctl_match": Match,
+    "ctctl_action": Action,
+    "ctctl_rule": Rule,
+    "ctctl_chain_key": ChainKey,
+    "ctctl_chain": Chain,
+    "ctctl_rule_stats": RuleStats,
+}

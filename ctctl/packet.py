@@ -71,13 +71,11 @@ def _fold(s: int) -> int:
 
 def _sum16(buf) -> int:
     """Ones' complement sum of ``buf`` as big-endian 16-bit words."""
-    n = len(buf)
-    if n & 1:
+    if len(buf) & 1:
         buf = bytes(buf) + b"\0"
-        n += 1
     # Summing native-order words in C and swapping once at the end is the
     # same ones' complement sum (RFC 1071: byte-order independence).
-    s = sum(memoryview(bytes(buf)).cast("H"))
+    s = sum(memoryview(buf).cast("H"))
     s = _fold(s)
     if sys.byteorder == "little":
         s = ((s & 0xFF) << 8) | (s >> 8)
@@ -279,8 +277,7 @@ class Packet:
         elif self.proto in (IPPROTO_ICMP, IPPROTO_ICMPV6) and self.icmp_id is not None:
             # Echo: the identifier plays both ports, as in the kernel's tuple.
             self._patch(self.l4_off + 4, struct.pack("!H", port), self._csum_fields(pseudo=False))
-            self.icmp_id = port
-            self.sport = self.dport = port
+            self.icmp_id = port  # sport/dport stay None: ICMP has no ports
         else:
             raise ValueError(f"protocol {self.proto} has no ports to rewrite")
 
@@ -309,15 +306,22 @@ class Packet:
         accepts it (RFC 6935 allows it for tunnels)."""
         if self.l4_off is None or self.is_fragment:
             return True
-        seg = self.data[self.l4_off:self.l3_end]
-        if self.proto == IPPROTO_UDP and seg[6:8] == b"\0\0":
+        proto = self.proto
+        data = self.data
+        l4, end = self.l4_off, self.l3_end
+        if proto == IPPROTO_UDP and data[l4 + 6] == 0 and data[l4 + 7] == 0:
             return True
-        if self.proto == IPPROTO_ICMP:
-            return checksum(seg) == 0
-        if self.proto not in (IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMPV6):
+        if proto == IPPROTO_ICMP:
+            return checksum(data[l4:end]) == 0
+        if proto not in (IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMPV6):
             return True
-        ps = _pseudo_sum(self.ip_version, self.src.packed, self.dst.packed, self.proto, len(seg))
-        return checksum(seg, ps) == 0
+        n = end - l4
+        # One pass over pseudo-header and segment.
+        if self.ip_version == 4:
+            pseudo = data[self.l3_off + 12:self.l3_off + 20] + struct.pack("!HH", proto, n)
+        else:
+            pseudo = data[self.l3_off + 8:self.l3_off + 40] + struct.pack("!IxxxB", n, proto)
+        return checksum(pseudo + data[l4:end]) == 0
 
 
 def parse(frame: bytes | bytearray) -> Packet:

@@ -353,3 +353,66 @@ def tcp_seg(d, flags, seq, ack=0, win=64240, data=0, opts=None, v=4, cport=40000
     p = ip / TCP(sport=sp, dport=dp, flags=flags, seq=seq & 0xFFFFFFFF, ack=ack & 0xFFFFFFFF,
                  window=win, options=opts or [])
     return p / Raw(b"x" * data) if data else p
+
+
+class KernelNat(KernelCt):
+    """KernelCt plus iptables NAT rules, capturing what the kernel forwards
+    (on the far end of the way-out veth) so that rewritten packets can be
+    compared byte-for-field with ctctl's."""
+
+    SNAT_TO = "192.0.2.1"
+    VIP, DNAT_TO, DNAT_PORT = "10.2.0.100", "10.2.0.9", 8080
+
+    def _setup(self) -> None:
+        super()._setup()
+        # DNAT clients live in 10.3.0.0/24, out of reach of the SNAT rule.
+        run("ip", "-n", self.ct, "route", "add", "10.3.0.0/24", "via", "10.8.0.2", "dev", "c0")
+        self.ns("iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "c0", "-s", "10.1.0.0/24",
+                "-j", "SNAT", "--to-source", self.SNAT_TO)
+        for proto in ("tcp", "udp"):
+            self.ns("iptables", "-t", "nat", "-A", "PREROUTING", "-i", "b0", "-d", self.VIP, "-p", proto,
+                    "--dport", "80", "-j", "DNAT", "--to-destination", f"{self.DNAT_TO}:{self.DNAT_PORT}")
+        self.cap = self._open_socket_on("c1", proto=0x0003)
+        self.cap.settimeout(0.05)
+
+    def _open_socket_on(self, dev: str, proto: int) -> socket.socket:
+        own = os.open("/proc/self/ns/net", os.O_RDONLY)
+        target = os.open(f"/run/netns/{self.tx}", os.O_RDONLY)
+        try:
+            _setns(target)
+            try:
+                s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(proto))
+                s.bind((dev, 0))
+            finally:
+                _setns(own)
+        finally:
+            os.close(own)
+            os.close(target)
+        return s
+
+    def close(self) -> None:
+        cap = getattr(self, "cap", None)
+        if cap is not None:
+            cap.close()
+            self.cap = None
+        super().close()
+
+    def drain(self) -> None:
+        while True:
+            try:
+                self.cap.recv(65535)
+            except (TimeoutError, socket.timeout):
+                return
+
+    def forwarded(self, want, timeout: float = 5.0) -> bytes:
+        """The first frame forwarded out of the box for which ``want(frame)``
+        is true."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                data = self.cap.recv(65535)
+            except (TimeoutError, socket.timeout):
+                continue
+            if want(data):
+                return data
+        raise TimeoutError("the kernel forwarded no matching frame")

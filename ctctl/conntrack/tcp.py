@@ -31,6 +31,8 @@ class TcpState(enum.IntEnum):
     IGNORE = 11   # "ignore" in the table
 
 
+STATE_NAMES = tuple(s.name for s in TcpState)
+
 # Flag classes, in the kernel's precedence (get_conntrack_index).
 SYN_SET, SYNACK_SET, FIN_SET, ACK_SET, RST_SET, NONE_SET = range(6)
 INDEX_NAMES = ("syn", "synack", "fin", "ack", "rst", "none")
@@ -462,11 +464,11 @@ def tcp_packet(info: TcpInfo, pkt: Packet, direction: int, *, seen_reply: bool, 
 
     info.last_index = index
     info.last_dir = direction
-    info.state = TcpState(new_state)
+    info.state = new_state
     if old_state != new_state and new_state == _FW:
         info.seen[direction].flags |= F_CLOSE_INIT
 
-    state_to = timeouts[TcpState(new_state).name]
+    state_to = timeouts[STATE_NAMES[new_state]]
     if info.retrans >= cfg.tcp_max_retrans and state_to > timeouts["tcp_max_retrans"]:
         timeout = timeouts["tcp_max_retrans"]
     elif index == RST_SET:

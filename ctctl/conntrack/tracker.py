@@ -49,6 +49,17 @@ class Status(enum.IntFlag):
     HW_OFFLOAD = 1 << 15
 
 
+class _S:
+    """Status bits as plain ints, for the per-packet path."""
+
+
+for _b in Status:
+    setattr(_S, _b.name, int(_b))
+
+_TRK, _NEW, _EST, _REL, _RPL, _INV, _SNAT, _DNAT = (
+    int(CtState.TRK), int(CtState.NEW), int(CtState.EST), int(CtState.REL),
+    int(CtState.RPL), int(CtState.INV), int(CtState.SNAT), int(CtState.DNAT))
+
 DEFAULT_TIMEOUTS = {
     "SYN_SENT": 120, "SYN_RECV": 60, "ESTABLISHED": 432000, "FIN_WAIT": 120,
     "CLOSE_WAIT": 60, "LAST_ACK": 30, "TIME_WAIT": 120, "CLOSE": 10, "SYN_SENT2": 120,
@@ -92,7 +103,7 @@ class CtConfig:
 class Conn:
     """One conntrack entry (struct nf_conn)."""
 
-    __slots__ = ("id", "orig", "reply", "status", "mark", "label", "zone", "packets",
+    __slots__ = ("id", "orig", "reply", "_st", "mark", "label", "zone", "packets",
                  "bytes", "timeout_at", "created", "last_seen", "tcp", "udp_stream_ts",
                  "_timeout_rel", "__weakref__")
 
@@ -100,7 +111,7 @@ class Conn:
         self.id = cid
         self.orig = orig
         self.reply = reply
-        self.status = Status(0)
+        self._st = 0  # status bits as a plain int: IntFlag arithmetic is slow per packet
         self.mark = 0
         self.label = 0
         self.zone = orig.zone
@@ -123,11 +134,19 @@ class Conn:
 
     @property
     def state(self) -> str | None:
-        return self.tcp.state.name if self.tcp is not None else None
+        return tcpmod.STATE_NAMES[self.tcp.state] if self.tcp is not None else None
+
+    @property
+    def status(self) -> "Status":
+        return Status(self._st)
+
+    @status.setter
+    def status(self, value) -> None:
+        self._st = int(value)
 
     @property
     def confirmed(self) -> bool:
-        return bool(self.status & Status.CONFIRMED)
+        return bool(self._st & _S.CONFIRMED)
 
     @property
     def windows(self):
@@ -169,6 +188,9 @@ class ConnTracker:
         self.config = config or CtConfig()
         self._table: dict[Tuple, tuple[Conn, int]] = {}
         self._conns: dict[int, Conn] = {}
+        # Source-NATed entries by original source (nf_nat's bysource hash),
+        # so that a source keeps its mapping across connections.
+        self._bysrc: dict[tuple, Conn] = {}
         self._ids = itertools.count(1)
         self._subscribers: list[Callable[[str, Conn], None]] = []
         # conntrack -S style counters
@@ -242,15 +264,15 @@ class ConnTracker:
         conn.timeout_at = now + seconds
         conn._timeout_rel = seconds
         if fixed:
-            conn.status |= Status.FIXED_TIMEOUT
+            conn._st |= _S.FIXED_TIMEOUT
         else:
-            conn.status &= ~Status.FIXED_TIMEOUT
+            conn._st &= ~_S.FIXED_TIMEOUT
 
     def set_status(self, conn: Conn, bits: Status, on: bool = True) -> None:
         """Set or clear status bits (e.g. OFFLOAD) with an UPDATE event."""
-        old = conn.status
-        conn.status = (old | bits) if on else (old & ~bits)
-        if conn.status != old and conn.confirmed:
+        old = conn._st
+        conn._st = (old | int(bits)) if on else (old & ~int(bits))
+        if conn._st != old and conn.confirmed:
             self._emit("UPDATE", conn)
 
     def _destroy(self, conn: Conn, expired: bool = False) -> None:
@@ -260,7 +282,10 @@ class ConnTracker:
             hit = self._table.get(t)
             if hit is not None and hit[0] is conn:
                 del self._table[t]
-        conn.status |= Status.DYING
+        key = self._src_key(conn.orig)
+        if self._bysrc.get(key) is conn:
+            del self._bysrc[key]
+        conn._st |= _S.DYING
         if expired:
             self.stats["expired"] += 1
         self._emit("DESTROY", conn)
@@ -274,25 +299,29 @@ class ConnTracker:
             return False
         return True
 
+    @staticmethod
+    def _src_key(t: Tuple) -> tuple:
+        return (t.zone, t.l3, t.proto, t.src, t.sport)
+
     def _bysource(self, orig: Tuple) -> Tuple | None:
-        for c in self._conns.values():
-            o = c.orig
-            if (c.status & Status.SRC_NAT and o.zone == orig.zone and o.proto == orig.proto
-                    and o.src == orig.src and o.sport == orig.sport):
-                r = c.reply
-                return orig._replace(src=r.dst, sport=r.dport)
-        return None
+        c = self._bysrc.get(self._src_key(orig))
+        if c is None:
+            return None
+        r = c.reply
+        return orig._replace(src=r.dst, sport=r.dport)
 
     def _confirm(self, conn: Conn, now: float) -> str | None:
         """Insert an unconfirmed entry; the reason on a clash."""
         for t in (conn.orig, conn.reply):
             if self._taken(t):
                 return f"insert clash on {t}"
-        conn.status |= Status.CONFIRMED
+        conn._st |= _S.CONFIRMED
         conn.timeout_at = now + conn._timeout_rel
         self._table[conn.orig] = (conn, ORIGINAL)
         self._table[conn.reply] = (conn, REPLY)
         self._conns[conn.id] = conn
+        if conn._st & _S.SRC_NAT:
+            self._bysrc.setdefault(self._src_key(conn.orig), conn)
         self.stats["insert"] += 1
         self._emit("NEW", conn)
         return None
@@ -354,13 +383,13 @@ class ConnTracker:
             else:
                 self.stats["found"] += 1
 
-            seen_reply = bool(conn.status & Status.SEEN_REPLY)
+            seen_reply = bool(conn._st & _S.SEEN_REPLY)
             if direction == REPLY:
-                ctinfo = CtState.EST | CtState.RPL
+                ctinfo = _EST | _RPL
             elif seen_reply:
-                ctinfo = CtState.EST
+                ctinfo = _EST
             else:
-                ctinfo = CtState.NEW
+                ctinfo = _NEW
 
             notes: list[str] = []
             outcome, timeout, assure = self._l4_packet(conn, pkt, direction, now, notes)
@@ -392,33 +421,32 @@ class ConnTracker:
             conn.last_seen = now
         elif outcome == tcpmod.IGNORE:
             self.stats["ignore"] += 1
-        if assure and not conn.status & Status.ASSURED:
-            conn.status |= Status.ASSURED
+        if assure and not conn._st & _S.ASSURED:
+            conn._st |= _S.ASSURED
             changed = True
         if conn.tcp is not None and conn.tcp.state != old_state:
             changed = True
         if direction == REPLY and not seen_reply:
-            conn.status |= Status.SEEN_REPLY
+            conn._st |= _S.SEEN_REPLY
             changed = True
 
-        result = CtResult(CtState.TRK | ctinfo, conn=conn, reply=direction == REPLY, zone=zone,
-                          reason="; ".join(notes) or None)
+        st = _TRK | ctinfo
 
         # NAT: set up a binding only when committing a new entry; apply the
         # bindings whenever the action says nat.
         if nat is not None:
             if nat.kind is not None and commit and not conn.confirmed and not (
-                    conn.status & (Status.SRC_NAT | Status.DST_NAT)):
+                    conn._st & (_S.SRC_NAT | _S.DST_NAT)):
                 err = self._nat_setup(conn, nat)
                 if err is not None:
                     return self._invalid(zone, err)
-            if conn.status & (Status.SRC_NAT | Status.DST_NAT):
+            if conn._st & (_S.SRC_NAT | _S.DST_NAT):
                 target = conn.tuple(1 - direction).invert()
                 s, d = rewrite(pkt, tup, target)
                 if s:
-                    result.ct_state |= CtState.SNAT
+                    st |= _SNAT
                 if d:
-                    result.ct_state |= CtState.DNAT
+                    st |= _DNAT
 
         if commit:
             if mark is not None:
@@ -446,9 +474,8 @@ class ConnTracker:
             self._destroy(conn)
         elif conn.confirmed and changed:
             self._emit("UPDATE", conn)
-        result.mark = conn.mark
-        result.label = conn.label
-        return result
+        return CtResult(CtState(st), conn, direction == REPLY, zone, conn.mark, conn.label,
+                        "; ".join(notes) if notes else None)
 
     # ------------------------------------------------------------------
 
@@ -462,7 +489,7 @@ class ConnTracker:
         return CtResult(CtState.TRK | CtState.INV, zone=zone, reason=reason)
 
     def _refresh(self, conn: Conn, timeout: float, now: float) -> None:
-        if conn.status & Status.FIXED_TIMEOUT:
+        if conn._st & _S.FIXED_TIMEOUT:
             return
         conn._timeout_rel = timeout
         if conn.confirmed:
@@ -505,13 +532,13 @@ class ConnTracker:
         to = self.config.timeouts
         if proto == IPPROTO_TCP:
             return tcpmod.tcp_packet(conn.tcp, pkt, direction,
-                                     seen_reply=bool(conn.status & Status.SEEN_REPLY),
-                                     assured=bool(conn.status & Status.ASSURED),
+                                     seen_reply=bool(conn._st & _S.SEEN_REPLY),
+                                     assured=bool(conn._st & _S.ASSURED),
                                      cfg=self.config, notes=notes)
         if proto == IPPROTO_UDP:
-            if conn.status & Status.SEEN_REPLY:
+            if conn._st & _S.SEEN_REPLY:
                 if now > conn.udp_stream_ts:
-                    return tcpmod.ACCEPT, to["udp_stream"], not conn.status & Status.ASSURED
+                    return tcpmod.ACCEPT, to["udp_stream"], not conn._st & _S.ASSURED
                 return tcpmod.ACCEPT, to["udp"], False
             return tcpmod.ACCEPT, to["udp"], False
         if proto == IPPROTO_ICMP:
@@ -519,8 +546,8 @@ class ConnTracker:
         if proto == IPPROTO_ICMPV6:
             return tcpmod.ACCEPT, to["icmpv6"], False
         if proto == IPPROTO_GRE:
-            if conn.status & Status.SEEN_REPLY:
-                return tcpmod.ACCEPT, to["gre_stream"], not conn.status & Status.ASSURED
+            if conn._st & _S.SEEN_REPLY:
+                return tcpmod.ACCEPT, to["gre_stream"], not conn._st & _S.ASSURED
             return tcpmod.ACCEPT, to["gre"], False
         return tcpmod.ACCEPT, to["generic"], False
 
@@ -546,9 +573,9 @@ class ConnTracker:
         st = CtState.TRK | CtState.REL | (CtState.RPL if direction == REPLY else 0)
         res = CtResult(CtState(st), conn=conn, reply=direction == REPLY, zone=zone,
                        mark=conn.mark, label=conn.label)
-        if nat is not None and conn.status & (Status.SRC_NAT | Status.DST_NAT):
-            snat = bool(conn.status & Status.SRC_NAT)
-            dnat = bool(conn.status & Status.DST_NAT)
+        if nat is not None and conn._st & (_S.SRC_NAT | _S.DST_NAT):
+            snat = bool(conn._st & _S.SRC_NAT)
+            dnat = bool(conn._st & _S.DST_NAT)
             # The manips a packet of this direction gets (reply: undo).
             src_manip = snat if direction == ORIGINAL else dnat
             dst_manip = dnat if direction == ORIGINAL else snat
@@ -574,6 +601,6 @@ class ConnTracker:
             return f"nat: {e}"
         conn.reply = new_orig.invert()
         if new_orig != conn.orig:
-            conn.status |= Status.SRC_NAT if spec.kind == "src" else Status.DST_NAT
-        conn.status |= Status.SRC_NAT_DONE | Status.DST_NAT_DONE
+            conn._st |= _S.SRC_NAT if spec.kind == "src" else _S.DST_NAT
+        conn._st |= _S.SRC_NAT_DONE | _S.DST_NAT_DONE
         return None

@@ -388,3 +388,108 @@ def test_knobs_same_as_kernel(kernel, name):
     finally:
         for k, v in old.items():
             kernel.sysctl(f"net.netfilter.{k}", v)
+
+
+# ----------------------------------------------------------------------
+# NAT against the kernel's iptables NAT: the ct_state class, the entry's
+# reply tuple, and the forwarded packet itself (addresses, ports, ICMP id,
+# the quoted header of ICMP errors, every checksum).
+
+from ktrack import KernelNat  # noqa: E402
+from ctctl.conntrack import NatSpec  # noqa: E402
+
+SN = KernelNat.SNAT_TO
+VIP, DN = KernelNat.VIP, KernelNat.DNAT_TO
+
+
+def _udp(src, dst, sport, dport):
+    return IP(src=src, dst=dst) / UDP(sport=sport, dport=dport) / Raw(b"nat!")
+
+
+NAT_CASES = {
+    "SNAT TCP handshake and data": [
+        T("o", "S", CISN, cport=41000), T("r", "SA", SISN, CISN + 1, cport=41000),
+        T("o", "A", C1, S1, cport=41000), T("o", "PA", C1, S1, data=30, cport=41000),
+    ],
+    "SNAT UDP and the ICMP error back": [
+        _udp(C4, S4, 5100, 9999), _udp(S4, SN, 9999, 5100),
+        IP(src=S4, dst=SN) / ICMP(type=3, code=3) / IP(src=SN, dst=S4) / UDP(sport=5100, dport=9999) / Raw(b"nat!"),
+    ],
+    "SNAT ICMP echo": [
+        IP(src=C4, dst=S4) / ICMP(type=8, id=4242, seq=1) / Raw(b"ping"),
+        IP(src=S4, dst=SN) / ICMP(type=0, id=4242, seq=1) / Raw(b"ping"),
+    ],
+    "DNAT TCP with port": [
+        IP(src="10.3.0.50", dst=VIP) / TCP(sport=42000, dport=80, flags="S", seq=CISN),
+        IP(src=DN, dst="10.3.0.50") / TCP(sport=8080, dport=42000, flags="SA", seq=SISN, ack=CISN + 1),
+        IP(src="10.3.0.50", dst=VIP) / TCP(sport=42000, dport=80, flags="A", seq=C1, ack=S1),
+    ],
+    "DNAT UDP and the ICMP error from the real server": [
+        IP(src="10.3.0.51", dst=VIP) / UDP(sport=5200, dport=80) / Raw(b"q"),
+        IP(src=DN, dst="10.3.0.51") / ICMP(type=3, code=3) /
+        IP(src="10.3.0.51", dst=DN) / UDP(sport=5200, dport=8080) / Raw(b"q"),
+    ],
+}
+
+
+def _ours_nat_spec(ip):
+    """What the kernel's rules would do to a new connection from this packet."""
+    if ip.haslayer(IP) and ip[IP].src.startswith("10.1.0.") and not ip.haslayer(ICMP) or (
+            ip.haslayer(ICMP) and ip[ICMP].type == 8 and ip[IP].src.startswith("10.1.0.")):
+        return NatSpec("src", SN)
+    if ip[IP].dst == VIP and (ip.haslayer(TCP) or ip.haslayer(UDP)):
+        return NatSpec("dst", DN, port_min=8080)
+    return NatSpec()
+
+
+def _fields(frame: bytes) -> dict:
+    p = Ether(frame)[IP]
+    out = {"src": p.src, "dst": p.dst, "proto": p.proto}
+    l4 = p.payload
+    if isinstance(l4, (TCP, UDP)):
+        out.update(sport=l4.sport, dport=l4.dport, payload=bytes(l4.payload))
+    elif isinstance(l4, ICMP):
+        out.update(type=l4.type, id=l4.id if l4.type in (0, 8) else None)
+        if l4.type == 3:
+            q = l4.payload
+            out.update(inner=(q.src, q.dst, q.payload.sport, q.payload.dport))
+    return out
+
+
+def _checksums_ok(frame: bytes) -> bool:
+    q = Ether(frame).copy()
+    for lay in q.iterpayloads():
+        for f in ("chksum", "cksum"):
+            if f in lay.fields and not (isinstance(lay, UDP) and lay.fields[f] == 0):
+                del lay.fields[f]
+    return raw(q) == frame[:len(raw(q))]
+
+
+@pytest.fixture(scope="module")
+def kernel_nat():
+    with KernelNat() as k:
+        yield k
+
+
+@pytest.mark.parametrize("name", sorted(NAT_CASES))
+def test_nat_same_as_kernel(kernel_nat, name):
+    k = kernel_nat
+    k.flush()
+    k.drain()
+    tracker = ConnTracker(clock=time.monotonic)
+    for i, ip in enumerate(NAT_CASES[name]):
+        frame = raw(Ether(src=k.src_mac, dst=k.dst_mac) / ip)
+        p = parse(bytearray(frame))
+        res = tracker.ct(p, commit=True, nat=_ours_nat_spec(ip))
+        want = k.send(frame, 4)
+        where = f"{name}: packet {i} ({ip.summary()})"
+        assert ours_class(res) == want, f"{where}: ctctl {ours_class(res)} ({res.reason}), kernel {want}"
+        ours = bytes(p.data)
+        theirs = k.forwarded(lambda f: f[12:14] == b"\x08\x00" and Ether(f)[IP].proto == ip[IP].proto)
+        assert _fields(ours) == _fields(theirs), where
+        assert _checksums_ok(ours) and _checksums_ok(theirs), where
+        now = time.monotonic()
+        mine = {(e["orig"]["src"], e["orig"]["dst"]): e["reply"] for e in
+                (parse_conntrack_line(format_conntrack(c, now)) for c in tracker.entries())}
+        kern = {(e["orig"]["src"], e["orig"]["dst"]): e["reply"] for e in k.entries()}
+        assert mine == kern, where

@@ -27,7 +27,7 @@ def _header_enum_names() -> list[str]:
 def _header_fields(struct: str) -> list[str]:
     text = abi.HEADER.read_text()
     body = re.search(rf"struct\s+{struct}\s*\{{(.*?)\}};", text, re.S)[1]
-    return re.findall(r"^\s*__\w+\s+(\w+)(?:\[\d+\])?;", body, re.M)
+    return re.findall(r"^\s*(?:__\w+|struct\s+\w+)\s+(\w+)(?:\[\w+\])?;", body, re.M)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def probe(tmp_path_factory):
         pytest.skip("no C compiler")
     d = tmp_path_factory.mktemp("abi")
     lines = ['#include <stdio.h>', '#include <stddef.h>', f'#include "{abi.HEADER}"', "int main(void) {"]
-    for name in _header_enum_names() + ["CTCTL_MAX_PUNT"]:
+    for name in _header_enum_names() + [c for c in abi.C_CONSTANTS if not c.endswith("_MAX")]:
         lines.append(f'printf("{name} %lld\\n", (long long){name});')
     for s in abi.C_STRUCTS:
         lines.append(f'printf("sizeof {s} %zu\\n", sizeof(struct {s}));')

@@ -276,7 +276,6 @@ class TestOpenClose:
         tr, res, _ = track([tcp_seg("o", "S", 1000), tcp_seg("r", "S", 5000),
                             tcp_seg("o", "SA", 1000, S1), tcp_seg("r", "SA", 5000, C1),
                             tcp_seg("o", "A", C1, S1), tcp_seg("r", "A", S1, C1)])
-        seen = []
         conn = res[0].conn
         assert states(res) == ["NEW", "EST-R", "EST-O", "EST-R", "EST-O", "EST-R"]
         assert conn.state == "ESTABLISHED" and conn.status & Status.ASSURED
