@@ -24,7 +24,8 @@ fi
 # Debian's BCC, never PyPI's `bcc` (an unrelated package), plus the tools the
 # demo and the tests drive as real programs.
 pkgs=(python3-bpfcc libbpfcc python3-venv python3-pip iproute2 iputils-ping
-      netcat-openbsd iperf3 tcpdump conntrack iptables ethtool procps make)
+      netcat-openbsd iperf3 tcpdump conntrack iptables ethtool procps make
+      gcc libc6-dev)  # gcc + libc headers: tests/unit/test_abi.py compiles the ABI header
 
 have_pkg() { dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null | grep -qx installed; }
 
