@@ -2,24 +2,26 @@
 /*
  * ctctl's "NIC": a TC-ingress program attached to every port of a box.
  *
- * This first version offloads nothing: it parses each packet, counts it,
- * and hands it to software with the reason it stopped (NO_OFFLOAD for a
- * packet it understood, a parse reason otherwise), then drops its own copy.
- * The controller continues the packet and transmits the result.
+ * It parses each packet (bpf/parse.h), runs the offloaded tc chains of its
+ * ingress port on it (bpf/rules.h) with the offload table as its conntrack,
+ * and either finishes it (redirect, drop, pass) or hands it to software with
+ * the reason it stopped and everything software needs to continue from
+ * there: the resume point, the ct metadata, what it already did to the
+ * packet, and the packet as it is now.  It then drops its own copy; the
+ * controller continues the packet and transmits the result.
+ *
+ * A port without offloaded rules punts everything (NO_OFFLOAD): a box that
+ * only forwards in software keeps working.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 
 #include "ctctl_abi.h"
 #include "parse.h"
+#include "key.h"
 #include "maps.h"
 
-/*
- * Headers the parsers may need in the linear area: Ethernet + VLAN, an IPv4
- * header with options or IPv6, and a TCP header with options.
- */
-#define CTCTL_PULL_LEN (18 + 60 + 60)
-
+/* The map accessors bpf/maps.h declares (BCC rewrites map calls only here). */
 static __always_inline void count(__u32 slot, __u64 n)
 {
 	__u64 *v = counters.lookup(&slot);
@@ -28,7 +30,39 @@ static __always_inline void count(__u32 slot, __u64 n)
 		*v += n;	/* per-CPU slot: no other writer */
 }
 
-static __always_inline int punt(struct __sk_buff *skb, __u16 reason)
+static __always_inline struct ctctl_chain *chain_lookup(struct ctctl_chain_key *k)
+{
+	return chains.lookup(k);
+}
+
+static __always_inline struct ctctl_flow *flow_lookup(struct ctctl_tuple *t)
+{
+	return flows.lookup(t);
+}
+
+static __always_inline struct ctctl_rule_stats *rule_stats_lookup(__u32 id)
+{
+	return rule_stats.lookup(&id);
+}
+
+static __always_inline __u32 hw_caps(void)
+{
+	__u32 zero = 0;
+	struct ctctl_hw_config *cfg = hw_config.lookup(&zero);
+
+	return cfg ? cfg->caps : 0;
+}
+
+#include "nat.h"
+#include "rules.h"
+
+/*
+ * Headers the parsers may need in the linear area: Ethernet + VLAN, an IPv4
+ * header with options or IPv6, and a TCP header with options.
+ */
+#define CTCTL_PULL_LEN (18 + 60 + 60)
+
+static __always_inline int punt(struct __sk_buff *skb, const struct ctctl_state *st)
 {
 	struct ctctl_punt_hdr hdr = {};
 	__u64 len = skb->len;
@@ -38,9 +72,18 @@ static __always_inline int punt(struct __sk_buff *skb, __u16 reason)
 		count(CTCTL_C_TOO_BIG, 1);
 		return TC_ACT_SHOT;
 	}
-	hdr.reason = reason;
+	hdr.reason = st->reason;
+	hdr.done = st->done;
 	hdr.ifindex = skb->ifindex;
 	hdr.pkt_len = len;
+	hdr.chain = st->chain;
+	hdr.rule = st->rule;
+	hdr.action = st->action;
+	hdr.zone = st->key.ct_zone;
+	hdr.ct_state = st->key.ct_state;
+	hdr.hops = st->hops;
+	hdr.mark = st->key.ct_mark;
+	__builtin_memcpy(hdr.label, st->key.ct_label, 16);
 	hdr.tstamp_ns = bpf_ktime_get_ns();
 	if (skb->vlan_present) {
 		hdr.vlan_proto = bpf_ntohs(skb->vlan_proto);
@@ -53,7 +96,7 @@ static __always_inline int punt(struct __sk_buff *skb, __u16 reason)
 		count(CTCTL_C_PERF_LOST, 1);
 		return TC_ACT_SHOT;
 	}
-	count(reason, 1);
+	count(st->reason, 1);
 	count(CTCTL_C_PUNT, 1);
 	return TC_ACT_SHOT;
 }
@@ -61,12 +104,19 @@ static __always_inline int punt(struct __sk_buff *skb, __u16 reason)
 int ctctl_ingress(struct __sk_buff *skb)
 {
 	struct ctctl_pkt pkt = {};
+	struct ctctl_state *st;
 	struct cursor c;
 	__u32 pull = skb->len < CTCTL_PULL_LEN ? skb->len : CTCTL_PULL_LEN;
+	__u32 zero = 0;
 	int r;
 
 	count(CTCTL_C_RX, 1);
 	count(CTCTL_C_RX_BYTES, skb->len);
+
+	st = scratch.lookup(&zero);
+	if (!st)
+		return TC_ACT_SHOT;	/* cannot happen: index 0 of a 1-slot array */
+	state_reset(st);
 
 	/* Non-linear skbs (veth with GRO, for one) may hold headers in frags. */
 	if (skb->data_end - skb->data < pull)
@@ -78,7 +128,13 @@ int ctctl_ingress(struct __sk_buff *skb)
 	c.len = skb->len;
 	c.l3_end = skb->len;
 	r = parse_packet(&c, &pkt);
-	if (r != CTCTL_R_NONE)
-		return punt(skb, r);
-	return punt(skb, CTCTL_R_NO_OFFLOAD);
+	if (r != CTCTL_R_NONE) {
+		st->reason = r;
+		return punt(skb, st);
+	}
+	state_load(st, &pkt);
+	r = interpret(skb, st);
+	if (r == CTCTL_PUNT)
+		return punt(skb, st);
+	return r;
 }

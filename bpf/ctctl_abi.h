@@ -139,7 +139,7 @@ enum ctctl_nat {
 /* An offloaded connection direction: what a ct action's hit restores. */
 struct ctctl_flow {
 	__u64 packets;		/* counted by the program, atomically */
-	__u64 bytes;		/* skb->len */
+	__u64 bytes;		/* IP total length, as nf_conntrack counts */
 	__u64 last_used_ns;	/* bpf_ktime_get_ns() of the last hit */
 	__u32 conn_id;		/* the controller's connection */
 	__u32 mark;

@@ -8,6 +8,11 @@
  * or it returns the enum ctctl_reason that makes the packet a punt.  A
  * helper never guesses: whatever it cannot parse with certainty (fragments,
  * options, extension headers, inconsistent lengths) is software's.
+ *
+ * This is the only place that reads headers out of the packet: what the rule
+ * interpreter matches on and what the offload table is keyed by (addresses,
+ * ports, the ICMP echo identifier, type and code) is taken here, once, into
+ * struct ctctl_pkt; bpf/key.h turns it into the interpreter's key.
  */
 #ifndef CTCTL_PARSE_H
 #define CTCTL_PARSE_H
@@ -64,15 +69,38 @@ static __always_inline __u32 cursor_l3_remaining(struct cursor *c)
 	return off < c->l3_end ? c->l3_end - off : 0;
 }
 
-/* What the parsers learnt about a packet. */
+/*
+ * What the parsers learnt about a packet.  Addresses and ports stay in
+ * network order, as struct ctctl_tuple keeps them.
+ */
 struct ctctl_pkt {
+	__u32 src[4];		/* IPv4: src[0], the rest zero */
+	__u32 dst[4];
 	__u16 eth_proto;	/* host order, after at most one VLAN tag */
 	__u8 ip_version;	/* 4, 6, or 0 when not IP */
 	__u8 proto;		/* IP protocol */
 	__u32 l3_len;		/* IP total length, header included */
+	__u16 l3_off;		/* offsets from the start of the frame */
+	__u16 l4_off;
+	__be16 sport;		/* TCP/UDP ports; ICMP echo: identifier ... */
+	__be16 dport;		/* ... and the (type, code) bytes; other ICMP: 0 */
 	__u8 tcp_flags;
-	__u8 pad[3];
+	__u8 icmp_type;		/* ICMP/ICMPv6 only, 0 otherwise */
+	__u8 icmp_code;
+	__u8 l4_kind;		/* enum ctctl_l4_kind */
 };
+
+/* Which of sport/dport mean something for the tuple. */
+enum ctctl_l4_kind {
+	CTCTL_L4_PORTS = 1,	/* TCP, UDP: ports */
+	CTCTL_L4_ECHO = 2,	/* ICMP(v6) echo request/reply: id, type/code */
+	CTCTL_L4_ICMP = 3,	/* any other ICMP(v6): no tuple the table keys */
+};
+
+#define CTCTL_ICMP_ECHOREPLY 0
+#define CTCTL_ICMP_ECHO 8
+#define CTCTL_ICMPV6_ECHO_REQUEST 128
+#define CTCTL_ICMPV6_ECHO_REPLY 129
 
 struct vlan_hdr_ {
 	__be16 tci;
@@ -121,6 +149,9 @@ static __always_inline int parse_ipv4(struct cursor *c, struct ctctl_pkt *p)
 	p->ip_version = 4;
 	p->proto = iph->protocol;
 	p->l3_len = tot;
+	p->l3_off = cursor_offset(c);
+	p->src[0] = iph->saddr;
+	p->dst[0] = iph->daddr;
 	c->l3_end = cursor_offset(c) + tot;
 	c->pos = iph + 1;
 	return CTCTL_R_NONE;
@@ -142,6 +173,9 @@ static __always_inline int parse_ipv6(struct cursor *c, struct ctctl_pkt *p)
 	p->ip_version = 6;
 	p->proto = ip6h->nexthdr;
 	p->l3_len = tot;
+	p->l3_off = cursor_offset(c);
+	__builtin_memcpy(p->src, &ip6h->saddr, 16);
+	__builtin_memcpy(p->dst, &ip6h->daddr, 16);
 	c->l3_end = cursor_offset(c) + tot;
 	c->pos = ip6h + 1;
 	switch (p->proto) {
@@ -169,6 +203,7 @@ static __always_inline int parse_l4(struct cursor *c, struct ctctl_pkt *p)
 	/* The transport header must lie inside the IP packet, not its padding. */
 	__u32 room = cursor_l3_remaining(c);
 
+	p->l4_off = cursor_offset(c);
 	switch (p->proto) {
 	case IPPROTO_TCP: {
 		struct tcphdr *th = c->pos;
@@ -186,6 +221,9 @@ static __always_inline int parse_l4(struct cursor *c, struct ctctl_pkt *p)
 			return CTCTL_R_TRUNC_L4;
 		/* The flags byte follows the data offset byte. */
 		p->tcp_flags = ((__u8 *)th)[13];
+		p->sport = th->source;
+		p->dport = th->dest;
+		p->l4_kind = CTCTL_L4_PORTS;
 		c->pos += hlen;
 		return CTCTL_R_NONE;
 	}
@@ -194,14 +232,33 @@ static __always_inline int parse_l4(struct cursor *c, struct ctctl_pkt *p)
 
 		if (room < sizeof(*uh) || (void *)(uh + 1) > c->end)
 			return CTCTL_R_TRUNC_L4;
+		p->sport = uh->source;
+		p->dport = uh->dest;
+		p->l4_kind = CTCTL_L4_PORTS;
 		c->pos = uh + 1;
 		return CTCTL_R_NONE;
 	}
 	case IPPROTO_ICMP:
 	case IPPROTO_ICMPV6: {
 		/* Type, code, checksum and the id/sequence (or unused) word. */
+		__u8 *ic = c->pos;
+		__u8 echo_req = CTCTL_ICMP_ECHO, echo_rep = CTCTL_ICMP_ECHOREPLY;
+
 		if (room < 8 || c->pos + 8 > c->end)
 			return CTCTL_R_TRUNC_L4;
+		if (p->proto == IPPROTO_ICMPV6) {
+			echo_req = CTCTL_ICMPV6_ECHO_REQUEST;
+			echo_rep = CTCTL_ICMPV6_ECHO_REPLY;
+		}
+		p->icmp_type = ic[0];
+		p->icmp_code = ic[1];
+		p->l4_kind = CTCTL_L4_ICMP;
+		/* Only echo has an identifier conntrack keys on in both directions. */
+		if (ic[0] == echo_req || ic[0] == echo_rep) {
+			p->sport = *(__be16 *)(ic + 4);
+			p->dport = *(__be16 *)ic;	/* type, code as they lie */
+			p->l4_kind = CTCTL_L4_ECHO;
+		}
 		c->pos += 8;
 		return CTCTL_R_NONE;
 	}

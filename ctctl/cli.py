@@ -16,6 +16,8 @@ examples:
   ctctl filter add dev eth6 protocol ip parent ffff: chain 0 flower ct_state -trk action ct action goto chain 9
   ctctl filter show dev eth6 -s                # rules, in the syntax they were added, with counters
   ctctl conntrack -L                           # the connection table, as conntrack -L prints it
+  ctctl offload                                # the hardware's offload table
+  ctctl dump-flows                             # rules and entries with counters, ovs-dpctl style
   ctctl stats                                  # counters of the loaded box
   ctctl stats --json                           # the same, for scripts
   ctctl unload --name demo                     # stop it, or clean up after a crash
@@ -127,9 +129,13 @@ def cmd_filter(args) -> int:
 
 def cmd_conntrack(args) -> int:
     try:
-        lines = control.request(_box_name(args), "conntrack")["lines"]
+        reply = control.request(_box_name(args), "conntrack")
     except control.ControlError as e:
         return _die(str(e))
+    lines = reply["lines"]
+    if args.output == "id":
+        # As `conntrack -L -o id`: the id `ctctl offload add|del` takes.
+        lines = [f"{line} id={i}" for line, i in zip(lines, reply["ids"])]
     if args.json:
         json.dump(lines, sys.stdout, indent=2)
         print()
@@ -138,6 +144,46 @@ def cmd_conntrack(args) -> int:
         print(line)
     # conntrack(8) prints its summary on stderr, so scripts can read stdout.
     print(f"ctctl conntrack: {len(lines)} flow entries have been shown.", file=sys.stderr)
+    return 0
+
+
+def cmd_offload(args) -> int:
+    from ctctl import report
+
+    if args.action in ("add", "del") and args.id is None:
+        return _die(f"offload {args.action} needs a connection id (ctctl conntrack -L -o id)", 2)
+    try:
+        reply = control.request(_box_name(args), "offload", action=args.action, id=args.id)
+    except control.ControlError as e:
+        return _die(str(e))
+    if args.action != "list":
+        print(f"ctctl: connection {args.id} {'offloaded' if args.action == 'add' else 'back in software'}")
+        return 0
+    if args.json:
+        json.dump(reply, sys.stdout, indent=2)
+        print()
+    else:
+        print(report.format_offload(reply))
+    return 0
+
+
+def cmd_events(args) -> int:
+    try:
+        lines = control.request(_box_name(args), "events")["lines"]
+    except control.ControlError as e:
+        return _die(str(e))
+    for line in lines:
+        print(line)
+    return 0
+
+
+def cmd_dump_flows(args) -> int:
+    try:
+        lines = control.request(_box_name(args), "dump-flows")["lines"]
+    except control.ControlError as e:
+        return _die(str(e))
+    for line in lines:
+        print(line)
     return 0
 
 
@@ -217,8 +263,31 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("conntrack", help="the box's connection table, as conntrack -L prints it")
     s.add_argument("-L", "--dump", action="store_true", default=True, help="list entries (the default)")
     s.add_argument("--name", "-n", help="box name (default: the only loaded box)")
+    s.add_argument("-o", "--output", choices=["id"], help="id: add each entry's id (for ctctl offload)")
     s.add_argument("--json", action="store_true", help="a JSON list of the lines")
     s.set_defaults(func=cmd_conntrack)
+
+    s = sub.add_parser("events", help="the box's recent conntrack events (as conntrack -E) and offload decisions")
+    s.add_argument("--name", "-n", help="box name (default: the only loaded box)")
+    s.set_defaults(func=cmd_events)
+
+    s = sub.add_parser("offload", help="the hardware's offload table; put a connection in or out by hand",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  ctctl offload                 # list hardware entries, both directions\n"
+                              "  ctctl offload --json\n"
+                              "  ctctl conntrack -L -o id      # find a connection's id\n"
+                              "  ctctl offload del 7           # back to software (counters folded)\n"
+                              "  ctctl offload add 7           # into hardware, policy or not\n")
+    s.add_argument("action", nargs="?", choices=["list", "add", "del"], default="list")
+    s.add_argument("id", nargs="?", type=int, help="connection id (add, del)")
+    s.add_argument("--name", "-n", help="box name (default: the only loaded box)")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_offload)
+
+    s = sub.add_parser("dump-flows", help="hardware rules and offloaded entries with counters, "
+                                          "in the style of ovs-dpctl dump-flows")
+    s.add_argument("--name", "-n", help="box name (default: the only loaded box)")
+    s.set_defaults(func=cmd_dump_flows)
 
     s = sub.add_parser("topo", help="create or destroy a box namespace with hosts on veth pairs")
     s.add_argument("action", choices=["create", "destroy"])

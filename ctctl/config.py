@@ -25,6 +25,8 @@ KEYS = {
     "ports": "list of interfaces",
     "forward": "static port map",
     "rules": "tc filter lines",
+    "hardware": "hardware capabilities",
+    "offload": "offload policy",
     "perf_pages": "perf buffer pages per CPU",
 }
 REQUIRED = ("name", "netns", "ports")
@@ -42,6 +44,8 @@ class BoxConfig:
     ports: list[str]
     forward: dict[str, str] = field(default_factory=dict)
     rules: list | None = None          # list[ctctl.rules.Filter] when given
+    hardware: object = None            # ctctl.caps.HwCaps
+    offload: object = None             # ctctl.offload.OffloadPolicy
     perf_pages: int = 2048
     # key -> (key node, value node): positions for check_system's errors
     nodes: dict = field(default_factory=dict, repr=False, compare=False)
@@ -114,6 +118,8 @@ def parse(text: str, path: str = "<config>") -> BoxConfig:
             raise ConfigError(_where(path, seen["rules"][0]), "rules and forward exclude each other: "
                               "the rules decide where packets go")
         cfg.rules = _rules(path, seen["rules"][1], ports)
+    cfg.hardware = _hardware(path, seen.get("hardware"))
+    cfg.offload = _offload(path, seen.get("offload"))
     if "perf_pages" in seen:
         n = seen["perf_pages"][1]
         pages = _scalar(path, n, int, "perf_pages")
@@ -139,6 +145,34 @@ def _rules(path: str, node, ports: list[str]) -> list:
                 raise ConfigError(_where(path, item), f"{what} {dev!r} is not a port of the box "
                                                       f"(ports: {', '.join(ports)})")
     return filters
+
+
+def _mapping(path: str, node, what: str) -> dict:
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError(_where(path, node), f"{what} must be a mapping")
+    return yaml.safe_load(yaml.serialize(node)) or {}
+
+
+def _hardware(path: str, node):
+    from ctctl.caps import HwCaps
+
+    if node is None:
+        return HwCaps()
+    try:
+        return HwCaps.from_config(_mapping(path, node, "hardware"), _where(path, node))
+    except ValueError as e:
+        raise ConfigError(_where(path, node), str(e)) from None
+
+
+def _offload(path: str, node):
+    from ctctl.offload import OffloadPolicy
+
+    if node is None:
+        return OffloadPolicy()
+    try:
+        return OffloadPolicy.from_config(_mapping(path, node, "offload"))
+    except ValueError as e:
+        raise ConfigError(_where(path, node), str(e)) from None
 
 
 def check_system(cfg: BoxConfig, path: str = "<config>") -> None:

@@ -54,6 +54,19 @@ def remove_state(name: str) -> None:
             pass
 
 
+def pid_alive(pid) -> bool:
+    """Does the process the state file names still run?"""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)   # signal 0: a check, delivers nothing
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def boxes() -> list[str]:
     if not RUN_DIR.is_dir():
         return []

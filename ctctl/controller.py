@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections import deque
 import signal
 import threading
 import time
@@ -23,8 +24,10 @@ from dataclasses import asdict
 
 from ctctl import abi, control
 from ctctl.config import BoxConfig
-from ctctl.conntrack import ConnTracker, format_conntrack
-from ctctl.pipeline import Pipeline
+from ctctl.conntrack import ConnTracker, format_conntrack, format_event
+from ctctl.device import Device
+from ctctl.offload import OffloadManager
+from ctctl.pipeline import Pipeline, Resume
 from ctctl.rules import (AddCommand, MirredAction, RuleSet, RuleSyntaxError, execute, format_filter,
                          parse_command)
 from ctctl.loader import Datapath, LoadError
@@ -32,6 +35,9 @@ from ctctl.punts import Punt, PuntReader
 from ctctl.transmit import Transmitter
 
 POLL_MS = 100
+# Punts that carry a resume point; the others (parse failures, a port
+# without rules) start at chain 0.
+RESUMABLE = {abi.Reason.CT_MISS, abi.Reason.CT_FLAGS, abi.Reason.TRAP, abi.Reason.NO_MATCH}
 SWEEP_EVERY_S = 1.0   # conntrack's periodic sweep, besides lazy expiry on lookup
 
 
@@ -55,6 +61,12 @@ class Controller:
         self.tracker = ConnTracker(clock=clock)
         self.ruleset = RuleSet(cfg.rules) if cfg.rules is not None else None
         self.pipeline = Pipeline(self.ruleset, self.tracker, cfg.ports) if self.ruleset is not None else None
+        self.device: Device | None = None
+        self.offload: OffloadManager | None = None
+        # The last events, conntrack -E style, with the offload decisions
+        # between them: a connection's life as `ctctl events` shows it.
+        self.events: deque[str] = deque(maxlen=4096)
+        self.tracker.subscribe(lambda ev, conn: self.events.append(format_event(ev, conn, self.clock())))
         # The control thread changes rules while the data path runs them.
         self.lock = threading.Lock()
 
@@ -76,9 +88,14 @@ class Controller:
                 self.drops["no_route"] += 1
                 return
         else:
+            # Continue where the hardware stopped, with what it restored;
+            # a packet it could not parse starts from the beginning.
+            resume = Resume.from_punt(punt.hdr) if punt.hdr.reason in RESUMABLE else None
             try:
                 with self.lock:
-                    v = self.pipeline.process(punt.frame, in_port)
+                    v = self.pipeline.process(punt.frame, in_port, resume)
+                    if self.offload is not None and v.cts:
+                        self.offload.after_packet([c.result.conn for c in v.cts if c.result])
             except Exception as e:  # a bug must cost one packet, not the box
                 self.drops["error_" + type(e).__name__] += 1
                 return
@@ -110,6 +127,7 @@ class Controller:
             },
             "pipeline": dict(self.pipeline.counters) if self.pipeline else None,
             "conntrack": {"entries": len(self.tracker)},
+            "offload": self.offload.stats() if self.offload else None,
             "ports": {
                 p: {"rx_packets": self.rx[p], "rx_bytes": self.rx_bytes[p],
                     "tx_packets": self.tx_pkts[p], "tx_bytes": self.tx_bytes[p]}
@@ -130,9 +148,50 @@ class Controller:
             return self.filter_command(str(req.get("line", "")))
         if op == "conntrack":
             with self.lock:
+                if self.offload:
+                    self.offload.sync()
                 now = self.clock()
-                return {"lines": [format_conntrack(c, now) for c in self.tracker.entries()]}
-        raise control.ControlError(f"unknown request {op!r} (stats, ping, stop, filter, conntrack)")
+                conns = self.tracker.entries()
+                return {"lines": [format_conntrack(c, now) for c in conns], "ids": [c.id for c in conns]}
+        if op == "offload":
+            return self.offload_command(req)
+        if op == "events":
+            with self.lock:
+                return {"lines": list(self.events)}
+        if op == "dump-flows":
+            from ctctl.dumpflows import dump_flows
+            with self.lock:
+                if self.offload:
+                    self.offload.sync()
+                return {"lines": dump_flows(self)}
+        raise control.ControlError(f"unknown request {op!r} "
+                                   "(stats, ping, stop, filter, conntrack, offload, dump-flows)")
+
+    def offload_command(self, req: dict) -> dict:
+        """List the hardware entries, or put a connection in or out by hand."""
+        if self.offload is None:
+            raise control.ControlError(f"box {self.cfg.name!r} has no offload (it runs `forward:`)")
+        action = req.get("action", "list")
+        with self.lock:
+            if action == "list":
+                self.offload.sync()
+                return {"flows": [flow_record(k, f, self.tracker) for k, f in self.device.read_flows()],
+                        "pending": [c.id for c in self.offload.pending]}
+            conn = next((c for c in self.tracker.entries() if c.id == req.get("id")), None)
+            if conn is None:
+                raise control.ControlError(f"no connection with id {req.get('id')!r} (ctctl conntrack -L)")
+            if action == "add":
+                if conn.id in self.offload.hw:
+                    raise control.ControlError(f"connection {conn.id} is already in hardware")
+                if not self.offload.offload(conn):
+                    raise control.ControlError(f"hardware table full: connection {conn.id} is pending")
+                return {"added": conn.id}
+            if action == "del":
+                if conn.id not in self.offload.hw:
+                    raise control.ControlError(f"connection {conn.id} is not in hardware")
+                self.offload.remove(conn, "by_hand")
+                return {"removed": conn.id}
+        raise control.ControlError(f"offload: unknown action {action!r} (list, add, del)")
 
     def filter_command(self, line: str) -> dict:
         """One `filter add|del|show` line.  A refused line changes nothing:
@@ -150,6 +209,8 @@ class Controller:
                                           f"(ports: {', '.join(self.cfg.ports)})", col, dev)
         with self.lock:
             out = execute(self.ruleset, line)
+            if out.verb != "show" and self.device is not None:
+                self.device.install(self.ruleset)   # ndo_setup_tc
         return {"verb": out.verb, "lines": out.lines,
                 "filters": [format_filter(f) for f in out.filters]}
 
@@ -160,7 +221,7 @@ class Controller:
     def run(self, on_ready=None) -> None:
         name = self.cfg.name
         old = control.read_state(name)
-        if old and _alive(old.get("pid")):
+        if old and control.pid_alive(old.get("pid")):
             raise LoadError(f"box {name!r} is already loaded by pid {old['pid']}")
         if old:
             raise LoadError(f"box {name!r} left state behind (pid {old.get('pid')} is gone): "
@@ -168,12 +229,19 @@ class Controller:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         server = None
         try:
-            with Datapath(name, self.cfg.netns, self.cfg.ports) as dp:
+            with Datapath(name, self.cfg.netns, self.cfg.ports, self.cfg.hardware.table_size) as dp:
                 self.dp = dp
                 # Reader and sockets first: the first packet after attach
                 # already finds someone listening.
                 self.reader = PuntReader(dp.bpf, self.handle, page_cnt=self.cfg.perf_pages)
                 self.transmitter = Transmitter(self.cfg.netns, self.cfg.ports)
+                if self.ruleset is not None:
+                    # The rules are in the hardware before its first packet.
+                    self.device = Device(dp.bpf, dp.ifindexes(), self.cfg.hardware)
+                    self.device.set_caps()
+                    self.device.install(self.ruleset)
+                    self.offload = OffloadManager(self.tracker, self.device, self.cfg.offload, self.clock,
+                                                  notify=lambda t: self.events.append(f"   [HW] {t}"))
                 try:
                     dp.attach()
                 finally:
@@ -193,6 +261,8 @@ class Controller:
                     self.reader.poll(POLL_MS)
                     if self.clock() >= next_sweep:
                         with self.lock:
+                            if self.offload:
+                                self.offload.sync()   # hardware last-used first: no early expiry
                             self.tracker.sweep()
                         next_sweep = self.clock() + SWEEP_EVERY_S
         finally:
@@ -206,6 +276,25 @@ class Controller:
                 signal.signal(s, h)
 
 
+def flow_record(key, flow, tracker) -> dict:
+    """One hardware entry for `ctctl offload --json`."""
+    import ipaddress
+
+    n = 4 if key.l3 == 4 else 16
+    addr = (lambda b: str(ipaddress.ip_address(bytes(b)[:n])))
+    rec = {"zone": key.zone, "l3": key.l3, "proto": key.proto, "src": addr(key.src), "dst": addr(key.dst),
+           "sport": int.from_bytes(key.sport.to_bytes(2, "little"), "big"),
+           "dport": int.from_bytes(key.dport.to_bytes(2, "little"), "big"),
+           "dir": "reply" if flow.dir else "original", "conn_id": flow.conn_id,
+           "packets": flow.packets, "bytes": flow.bytes, "last_used_ns": flow.last_used_ns,
+           "ct_state": int(flow.ct_state), "mark": flow.mark}
+    if flow.nat & abi.Nat.SRC:
+        rec["nat_src"] = f"{addr(flow.nat_src)}:{int.from_bytes(flow.nat_sport.to_bytes(2, 'little'), 'big')}"
+    if flow.nat & abi.Nat.DST:
+        rec["nat_dst"] = f"{addr(flow.nat_dst)}:{int.from_bytes(flow.nat_dport.to_bytes(2, 'little'), 'big')}"
+    return rec
+
+
 def program_stats(prog: list[int]) -> dict:
     """The program's counter array as the stats report names it."""
     return {
@@ -214,17 +303,11 @@ def program_stats(prog: list[int]) -> dict:
         "punted": prog[abi.Counter.PUNT],
         "perf_lost": prog[abi.Counter.PERF_LOST],
         "too_big": prog[abi.Counter.TOO_BIG],
+        "ct_hits": prog[abi.Counter.CT_HIT],
+        "redirected": prog[abi.Counter.REDIRECT],
+        "dropped": prog[abi.Counter.DROP],
+        "passed": prog[abi.Counter.PASS],
+        "goto_loop": prog[abi.Counter.GOTO_LOOP],
+        "nat": prog[abi.Counter.NAT],
         "punts_by_reason": {r.label: prog[r] for r in abi.Reason if r and prog[r]},
     }
-
-
-def _alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

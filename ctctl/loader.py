@@ -22,8 +22,9 @@ from ctctl import abi
 PROGRAM = abi.BPF_DIR / "ctctl.c"
 FUNCTION = b"ctctl_ingress"
 PIN_ROOT = Path("/sys/fs/bpf/ctctl")
-# Maps pinned for tools that read the data path without the controller.
-PINNED_MAPS = ("counters",)
+# Maps pinned for tools that read the data path without the controller:
+# its counters, and the "hardware" tables the driver writes (bpf/maps.h).
+PINNED_MAPS = ("counters", "chains", "flows", "rule_stats", "hw_config")
 
 INGRESS = "ffff:fff2"
 # Our filter's priority on clsact ingress.  A fixed, unusual value makes
@@ -43,6 +44,16 @@ class Attachment:
     created_qdisc: bool
 
 
+def flow_table_cflags(size: int | None) -> list[str]:
+    """The -D that sizes the offload table (`flows`), checked here so that
+    a bad size is a LoadError, not a compiler message."""
+    if size is None:
+        return []
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise LoadError(f"flow table size must be a positive integer, not {size!r}")
+    return [f"-DCTCTL_FLOW_TABLE_SIZE={size}"]
+
+
 def compile_program(extra_cflags: list[str] | None = None):
     """Compile bpf/ctctl.c; returns the bcc.BPF object."""
     from bcc import BPF  # imported late: unit tests run without BCC
@@ -57,7 +68,7 @@ def compile_program(extra_cflags: list[str] | None = None):
 def source_text() -> str:
     """The C source as BCC sees it, for `ctctl load --ebpf`."""
     parts = []
-    for name in ("ctctl_abi.h", "parse.h", "maps.h", "ctctl.c"):
+    for name in ("ctctl_abi.h", "parse.h", "key.h", "maps.h", "nat.h", "rules.h", "ctctl.c"):
         parts.append(f"/* ---- bpf/{name} ---- */\n" + (abi.BPF_DIR / name).read_text())
     return "\n".join(parts)
 
@@ -73,8 +84,10 @@ def _pin(fd: int, path: Path) -> None:
 class Datapath:
     """The program attached to clsact ingress of `ports` inside `netns`."""
 
-    def __init__(self, name: str, netns: str, ports: list[str]):
+    def __init__(self, name: str, netns: str, ports: list[str],
+                 flow_table_size: int | None = None):
         self.name = name
+        self.flow_table_size = flow_table_size
         self.netns = netns
         self.ports = list(ports)
         self.bpf = None
@@ -101,8 +114,20 @@ class Datapath:
             raise LoadError(
                 f"{self.pin_dir} exists: a box named {self.name!r} is loaded "
                 f"(or was not unloaded: `ctctl unload --name {self.name}`)")
-        self.bpf = compile_program()
+        self.bpf = compile_program(flow_table_cflags(self.flow_table_size))
         self._pin_maps()
+
+    def ifindexes(self) -> dict[str, int]:
+        """The ports' ifindexes in the box namespace (before attaching: the
+        driver writes rules keyed by them)."""
+        out = {}
+        with IPRoute(netns=self.netns) as ipr:
+            for port in self.ports:
+                idx = ipr.link_lookup(ifname=port)
+                if not idx:
+                    raise LoadError(f"port {port!r}: no such interface in netns {self.netns!r}")
+                out[port] = idx[0]
+        return out
 
     def attach(self) -> None:
         fn = self.bpf.load_func(FUNCTION, self.bpf.SCHED_CLS)

@@ -42,7 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from ctctl.abi import CtState, Done
+from ctctl.abi import MAX_HOPS, RESUME_MATCH, CtState, Done
 from ctctl.conntrack import Conn, ConnTracker, CtResult, NatSpec, Status, tuple_of
 from ctctl.conntrack.nat import rewrite
 from ctctl.packet import Packet, ParseError, parse
@@ -53,7 +53,7 @@ from ctctl.rules import (
 
 # Gotos one packet may take.  The hardware interpreter must stop at the same
 # number (the kernel's own reclassify limit is 16).
-MAX_GOTO_HOPS = 8
+MAX_GOTO_HOPS = MAX_HOPS
 
 _NAT_STATUS = Status.SRC_NAT | Status.DST_NAT
 
@@ -76,7 +76,11 @@ class CtMeta:
 
 @dataclass(frozen=True)
 class Resume:
-    """Where software continues a packet the hardware could not finish."""
+    """Where software continues a packet the hardware could not finish.
+
+    `action` is the index of the action to run next in rule `rule` of
+    `chain`; RESUME_MATCH instead means the hardware did not decide whether
+    that rule matches: software matches from rule `rule` on."""
 
     chain: int
     rule: int
@@ -220,19 +224,26 @@ class Pipeline:
         v = Verdict("drop", pkt)
         meta = CtMeta()
         outcome = None
-        chain, rule = 0, 0
+        chain, first = 0, 0   # where the next chain scan starts
         if resume is not None:
-            chain, rule = resume.chain, resume.rule
+            chain = resume.chain
             v.hops = resume.hops
             meta = CtMeta(CtState(resume.ct_state), resume.zone, resume.mark, resume.label)
             filters = self.ruleset.chain(in_dev, chain)
-            if rule >= len(filters) or resume.action > len(filters[rule].actions):
-                v.reason = "stale_resume"
-                return self._end(v, meta)
-            f = filters[rule]
-            self._restore(pkt, meta, resume, f)
-            v.trace.append(Step(chain, rule, f, resumed=True))
-            outcome = self._run_actions(f, resume.action, pkt, meta, v)
+            if resume.action == RESUME_MATCH:
+                if resume.rule > len(filters):
+                    v.reason = "stale_resume"
+                    return self._end(v, meta)
+                first = resume.rule
+            else:
+                rule = resume.rule
+                if rule >= len(filters) or resume.action > len(filters[rule].actions):
+                    v.reason = "stale_resume"
+                    return self._end(v, meta)
+                f = filters[rule]
+                self._restore(pkt, meta, resume, f)
+                v.trace.append(Step(chain, rule, f, resumed=True))
+                outcome = self._run_actions(f, resume.action, pkt, meta, v)
 
         while outcome is None or isinstance(outcome, GotoAction):
             if isinstance(outcome, GotoAction):
@@ -240,10 +251,10 @@ class Pipeline:
                     v.kind, v.reason = "drop", "goto_loop"
                     return self._end(v, meta)
                 v.hops += 1
-                chain = outcome.chain
+                chain, first = outcome.chain, 0
             filters = self.ruleset.chain(in_dev, chain)
             hit = None
-            for i, f in enumerate(filters):
+            for i, f in enumerate(filters[first:], first):
                 if not f.skip_sw and flower_matches(f, pkt, meta):
                     hit = i
                     break

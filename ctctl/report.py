@@ -32,3 +32,21 @@ def format_stats(s: dict) -> str:
     for p, c in s["ports"].items():
         out.append(f"{p:<10}{c['rx_packets']:>12}{c['rx_bytes']:>14}{c['tx_packets']:>12}{c['tx_bytes']:>14}")
     return "\n".join(out)
+
+
+def _proto(n: int) -> str:
+    return {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}.get(n, str(n))
+
+
+def format_offload(reply: dict) -> str:
+    """The hardware table, one line per direction."""
+    flows = reply["flows"]
+    out = []
+    for f in sorted(flows, key=lambda f: (f["conn_id"], f["dir"] != "original")):
+        nat = "".join(f" {k}={f[k]}" for k in ("nat_src", "nat_dst") if k in f)
+        out.append(f"{_proto(f['proto']):<7} zone={f['zone']} src={f['src']} dst={f['dst']} "
+                   f"sport={f['sport']} dport={f['dport']} {f['dir']:<8} conn={f['conn_id']} "
+                   f"packets={f['packets']} bytes={f['bytes']}{nat}")
+    out.append(f"{len(flows)} hardware entries ({len(flows) // 2} connections), "
+               f"{len(reply['pending'])} pending")
+    return "\n".join(out)

@@ -31,8 +31,8 @@ class PingResult:
         return self.sent > 0 and self.received == self.sent
 
 
-def ping(ns: str, addr: str, count: int = 5, timeout: float = 30) -> PingResult:
-    r = ns_exec(ns, "ping", "-c", str(count), "-i", "0.2", "-W", "5", addr,
+def ping(ns: str, addr: str, count: int = 5, timeout: float = 30, interval: float = 0.2) -> PingResult:
+    r = ns_exec(ns, "ping", "-c", str(count), "-i", str(interval), "-W", "5", addr,
                 capture_output=True, text=True, timeout=timeout)
     m = re.search(r"(\d+) packets transmitted, (\d+) received", r.stdout)
     return PingResult(int(m[1]), int(m[2])) if m else PingResult(count, 0)
@@ -126,7 +126,8 @@ class UdpResult:
 
 
 def udp_exchange(client_ns: str, server_ns: str, server_addr: str, count: int = 20,
-                 port: int = 5002, timeout: float = 60) -> UdpResult:
+                 port: int = 5002, timeout: float = 60, interval: float = 0.0,
+                 paced: int | None = None) -> UdpResult:
     """`count` datagrams from client to a UDP echo server, each echoed back
     and checked; each one is retried if lost (a lost punt would show in the
     counters, not as a failed exchange)."""
@@ -137,7 +138,9 @@ def udp_exchange(client_ns: str, server_ns: str, server_addr: str, count: int = 
         wait_until(lambda: listening(server_ns, "udp", port) or server.poll() is not None,
                    30, f"the UDP echo server on {server_ns}:{port}")
         r = ns_exec(client_ns, *me, "udp-echo-client", server_addr, "--port", str(port),
-                    "--count", str(count), capture_output=True, text=True, timeout=timeout)
+                    "--count", str(count), "--interval", str(interval),
+                    "--paced", str(count if paced is None else paced),
+                    capture_output=True, text=True, timeout=timeout)
         m = re.search(r"echoed (\d+)/(\d+)", r.stdout)
         return UdpResult(int(m[2]), int(m[1])) if m else UdpResult(count, 0)
     finally:
@@ -162,13 +165,16 @@ def _udp_server(port: int, count: int) -> int:
     return 0
 
 
-def _udp_client(addr: str, port: int, count: int) -> int:
+def _udp_client(addr: str, port: int, count: int, interval: float = 0.0, paced: int | None = None) -> int:
     fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
     echoed = 0
     with socket.socket(fam, socket.SOCK_DGRAM) as s:
         s.connect((addr, port))
         s.settimeout(1.0)
         for i in range(count):
+            if interval and 0 < i < (count if paced is None else paced):
+                # The traffic's own pacing (a flow that lasts), not a wait.
+                time.sleep(interval)
             msg = f"ctctl-udp-{i}-".encode() + os.urandom(16).hex().encode()
             for _attempt in range(5):
                 s.send(msg)
@@ -193,10 +199,12 @@ def main(argv=None) -> int:
     c.add_argument("addr")
     c.add_argument("--port", type=int, default=5002)
     c.add_argument("--count", type=int, default=20)
+    c.add_argument("--interval", type=float, default=0.0, help="seconds between datagrams")
+    c.add_argument("--paced", type=int, default=None, help="pace only the first N datagrams, then burst")
     a = p.parse_args(argv)
     if a.cmd == "udp-echo-server":
         return _udp_server(a.port, a.count)
-    return _udp_client(a.addr, a.port, a.count)
+    return _udp_client(a.addr, a.port, a.count, a.interval, a.paced)
 
 
 if __name__ == "__main__":

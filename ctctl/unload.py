@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 from ctctl import control, loader
-from ctctl.controller import _alive
 
 
 def unload(name: str, timeout: float = 10.0) -> list[str]:
@@ -23,13 +22,13 @@ def unload(name: str, timeout: float = 10.0) -> list[str]:
             return [f"box {name}: no controller state; removed pins {pin_dir}"]
         raise control.ControlError(f"box {name!r} is not loaded")
     pid = state.get("pid")
-    if _alive(pid):
+    if control.pid_alive(pid):
         try:
             control.request(name, "stop", timeout=timeout)
         except control.ControlError as e:
             raise control.ControlError(f"box {name!r}: controller pid {pid} runs but does not answer ({e})")
         deadline = time.monotonic() + timeout
-        while _alive(pid) and control.read_state(name) is not None:
+        while control.pid_alive(pid) and control.read_state(name) is not None:
             if time.monotonic() > deadline:
                 raise control.ControlError(f"box {name!r}: controller pid {pid} did not stop within {timeout:g} s")
             time.sleep(0.05)

@@ -268,6 +268,14 @@ class ConnTracker:
         else:
             conn._st &= ~_S.FIXED_TIMEOUT
 
+    def set_liberal(self, conn: Conn) -> None:
+        """Stop window checks on a TCP connection in both directions, as
+        act_ct does when it offloads one: the segments the hardware handles
+        never reach the tracker, so its windows go stale."""
+        if conn.tcp is not None:
+            for seen in conn.tcp.seen:
+                seen.flags |= tcpmod.F_BE_LIBERAL
+
     def set_status(self, conn: Conn, bits: Status, on: bool = True) -> None:
         """Set or clear status bits (e.g. OFFLOAD) with an UPDATE event."""
         old = conn._st

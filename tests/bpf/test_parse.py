@@ -201,8 +201,10 @@ def check_one_punt(res: Result, frame: bytes, reason: Reason, ifindex: int = LO_
     assert h.pkt_len == len(frame)
     assert bytes(p.frame) == frame
     assert h.ifindex == ifindex
-    # A punt from the parser: nothing done, resume at the very start.
-    assert (h.done, h.chain, h.rule, h.action, h.zone, h.ct_state, h.hops, h.mark, h.vlan_proto, h.vlan_tci) == (0,) * 10
+    # A punt from the parser (or from a port without offloaded rules):
+    # nothing done, resume at the very start, by matching chain 0 from rule 0.
+    assert h.action == abi.RESUME_MATCH
+    assert (h.done, h.chain, h.rule, h.zone, h.ct_state, h.hops, h.mark, h.vlan_proto, h.vlan_tci) == (0,) * 9
     assert bytes(h.label) == bytes(16)
     assert h.tstamp_ns > 0
     assert res.counters == expected_counters(len(frame), reason)
@@ -298,8 +300,10 @@ def test_random_and_mutated_frames_never_make_the_program_fail(harness):
         assert bytes(p.frame) == frame and p.hdr.pkt_len == len(frame), frame.hex()
         assert res.counters == expected_counters(len(frame), p.reason), frame.hex()
         seen[p.reason] = seen.get(p.reason, 0) + 1
-    # The corpus reaches every reason but NONE, else it proves little.
-    assert set(seen) == set(Reason) - {Reason.NONE}, seen
+    # The corpus reaches every reason but NONE, else it proves little; the
+    # interpreter's reasons need offloaded rules (tests/bpf/test_interpreter.py).
+    interpreter = {Reason.CT_MISS, Reason.CT_FLAGS, Reason.TRAP, Reason.NO_MATCH}
+    assert set(seen) == set(Reason) - {Reason.NONE} - interpreter, seen
     assert sum(seen.values()) > 4000, (seen, refused)
     print(f"punted {sum(seen.values())} ({ {r.label: n for r, n in seen.items()} }), refused {refused}")
 

@@ -1,0 +1,150 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * The rule interpreter's view of one packet: its key, its ct metadata so
+ * far, and where in the rules it stands.
+ *
+ * Contract: state_reset() makes a state that punts "at the very start"
+ * (chain 0, rule 0, RESUME_MATCH, nothing done); state_load() fills the key
+ * from what bpf/parse.h found, with all-zero ct metadata.  From then on the
+ * key is changed only by NAT (bpf/nat.h) and the ct metadata only by the ct
+ * actions (bpf/rules.h), so a later match sees the packet as it is now.
+ *
+ * The key is laid out as struct ctctl_match so that a rule's masked match
+ * is eight 64-bit (value ^ key) & mask words, with no per-field code.
+ *
+ * The state lives in a per-CPU scratch map (bpf/maps.h), not on the stack:
+ * values the verifier reads back from a map are unknown to it, so the paths
+ * through the interpreter that differ only in what they wrote there (which
+ * rule matched, which NAT ran) look the same to it and are verified once.
+ * That is what keeps 64 rules x 9 chains within its complexity limit.
+ */
+#ifndef CTCTL_KEY_H
+#define CTCTL_KEY_H
+
+#include <uapi/linux/bpf.h>
+
+#include "ctctl_abi.h"
+#include "parse.h"
+
+struct ctctl_state {
+	struct ctctl_match key;		/* the packet's fields and ct metadata */
+	struct ctctl_tuple tuple;	/* the offload table key, built at a ct action */
+	struct ctctl_chain_key ck;	/* the chains key, built at each hop */
+	__be16 sport;			/* as struct ctctl_pkt */
+	__be16 dport;
+	__u16 l3_off;
+	__u16 l4_off;
+	__u8 l3;			/* 4 or 6 */
+	__u8 l4_kind;			/* enum ctctl_l4_kind */
+	__u8 tcp_flags;
+	__u8 hops;			/* goto chain hops taken */
+	/* Where NAT fixes the transport checksum (bpf/nat.h), found once. */
+	__u16 csum_off;
+	__u8 csum_pseudo;		/* the checksum covers the addresses */
+	__u8 csum_flags;		/* extra l4_csum_replace flags: BPF_F_MARK_MANGLED_0 */
+	/* Where the packet stands; a punt's resume point. */
+	__u32 chain;
+	__u16 rule;
+	__u16 action;
+	__u16 reason;			/* enum ctctl_reason, for a punt */
+	__u16 done;			/* enum ctctl_done */
+	__u32 l3_len;			/* IP total length: the bytes conntrack counts */
+};
+
+static __always_inline void state_reset(struct ctctl_state *st)
+{
+	__builtin_memset(&st->key, 0, sizeof(st->key));
+	st->hops = 0;
+	st->chain = 0;
+	st->rule = 0;
+	st->action = CTCTL_RESUME_MATCH;
+	st->reason = CTCTL_R_NONE;
+	st->done = 0;
+}
+
+static __always_inline void state_load(struct ctctl_state *st, const struct ctctl_pkt *p)
+{
+	__builtin_memcpy(st->key.src, p->src, 16);
+	__builtin_memcpy(st->key.dst, p->dst, 16);
+	st->key.eth_proto = p->eth_proto;
+	st->key.ip_proto = p->proto;
+	st->key.icmp_type = p->icmp_type;
+	st->key.icmp_code = p->icmp_code;
+	st->sport = p->sport;
+	st->dport = p->dport;
+	st->l3_off = p->l3_off;
+	st->l4_off = p->l4_off;
+	st->l3_len = p->l3_len;
+	st->l3 = p->ip_version;
+	st->l4_kind = p->l4_kind;
+	st->tcp_flags = p->tcp_flags;
+	st->csum_pseudo = 1;
+	st->csum_flags = 0;
+	switch (p->proto) {
+	case IPPROTO_TCP:
+		st->csum_off = p->l4_off + 16;
+		break;
+	case IPPROTO_UDP:
+		/* A UDP checksum of 0 (IPv4: "none") must stay 0. */
+		st->csum_off = p->l4_off + 6;
+		st->csum_flags = BPF_F_MARK_MANGLED_0;
+		break;
+	case IPPROTO_ICMP:
+		st->csum_off = p->l4_off + 2;
+		st->csum_pseudo = 0;
+		break;
+	default: /* ICMPv6 */
+		st->csum_off = p->l4_off + 2;
+		break;
+	}
+}
+
+/* A port range of a rule that does not restrict: 0-65535 twice. */
+#define CTCTL_ANY_PORTS 0xffff0000ffff0000ULL
+
+/*
+ * Does rule r match the packet?  Every byte of the key under the rule's
+ * mask, then the port ranges: a packet without ports (ICMP) matches only a
+ * rule whose ranges are the whole 0-65535, as flower's dissector has no
+ * port key to compare for it.
+ */
+static __always_inline int rule_matches(const struct ctctl_rule *r, const struct ctctl_state *st)
+{
+	const __u64 *v = (const __u64 *)&st->key;
+	const __u64 *k = (const __u64 *)&r->key;
+	const __u64 *m = (const __u64 *)&r->mask;
+	__u64 diff = 0;
+	__u16 sp, dp;
+
+#pragma unroll
+	for (int i = 0; i < sizeof(struct ctctl_match) / 8; i++)
+		diff |= (v[i] ^ k[i]) & m[i];
+	if (diff)
+		return 0;
+	if (st->l4_kind != CTCTL_L4_PORTS)
+		return *(const __u64 *)&r->sport_min == CTCTL_ANY_PORTS;
+	sp = bpf_ntohs(st->sport);
+	dp = bpf_ntohs(st->dport);
+	return sp >= r->sport_min && sp <= r->sport_max &&
+	       dp >= r->dport_min && dp <= r->dport_max;
+}
+
+/*
+ * The offload table key of the packet as it is now, in `zone`.  Only
+ * packets with a tuple the table can hold have one: TCP/UDP and ICMP echo.
+ */
+static __always_inline int state_tuple(struct ctctl_state *st, __u16 zone)
+{
+	if (st->l4_kind != CTCTL_L4_PORTS && st->l4_kind != CTCTL_L4_ECHO)
+		return -1;
+	__builtin_memcpy(st->tuple.src, st->key.src, 16);
+	__builtin_memcpy(st->tuple.dst, st->key.dst, 16);
+	st->tuple.sport = st->sport;
+	st->tuple.dport = st->dport;
+	st->tuple.l3 = st->l3;
+	st->tuple.proto = st->key.ip_proto;
+	st->tuple.zone = zone;
+	return 0;
+}
+
+#endif /* CTCTL_KEY_H */

@@ -1,0 +1,211 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * The "hardware" rule interpreter: the offloaded tc chains of the ingress
+ * port, run on a parsed packet.
+ *
+ * Contract: interpret() returns the TC verdict of a packet it finished
+ * (TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_OK, with its counter moved), or
+ * CTCTL_PUNT with st->reason and the resume point (st->chain, st->rule,
+ * st->action) set, the ct metadata and st->done as they are at that point.
+ * The semantics are ctctl/pipeline.py's, the software reference; where the
+ * hardware stops short of it, it punts and software continues from the
+ * resume point (docs/offload.md lists the cases).
+ *
+ * Verifier: three bounded loops, chain hops (9) > rules of a chain (64) >
+ * actions of a rule (4).  The matching rule's index goes through the
+ * scratch map and is read back as a number the verifier does not know, so
+ * the actions are verified once per hop, not once per rule that may match.
+ */
+#ifndef CTCTL_RULES_H
+#define CTCTL_RULES_H
+
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+
+#include "ctctl_abi.h"
+#include "key.h"
+#include "maps.h"
+#include "nat.h"
+
+#define CTCTL_PUNT (-1)
+#define CTCTL_CONTINUE 0
+#define CTCTL_NO_RULE 0xffff	/* st->rule while no rule matched */
+
+#define CTCTL_TCP_FIN 0x01
+#define CTCTL_TCP_SYN 0x02
+#define CTCTL_TCP_RST 0x04
+
+static __always_inline int stop(struct ctctl_state *st, __u16 reason, __u32 rule, __u32 action)
+{
+	st->reason = reason;
+	st->rule = rule;
+	st->action = action;
+	return CTCTL_PUNT;
+}
+
+static __always_inline void count_rule(const struct ctctl_rule *r, __u32 len)
+{
+	struct ctctl_rule_stats *s = rule_stats_lookup(r->id);
+
+	if (s) {
+		s->packets++;	/* per-CPU slot */
+		s->bytes += len;
+	}
+}
+
+/*
+ * The ct action: answered from the offload table, or a punt.  Resuming at
+ * this very action lets software run it through conntrack in full.
+ */
+static __always_inline int do_ct(struct __sk_buff *skb, struct ctctl_state *st,
+				 const struct ctctl_action *act, __u32 rule, __u32 a)
+{
+	struct ctctl_flow *f;
+
+	/* No tuple the table can hold (an ICMP error, say): software's. */
+	if (state_tuple(st, act->zone) < 0)
+		return stop(st, CTCTL_R_CT_MISS, rule, a);
+	f = flow_lookup(&st->tuple);
+	if (!f)
+		return stop(st, CTCTL_R_CT_MISS, rule, a);
+	/* Establishment and teardown are conntrack's, so software's. */
+	if (st->key.ip_proto == IPPROTO_TCP &&
+	    (st->tcp_flags & (CTCTL_TCP_SYN | CTCTL_TCP_FIN | CTCTL_TCP_RST)))
+		return stop(st, CTCTL_R_CT_FLAGS, rule, a);
+
+	count(CTCTL_C_CT_HIT, 1);
+	if (hw_caps() & CTCTL_CAP_FLOW_COUNTERS) {
+		__sync_fetch_and_add(&f->packets, 1);
+		/* IP bytes, as nf_conntrack accounts them: the counters fold into
+		 * the connection's, which software counts the same way. */
+		__sync_fetch_and_add(&f->bytes, st->l3_len);
+		f->last_used_ns = bpf_ktime_get_ns();
+	}
+
+	/*
+	 * The entry's +snat/+dnat are what its NAT sets, as the driver
+	 * computed them the way software reports them; a ct action without
+	 * nat translates nothing and sets neither, as act_ct.
+	 */
+	if ((act->flags & CTCTL_CTF_NAT) && f->nat) {
+		if (nat_apply(skb, st, f) < 0) {
+			count(CTCTL_C_DROP, 1);
+			return TC_ACT_SHOT;
+		}
+		count(CTCTL_C_NAT, 1);
+		st->key.ct_state = f->ct_state;
+	} else {
+		st->key.ct_state = f->ct_state & ~(CTCTL_CS_SNAT | CTCTL_CS_DNAT);
+	}
+	st->key.ct_zone = act->zone;
+	st->key.ct_mark = f->mark;
+	__builtin_memcpy(st->key.ct_label, f->label, 16);
+	st->done |= CTCTL_DONE_CT;
+	return CTCTL_CONTINUE;
+}
+
+static __always_inline int interpret(struct __sk_buff *skb, struct ctctl_state *st)
+{
+	__u32 hop;
+
+	/* At most CTCTL_MAX_HOPS gotos: CTCTL_MAX_HOPS + 1 chains. */
+#pragma clang loop unroll(disable)
+	for (hop = 0; hop <= CTCTL_MAX_HOPS; hop++) {
+		const struct ctctl_chain *ch;
+		const struct ctctl_rule *r;
+		__u32 n, i, a;
+
+		st->ck.ifindex = skb->ifindex;
+		st->ck.chain = st->chain;
+		ch = chain_lookup(&st->ck);
+		if (!ch) {
+			/* No chain 0: the port offloads nothing. */
+			if (hop == 0)
+				return stop(st, CTCTL_R_NO_OFFLOAD, 0, CTCTL_RESUME_MATCH);
+			/* A goto to a chain the hardware was not given. */
+			return stop(st, CTCTL_R_NO_MATCH, 0, CTCTL_RESUME_MATCH);
+		}
+		/*
+		 * n is never clamped to 64: a clamp is a branch the verifier
+		 * follows twice (n = 64, n < 64) through all that comes after.
+		 * The volatile read in the loop keeps the compiler from making
+		 * one of its own out of the loop's trip count.
+		 */
+		n = ch->n_rules;
+		st->rule = CTCTL_NO_RULE;
+#pragma clang loop unroll(disable)
+		for (i = 0; i < CTCTL_MAX_RULES; i++) {
+			if (i >= *(volatile const __u32 *)&ch->n_rules)
+				break;
+			if (rule_matches(&ch->rules[i], st)) {
+				st->rule = i;
+				break;
+			}
+		}
+		/* Read the index back from the map: see the top of this file. */
+		asm volatile("" ::: "memory");
+		i = st->rule;
+		if (i >= CTCTL_MAX_RULES)
+			return stop(st, CTCTL_R_NO_MATCH,
+				    n < CTCTL_MAX_RULES ? n : CTCTL_MAX_RULES, CTCTL_RESUME_MATCH);
+		r = &ch->rules[i];
+		count_rule(r, skb->len);
+
+#pragma clang loop unroll(disable)
+		for (a = 0; a < CTCTL_MAX_ACTIONS; a++) {
+			const struct ctctl_action *act = &r->actions[a];
+			int ret;
+
+			switch (act->kind) {
+			case CTCTL_A_NONE:
+				/* Off the end of the actions: tc's PIPE, OK at ingress. */
+				count(CTCTL_C_PASS, 1);
+				return TC_ACT_OK;
+			case CTCTL_A_CT:
+				ret = do_ct(skb, st, act, i, a);
+				if (ret != CTCTL_CONTINUE)
+					return ret;
+				continue;
+			case CTCTL_A_CT_CLEAR:
+				st->key.ct_state = 0;
+				st->key.ct_zone = 0;
+				st->key.ct_mark = 0;
+				__builtin_memset(st->key.ct_label, 0, 16);
+				continue;
+			case CTCTL_A_GOTO:
+				if (st->hops >= CTCTL_MAX_HOPS) {
+					count(CTCTL_C_GOTO_LOOP, 1);
+					return TC_ACT_SHOT;
+				}
+				st->hops++;
+				st->chain = act->arg;
+				goto next_chain;
+			case CTCTL_A_MIRRED:
+				count(CTCTL_C_REDIRECT, 1);
+				return bpf_redirect(act->arg, 0);
+			case CTCTL_A_DROP:
+				count(CTCTL_C_DROP, 1);
+				return TC_ACT_SHOT;
+			case CTCTL_A_PASS:
+				count(CTCTL_C_PASS, 1);
+				return TC_ACT_OK;
+			case CTCTL_A_TRAP:
+				/* arg 1: software decides the match (a skip_hw part). */
+				return stop(st, CTCTL_R_TRAP, i,
+					    act->arg == 1 ? CTCTL_RESUME_MATCH : a);
+			default:
+				/* An action this hardware does not know: software's. */
+				return stop(st, CTCTL_R_TRAP, i, a);
+			}
+		}
+		count(CTCTL_C_PASS, 1);
+		return TC_ACT_OK;
+next_chain:
+		;
+	}
+	/* Not reached: the hop check above drops first. */
+	count(CTCTL_C_GOTO_LOOP, 1);
+	return TC_ACT_SHOT;
+}
+
+#endif /* CTCTL_RULES_H */

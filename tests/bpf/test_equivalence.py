@@ -1,0 +1,713 @@
+"""Hardware and software agree: property tests of the offloaded rules.
+
+For random rule sets (tc lines from a small grammar over ports eth5/eth6
+and chains 0-2, parsed with ctctl.rules.parse_filter into a RuleSet and
+written by Device.install) and random packets (TCP/UDP/ICMP echo over
+IPv4/IPv6 between a few addresses and ports; many of them belonging to
+connections established in a real ConnTracker, some with SNAT or DNAT,
+and offloaded with Device.add_flow(flow_entry(...))), every packet is run
+
+- through the compiled program (BPF_PROG_TEST_RUN, on the real ingress
+  ifindex of a port of a real namespace), and
+- through the software pipeline from the start (the reference),
+
+and the two must agree:
+- the program finished the packet: redirect to the same port (which port
+  is read from the per-rule counters: the one matched rule whose first
+  stopping action is MIRRED; bpf_redirect's target is not visible to a test
+  run), drop, or pass, and for redirect/pass the bytes it leaves with
+  (data_out: NAT and checksums) equal the software's packet;
+- the program punted: software resumed from the punt (Resume.from_punt +
+  the punted frame) reaches the same verdict, output port and bytes as the
+  software run from the start.
+
+Tracker state: every run starts from a deep copy of one reference tracker,
+so the run from the start and the resumed run see the same connections
+(the resumed run must not see what the full run just committed, or a
+second commit would look like a retransmission).  After the packet the
+reference becomes the from-the-start run's copy: software's view is the
+truth, the hardware is what must agree with it.  A small offload policy
+(the controller's job, done here in the test so that it does not depend on
+it) keeps the flows map in step: established connections are offloaded,
+ones that leave ESTABLISHED or die are taken out, and an entry whose mark
+or label changed in software is rewritten.
+
+Deliberately outside the grammar: skip_sw filters (by definition software
+does not run them, so the two are meant to differ), and TCP segments out
+of the window (the tracker would call them invalid; this hardware does
+not validate windows, as the design says).  No mocks.
+
+A mismatch is shrunk (filters removed one at a time while it persists)
+and reported with the remaining rules, the packet and both answers.
+The seed is fixed (CTCTL_EQ_SEED overrides it, to explore).
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import ipaddress
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw
+
+from ctctl import abi
+from ctctl.abi import ActionKind
+from ctctl.caps import HwCaps
+from ctctl.conntrack import ConnTracker, NatSpec, Status
+from ctctl.device import Device, FlowExists, TableFull, encode_rule, flow_entry
+from ctctl.pipeline import Pipeline, Resume
+from ctctl.rules import RuleSet, RuleSyntaxError, parse_filter
+from testrun import TC_ACT_OK, TC_ACT_SHOT, BpfTestRunOpts, Harness, Refused, SkBuff
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from ktrack import FakeClock  # noqa: E402
+
+TC_ACT_REDIRECT = 7
+SEED = int(os.environ.get("CTCTL_EQ_SEED", "5"))
+RULESETS = int(os.environ.get("CTCTL_EQ_RULESETS", "12"))
+PACKETS = int(os.environ.get("CTCTL_EQ_PACKETS", "120"))
+PORTS = ("eth5", "eth6")
+
+A4 = ["10.0.0.1", "10.0.0.2", "10.0.1.1"]
+A6 = ["2001:db8::1", "2001:db8::2", "2001:db8:1::1"]
+NAT4, VIP4 = "192.0.2.1", "10.0.1.100"
+NAT6 = "2001:db8:9::1"
+L4PORTS = [53, 80, 443, 5000, 40000]
+MACS = dict(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+
+
+# ---------------------------------------------------------------------------
+# The program, with data_out
+
+class OutHarness(Harness):
+    """testrun.Harness whose run also returns the packet the program left
+    (data_out): what a redirect or pass would send."""
+
+    def run_out(self, frame: bytes, ifindex: int):
+        stale = self.drain()
+        assert not stale, stale
+        data = ctypes.create_string_buffer(bytes(frame), len(frame))
+        out = ctypes.create_string_buffer(len(frame) + 512)
+        opts = BpfTestRunOpts(sz=ctypes.sizeof(BpfTestRunOpts),
+                              data_in=ctypes.cast(data, ctypes.c_void_p),
+                              data_size_in=len(frame), repeat=1,
+                              data_out=ctypes.cast(out, ctypes.c_void_p),
+                              data_size_out=len(frame) + 512)
+        ctx = SkBuff(ifindex=ifindex)
+        opts.ctx_in = ctypes.cast(ctypes.pointer(ctx), ctypes.c_void_p)
+        opts.ctx_size_in = ctypes.sizeof(ctx)
+        rc = self._run(self.fn.fd, ctypes.byref(opts))
+        if rc < 0:
+            self.drain()
+            raise Refused(-rc, os.strerror(-rc))
+        return opts.retval, bytes(out.raw[:opts.data_size_out]), self.drain()
+
+
+@dataclass
+class Env:
+    topo: object
+    bpf: object
+    h: OutHarness
+    ifindex: dict[str, int]
+
+
+@pytest.fixture(scope="module")
+def env():
+    from pyroute2 import netns as pr_netns
+
+    from ctctl import loader, topology
+
+    topo = topology.build(topology.unique_tag("ctctl-eq"), list(PORTS), ["client", "server"])
+    bpf = None
+    try:
+        bpf = loader.compile_program()
+        h = OutHarness(bpf, bpf.load_func(loader.FUNCTION, bpf.SCHED_CLS))
+        # Test runs name the ingress device by ifindex, which must exist in
+        # the calling thread's namespace: run inside the box.
+        pr_netns.pushns(topo.box)
+        try:
+            yield Env(topo, bpf, h, {p.name: p.ifindex for p in topo.ports})
+        finally:
+            pr_netns.popns()
+    finally:
+        if bpf is not None:
+            bpf.cleanup()
+        topo.destroy()
+
+
+# ---------------------------------------------------------------------------
+# The rule grammar
+
+CT_STATES = ["-trk", "+trk", "+trk+est", "+trk+new", "+trk+est-rpl", "+trk+est+rpl",
+             "+trk+snat", "+trk+dnat", "+trk+inv", "-est"]
+
+
+def _match(rng: random.Random) -> tuple[str, str]:
+    """(protocol, flower keys)."""
+    proto = rng.choice(["ip", "ip", "ipv6", "all", "all"])
+    keys = []
+    if proto != "all":
+        fam = A4 if proto == "ip" else A6
+        l4 = rng.choice([None, "tcp", "udp", "icmp"])
+        if l4 == "icmp":
+            keys.append("ip_proto " + ("icmp" if proto == "ip" else "icmpv6"))
+            if rng.random() < 0.4:
+                keys.append("type " + rng.choice(["8", "0"] if proto == "ip" else ["128", "129"]))
+        elif l4:
+            keys.append(f"ip_proto {l4}")
+            if rng.random() < 0.4:
+                p = rng.choice(L4PORTS)
+                keys.append(f"dst_port {p}" if rng.random() < 0.5 else f"dst_port {p}-{p + 100}")
+            if rng.random() < 0.2:
+                keys.append(f"src_port {rng.choice(L4PORTS)}-65535")
+        for k in ("src_ip", "dst_ip"):
+            if rng.random() < 0.25:
+                a = rng.choice(fam + ([NAT4, VIP4] if proto == "ip" else [NAT6]))
+                plen = rng.choice([32, 24, 0] if proto == "ip" else [128, 64, 0])
+                net = ipaddress.ip_network(f"{a}/{plen}", strict=False)
+                keys.append(f"{k} {net}")
+    if rng.random() < 0.6:
+        keys.append("ct_state " + rng.choice(CT_STATES))
+    if rng.random() < 0.15:
+        keys.append(f"ct_zone {rng.choice([0, 1])}")
+    if rng.random() < 0.1:
+        keys.append(rng.choice(["ct_mark 0x1/0x1", "ct_mark 0x0/0x1", "ct_mark 0x2"]))
+    if rng.random() < 0.08:
+        keys.append(rng.choice(["ct_label 0x1/0x1", "ct_label 0"]))
+    if rng.random() < 0.02:
+        keys.append("skip_hw")
+    return proto, " ".join(keys)
+
+
+def _actions(rng: random.Random, proto: str, dev: str, chain: int) -> list[str]:
+    acts = []
+    zone = rng.choice([0, 0, 1])
+    for _ in range(rng.choice([0, 1, 1, 1, 2, 4])):
+        r = rng.random()
+        if r < 0.35:
+            acts.append(f"ct zone {zone}")
+        elif r < 0.6:
+            acts.append(f"ct zone {zone} nat")
+        elif r < 0.68:
+            acts.append(f"ct commit zone {zone}")
+        elif r < 0.74 and proto == "ip":
+            acts.append(f"ct commit zone {zone} nat src addr {NAT4}")
+        elif r < 0.8:
+            acts.append(f"ct commit zone {zone} mark 0x1/0x1")
+        elif r < 0.84:
+            acts.append(f"ct commit force zone {zone}")
+        elif r < 0.92:
+            acts.append("ct clear")
+        else:
+            acts.append("trap")
+    r = rng.random()
+    if r < 0.35 and chain < 2:
+        acts.append(f"goto chain {rng.choice([c for c in (1, 2) if c > chain])}")
+    elif r < 0.4:
+        acts.append(f"goto chain {rng.choice([0, 1, 2])}")  # loops are allowed
+    elif r < 0.75:
+        acts.append(f"mirred egress redirect dev {rng.choice(PORTS)}")
+    elif r < 0.85:
+        acts.append("drop")
+    elif r < 0.93:
+        acts.append("pass")
+    return acts
+
+
+def _template(rng: random.Random, dev: str) -> list[str]:
+    """The talk's pattern, so that many packets reach ct hits and
+    redirects in hardware: track in chain 0, forward established in 1."""
+    zone = rng.choice([0, 1])
+    nat = " nat" if rng.random() < 0.6 else ""
+    other = PORTS[1 - PORTS.index(dev)]
+    return [f"dev {dev} chain 0 prio 1 flower ct_state -trk action ct zone {zone}{nat} action goto chain 1",
+            f"dev {dev} chain 1 prio 1 flower ct_state +trk+est action mirred egress redirect dev {other}",
+            f"dev {dev} chain 1 prio 2 flower ct_state +trk+new action ct commit zone {zone} "
+            f"action mirred egress redirect dev {other}"]
+
+
+def random_ruleset(rng: random.Random) -> RuleSet:
+    rs = RuleSet()
+    for dev in PORTS:
+        if rng.random() < 0.1:
+            continue  # a forward-only port: punts NO_OFFLOAD
+        if rng.random() < 0.6:
+            for line in _template(rng, dev):
+                rs.add(parse_filter(line))
+        for chain in (0, 1, 2):
+            n = rng.randint(1, 6) if chain == 0 else rng.randint(0, 4)
+            for prio in sorted(rng.sample(range(3, 60), n)):
+                for _attempt in range(20):
+                    proto, keys = _match(rng)
+                    acts = _actions(rng, proto, dev, chain)
+                    line = (f"dev {dev} protocol {proto} chain {chain} prio {prio} flower {keys} "
+                            + " ".join(f"action {a}" for a in acts))
+                    try:
+                        rs.add(parse_filter(line))
+                        break
+                    except RuleSyntaxError:
+                        continue
+    return rs
+
+
+# ---------------------------------------------------------------------------
+# Connections and packets
+
+def eth(l3):
+    return Ether(**MACS) / l3
+
+
+def _l3(src, dst):
+    return IP(src=src, dst=dst) if ":" not in src else IPv6(src=src, dst=dst)
+
+
+@dataclass
+class ConnSpec:
+    proto: str               # tcp, udp, icmp
+    client: str
+    server: str
+    cport: int
+    sport: int
+    zone: int
+    nat: NatSpec | None
+    conn: object = None
+    seq: dict = field(default_factory=dict)
+
+    def frame(self, direction: int, flags: str = "A") -> bytes:
+        """A packet of this connection as it arrives: the original direction
+        from the client with its untranslated tuple, the reply from the
+        server to the translated tuple (conn.reply)."""
+        t = self.conn.orig if direction == 0 else self.conn.reply
+        src, dst = str(t.src), str(t.dst)
+        if self.proto == "tcp":
+            seq, ack = (1001, 5001) if direction == 0 else (5001, 1001)
+            l4 = TCP(sport=t.sport, dport=t.dport, flags=flags, seq=seq, ack=ack) / Raw(b"x" * 10)
+        elif self.proto == "udp":
+            l4 = UDP(sport=t.sport, dport=t.dport) / Raw(b"y" * 8)
+        elif ":" in src:
+            l4 = (ICMPv6EchoRequest if direction == 0 else ICMPv6EchoReply)(id=t.sport, seq=3)
+        else:
+            l4 = ICMP(type=8 if direction == 0 else 0, id=t.sport, seq=3)
+        return bytes(eth(_l3(src, dst) / l4))
+
+
+def establish(tr: ConnTracker, clock: FakeClock, c: ConnSpec) -> None:
+    """Run the connection's opening packets through the tracker as a ct
+    commit (nat) action would, until it is offloadable."""
+    from ctctl.packet import parse
+
+    bare = NatSpec() if c.nat else None
+    first = _l3(c.client, c.server)
+    if c.proto == "tcp":
+        p = parse(bytes(eth(first / TCP(sport=c.cport, dport=c.sport, flags="S", seq=1000))))
+        c.conn = tr.ct(p, zone=c.zone, commit=True, nat=c.nat).conn
+        r = c.conn.reply
+        tr.ct(parse(bytes(eth(_l3(str(r.src), str(r.dst)) / TCP(sport=r.sport, dport=r.dport, flags="SA",
+                                                                seq=5000, ack=1001)))),
+              zone=c.zone, commit=True, nat=bare)
+        tr.ct(parse(c.frame(0, "A")), zone=c.zone, commit=True, nat=bare)
+        assert c.conn.state == "ESTABLISHED" and c.conn.status & Status.ASSURED
+    elif c.proto == "udp":
+        p = parse(bytes(eth(first / UDP(sport=c.cport, dport=c.sport))))
+        c.conn = tr.ct(p, zone=c.zone, commit=True, nat=c.nat).conn
+        tr.ct(parse(c.frame(1)), zone=c.zone, commit=True, nat=bare)
+        clock.advance(3)
+        tr.ct(parse(c.frame(0)), zone=c.zone, commit=True, nat=bare)
+        assert c.conn.status & Status.ASSURED
+    else:
+        l4 = ICMPv6EchoRequest(id=c.cport) if ":" in c.client else ICMP(type=8, id=c.cport)
+        c.conn = tr.ct(parse(bytes(eth(first / l4))), zone=c.zone, commit=True, nat=c.nat).conn
+        tr.ct(parse(c.frame(1)), zone=c.zone, commit=True, nat=bare)
+        assert c.conn.status & Status.SEEN_REPLY
+
+
+def connection_specs(rng: random.Random) -> list[ConnSpec]:
+    out = []
+    for zone in (0, 1):
+        out += [
+            ConnSpec("tcp", A4[0], A4[1], 40000, 80, zone, None),
+            ConnSpec("tcp", A4[0], A4[1], 40001, 443, zone, NatSpec.parse(f"src addr {NAT4} port 2000-2100")),
+            ConnSpec("udp", A4[2], VIP4, 5000, 53, zone, NatSpec.parse(f"dst addr {A4[1]} port 5353")),
+            ConnSpec("udp", A4[0], A4[1], 5001, 53, zone, None),
+            ConnSpec("icmp", A4[0], A4[1], 0x42, 0, zone, None),
+            ConnSpec("icmp", A4[2], A4[1], 0x43, 0, zone, NatSpec.parse(f"src addr {NAT4}")),
+            ConnSpec("tcp", A6[0], A6[1], 40000, 80, zone, None),
+            ConnSpec("udp", A6[0], A6[1], 5000, 53, zone, NatSpec.parse(f"src addr {NAT6}")),
+            ConnSpec("icmp", A6[0], A6[1], 0x44, 0, zone, None),
+        ]
+    return out
+
+
+def random_packet(rng: random.Random, conns: list[ConnSpec]) -> tuple[bytes, str]:
+    """(frame, ingress port)."""
+    if conns and rng.random() < 0.7:
+        c = rng.choice(conns)
+        d = rng.choice([0, 1])
+        flags = "A"
+        if c.proto == "tcp":
+            flags = rng.choices(["A", "PA", "F", "R", "S"], [60, 30, 3, 2, 2])[0]
+        dev = PORTS[d] if rng.random() < 0.85 else rng.choice(PORTS)
+        return c.frame(d, flags), dev
+    v6 = rng.random() < 0.35
+    fam = A6 + [NAT6] if v6 else A4 + [NAT4, VIP4]
+    src, dst = rng.sample(fam, 2)
+    proto = rng.choice(["tcp", "udp", "icmp"])
+    if proto == "tcp":
+        l4 = TCP(sport=rng.choice(L4PORTS + [2000]), dport=rng.choice(L4PORTS), flags=rng.choice(["S", "A", "PA"]))
+    elif proto == "udp":
+        l4 = UDP(sport=rng.choice(L4PORTS), dport=rng.choice(L4PORTS + [5353]))
+    elif v6:
+        l4 = rng.choice([ICMPv6EchoRequest, ICMPv6EchoReply])(id=rng.choice([0x42, 0x44, 7]))
+    else:
+        l4 = ICMP(type=rng.choice([8, 0]), id=rng.choice([0x42, 0x43, 7]))
+    return bytes(eth(_l3(src, dst) / l4)), rng.choice(PORTS)
+
+
+# ---------------------------------------------------------------------------
+# One world: rules, tracker, flows; each packet checked
+
+FINAL = {TC_ACT_REDIRECT: "output", TC_ACT_SHOT: "drop", TC_ACT_OK: "pass"}
+
+
+def _stopper(r: abi.Rule) -> int:
+    for a in r.actions:
+        if a.kind not in (ActionKind.CT, ActionKind.CT_CLEAR):
+            return a.kind
+    return ActionKind.NONE
+
+
+class World:
+    def __init__(self, env: Env, caps: HwCaps, rs: RuleSet, tracker: ConnTracker, clock,
+                 tally: dict[str, int] | None = None):
+        self.env, self.caps, self.rs = env, caps, rs
+        self.tracker, self.clock = tracker, clock
+        self.dev = Device(env.bpf, env.ifindex, caps)
+        self.dev.set_caps()
+        self.dev.install(rs)
+        self.port_of = {i: n for n, i in env.ifindex.items()}
+        self.offloaded: dict[int, tuple] = {}   # conn id -> (conn, keys, (mark, label))
+        self.tally = tally if tally is not None else {}
+
+    # -- the controller's part, minimal ---------------------------------------
+    def offload(self, conn) -> None:
+        entries = [flow_entry(conn, d) for d in (0, 1)]
+        try:
+            for k, f in entries:
+                self.dev.add_flow(k, f, replace=True)
+        except TableFull:
+            return
+        self.offloaded[conn.id] = (conn, [k for k, _ in entries], (conn.mark, conn.label))
+
+    def sync_offload(self) -> None:
+        """Offload what qualifies, take out what left ESTABLISHED or died,
+        rewrite entries whose mark/label software changed."""
+        live = {c.id: c for c in self.tracker.entries()}
+        for cid, (conn, keys, ml) in list(self.offloaded.items()):
+            gone = live.get(cid) is not conn
+            leaving = conn.tcp is not None and conn.state != "ESTABLISHED"
+            if gone or leaving:
+                for k in keys:
+                    self.dev.remove_flow(k)
+                del self.offloaded[cid]
+            elif (conn.mark, conn.label) != ml:
+                self.offload(conn)
+        for conn in live.values():
+            if conn.id in self.offloaded or not conn.status & Status.SEEN_REPLY:
+                continue
+            if conn.tcp is not None and not (conn.state == "ESTABLISHED" and conn.status & Status.ASSURED):
+                continue
+            if conn.proto == 17 and not conn.status & Status.ASSURED:
+                continue
+            self.offload(conn)
+
+    # -- one packet -------------------------------------------------------------
+    def _stats(self) -> dict[int, int]:
+        t = self.env.bpf[b"rule_stats"]
+        return {i: sum(s.packets for s in t.getvalue(t.Key(i))) for i in self.dev._ids.values()}
+
+    def software(self, frame: bytes, dev: str, resume: Resume | None = None):
+        tr = copy.deepcopy(self.tracker)
+        v = Pipeline(self.rs, tr, PORTS).process(bytearray(frame), dev, resume)
+        return v, tr
+
+    def check(self, frame: bytes, dev: str) -> str | None:
+        """Run one packet both ways; None when they agree, else what differs.
+        The reference tracker advances by the software run from the start."""
+        before = self._stats()
+        retval, out, punts = self.env.h.run_out(frame, self.env.ifindex[dev])
+        after = self._stats()
+        full, tr_full = self.software(frame, dev)
+        want = (full.kind, full.output, bytes(full.packet.data) if full.kind != "drop" and full.packet else None)
+        problem = None
+        if punts:
+            p = punts[0]
+            self._count(f"punt_{p.reason.label}")
+            if len(punts) != 1 or retval != TC_ACT_SHOT:
+                problem = f"{len(punts)} punts, retval {retval}"
+            else:
+                res, _ = self.software(bytes(p.frame), dev, Resume.from_punt(p.hdr))
+                got = (res.kind, res.output,
+                       bytes(res.packet.data) if res.kind != "drop" and res.packet else None)
+                if got != want:
+                    h = p.hdr
+                    problem = (f"punt {p.reason.label} at chain {h.chain} rule {h.rule} action "
+                               f"{h.action:#x} (ct_state {h.ct_state:#x} zone {h.zone} mark {h.mark} "
+                               f"done {h.done} hops {h.hops}): resumed -> {res} "
+                               f"{_diff(got[2], want[2])}; from the start -> {full}")
+        else:
+            kind = FINAL.get(retval)
+            self._count(f"hw_{kind}")
+            output = None
+            if kind == "output":
+                hit = [f for f, i in self.dev._ids.items() if after.get(i, 0) > before.get(i, 0)
+                       and _stopper(encode_rule(f, i, self.caps, self.env.ifindex)) == ActionKind.MIRRED]
+                if len(hit) == 1:
+                    output = next(a.dev for a in hit[0].actions if hasattr(a, "dev"))
+                else:
+                    problem = f"redirect, but {len(hit)} matched rules end in mirred"
+            got = (kind, output, out if kind != "drop" else None)
+            if problem is None and got != want:
+                problem = (f"hardware -> {kind} {output or ''} {_diff(got[2], want[2])}; "
+                           f"software -> {full}")
+        self.tracker = tr_full
+        self.sync_offload()
+        return problem
+
+    def _count(self, k: str) -> None:
+        self.tally[k] = self.tally.get(k, 0) + 1
+
+
+def _diff(a: bytes | None, b: bytes | None) -> str:
+    if a == b:
+        return ""
+    if a is None or b is None:
+        return "(bytes: one side has none)"
+    from scapy.layers.l2 import Ether as E
+    return f"(bytes differ: hw/resumed {E(a).summary()} vs {E(b).summary()})"
+
+
+def make_world(env: Env, caps: HwCaps, rng: random.Random, tally: dict) -> tuple[World, list]:
+    clock = FakeClock()
+    tracker = ConnTracker(clock=clock)
+    specs = connection_specs(rng)
+    for c in specs:
+        establish(tracker, clock, c)
+    env.bpf[b"flows"].clear()
+    w = World(env, caps, random_ruleset(rng), tracker, clock, tally)
+    w.sync_offload()
+    return w, specs
+
+
+def shrink(env: Env, caps: HwCaps, w: World, frame: bytes, dev: str, problem: str):
+    """Remove filters one at a time while the same packet, from the same
+    tracker and flows state, still disagrees.  Returns (filters, problem)."""
+    tracker0 = copy.deepcopy(w.tracker)
+    flows0 = [(bytes(k), bytes(f)) for k, f in w.dev.read_flows()]
+    filters = w.rs.filters()
+
+    def attempt(fs):
+        rs = RuleSet(fs)
+        t = copy.deepcopy(tracker0)
+        env.bpf[b"flows"].clear()
+        for k, f in flows0:
+            w.dev.add_flow(abi.Tuple.from_buffer_copy(k), abi.Flow.from_buffer_copy(f))
+        ww = World(env, caps, rs, t, t.clock)
+        ww.offloaded = {}  # keep exactly flows0: no policy before the packet
+        return ww.check(frame, dev)
+
+    i = 0
+    while i < len(filters):
+        trial = filters[:i] + filters[i + 1:]
+        p = attempt(trial)
+        if p is not None:
+            filters, problem = trial, p
+        else:
+            i += 1
+    return filters, problem
+
+
+CAPS = {
+    "all": HwCaps(),
+    "no_nat_small": HwCaps(nat=False, ct_label_match=False, port_range_match=False, max_rules_per_chain=3),
+    "no_ct_no_counters": HwCaps(ct=False, flow_counters=False),
+}
+
+
+@pytest.mark.parametrize("caps_name", list(CAPS))
+def test_hardware_agrees_with_software(env, caps_name):
+    caps = CAPS[caps_name]
+    rng = random.Random(f"{SEED}-{caps_name}")
+    mismatches = []
+    tally: dict[str, int] = {}
+    for n in range(RULESETS):
+        w, specs = make_world(env, caps, rng, tally)
+        for _ in range(PACKETS):
+            frame, dev = random_packet(rng, specs)
+            tracker_before = copy.deepcopy(w.tracker)
+            flows_before = [(bytes(k), bytes(f)) for k, f in w.dev.read_flows()]
+            problem = w.check(frame, dev)
+            if problem is not None and len(mismatches) < 6:
+                # Shrink from the state the packet met.
+                w2 = World(env, caps, w.rs, tracker_before, tracker_before.clock)
+                env.bpf[b"flows"].clear()
+                for k, f in flows_before:
+                    w2.dev.add_flow(abi.Tuple.from_buffer_copy(k), abi.Flow.from_buffer_copy(f))
+                fs, why = shrink(env, caps, w2, frame, dev, problem)
+                mismatches.append((n, fs, frame, dev, why))
+                # Back to the world as it was after the packet.
+                env.bpf[b"flows"].clear()
+                w = World(env, caps, w.rs, w.tracker, w.clock, tally)
+                w.sync_offload()
+        w.dev.uninstall()
+        env.bpf[b"flows"].clear()
+    print(f"\n{caps_name}: {dict(sorted(tally.items()))}")
+    if mismatches:
+        from scapy.layers.l2 import Ether as E
+        lines = []
+        for n, fs, frame, dev, why in mismatches:
+            lines.append(f"ruleset {n}, packet {E(frame).summary()} on {dev}:\n  {why}\n  rules:\n"
+                         + "\n".join("    " + s for s in RuleSet(fs).show()))
+        pytest.fail(f"{len(mismatches)}+ mismatches (seed {SEED}):\n" + "\n".join(lines))
+    # The corpus must reach the interesting places, or it proves little.
+    assert tally.get("punt_trap", 0) > 0 and tally.get("punt_no_match", 0) > 0, tally
+    if caps.ct:
+        # ct hits finished in hardware, and misses resumed in software.
+        assert tally.get("hw_output", 0) > 0 and tally.get("punt_ct_miss", 0) > 0, tally
+
+
+# ---------------------------------------------------------------------------
+# The device against the real maps
+
+def test_install_ids_counters_and_stale_chains(env):
+    dev = Device(env.bpf, env.ifindex)
+    chains = env.bpf[b"chains"]
+    a = parse_filter("dev eth5 protocol ip prio 5 flower ip_proto udp action drop")
+    b = parse_filter("dev eth5 protocol ip prio 6 flower action goto chain 4")
+    rs = RuleSet([a, b])
+    dev.install(rs)
+    try:
+        assert sorted((k.ifindex, k.chain, v.n_rules) for k, v in chains.items()) == \
+            [(env.ifindex["eth5"], 0, 2), (env.ifindex["eth5"], 4, 0)]  # goto target: empty chain
+        udp = bytes(eth(IP(src=A4[0], dst=A4[1]) / UDP(sport=1, dport=2)))
+        tcp = bytes(eth(IP(src=A4[0], dst=A4[1]) / TCP(sport=1, dport=2)))
+        assert env.h.run_out(udp, env.ifindex["eth5"])[0] == TC_ACT_SHOT
+        ra, rb = dev.rule_id(rs.chain("eth5", 0)[0]), dev.rule_id(rs.chain("eth5", 0)[1])
+        _, _, punts = env.h.run_out(tcp, env.ifindex["eth5"])  # b, then no rule in chain 4
+        assert [p.reason for p in punts] == [abi.Reason.NO_MATCH]
+        assert (punts[0].hdr.chain, punts[0].hdr.rule, punts[0].hdr.action) == (4, 0, abi.RESUME_MATCH)
+        got = dev.rule_counters()
+        assert got[rs.chain("eth5", 0)[0]] == (1, len(udp)) and got[rs.chain("eth5", 0)[1]] == (1, len(tcp))
+        # A new filter before them: the old ones keep ids and counts; the
+        # new one gets a fresh slot starting at zero.
+        c = rs.add(parse_filter("dev eth5 protocol ip prio 1 flower ip_proto icmp action pass"))
+        rs.delete("eth5", chain=0, prio=6)
+        dev.install(rs)
+        got = dev.rule_counters()
+        assert dev.rule_id(rs.chain("eth5", 0)[1]) == ra and got[rs.chain("eth5", 0)[1]] == (1, len(udp))
+        assert got[c] == (0, 0) and dev.rule_id(c) == rb  # b's slot, zeroed
+        assert sorted((k.chain, v.n_rules) for k, v in chains.items()) == [(0, 2)]  # chain 4 deleted
+    finally:
+        dev.uninstall()
+    assert len(chains) == 0
+
+
+def test_flows_add_remove_read(env):
+    dev = Device(env.bpf, env.ifindex)
+    dev.set_caps()
+    env.bpf[b"flows"].clear()
+    clock = FakeClock()
+    tr = ConnTracker(clock=clock)
+    c = ConnSpec("udp", A4[0], A4[1], 5000, 53, 0, None)
+    establish(tr, clock, c)
+    entries = [flow_entry(c.conn, d) for d in (0, 1)]
+    for k, f in entries:
+        dev.add_flow(k, f)
+    with pytest.raises(FlowExists):
+        dev.add_flow(*entries[0])
+    dev.install(RuleSet([parse_filter("dev eth5 flower action ct action mirred egress redirect dev eth6")]))
+    try:
+        frame = c.frame(0)
+        for _ in range(3):
+            assert env.h.run_out(frame, env.ifindex["eth5"])[0] == TC_ACT_REDIRECT
+        flows = {bytes(k): f for k, f in dev.read_flows()}
+        assert len(flows) == 2 and flows[bytes(entries[0][0])].packets == 3
+        gone = dev.remove_flow(entries[0][0])
+        # Bytes are IP bytes, as conntrack counts them (no Ethernet header).
+        assert (gone.packets, gone.bytes) == (3, 3 * (len(frame) - 14)) and gone.last_used_ns > 0
+        assert dev.remove_flow(entries[0][0]) is None
+        assert [bytes(k) for k, _ in dev.read_flows()] == [bytes(entries[1][0])]
+    finally:
+        dev.uninstall()
+        env.bpf[b"flows"].clear()
+
+
+def test_read_flows_batches_and_table_full():
+    """A program with a small table: TableFull at its size, and read_flows
+    across more entries than one batch holds."""
+    from ctctl import loader
+
+    size = 2500
+    bpf = loader.compile_program(HwCaps(table_size=size).cflags())
+    try:
+        dev = Device(bpf, {}, HwCaps(table_size=size))
+        k, f = abi.Tuple(), abi.Flow()
+        for i in range(size):
+            k.sport, k.dport, f.conn_id = i & 0xFFFF, i >> 16, i
+            dev.add_flow(k, f)
+        k.sport, k.dport = 0, 0xFFFF
+        with pytest.raises(TableFull):
+            dev.add_flow(k, f)
+        got = dev.read_flows()
+        assert sorted(fl.conn_id for _, fl in got) == list(range(size))
+        assert len(dev.flush_flows()) == size and dev.read_flows() == []
+    finally:
+        bpf.cleanup()
+
+
+# ---------------------------------------------------------------------------
+# Minimal cases the property test found (shrunk by hand further)
+
+def _one_case(env, spec: ConnSpec, lines: list[str], direction: int, dev: str) -> str | None:
+    clock = FakeClock()
+    tracker = ConnTracker(clock=clock)
+    establish(tracker, clock, spec)
+    env.bpf[b"flows"].clear()
+    w = World(env, HwCaps(), RuleSet([parse_filter(x) for x in lines]), tracker, clock)
+    try:
+        w.sync_offload()
+        assert len(w.offloaded) == 1
+        return w.check(spec.frame(direction), dev)
+    finally:
+        w.dev.uninstall()
+        env.bpf[b"flows"].clear()
+
+
+@pytest.mark.xfail(strict=True, reason="bpf: a second ct in the same zone looks the (translated) "
+                   "packet up again instead of act_ct's per-packet cache; the pipeline resumes it "
+                   "as a fresh ct (seed 7, ruleset 8)")
+def test_second_ct_same_zone_after_nat(env):
+    spec = ConnSpec("udp", A4[2], VIP4, 5000, 53, 1, NatSpec.parse(f"dst addr {A4[1]} port 5353"))
+    problem = _one_case(env, spec, [
+        "dev eth6 prio 1 flower action ct zone 1 nat action ct zone 1 action goto chain 1",
+        "dev eth6 protocol ip chain 1 prio 1 flower ct_state -est action mirred egress redirect dev eth6",
+    ], 1, "eth6")
+    assert problem is None, problem
+
+
+@pytest.mark.xfail(strict=True, reason="bpf: ct force hitting the reply direction continues in "
+                   "hardware; software kills the connection and starts a new one (seed 5, ruleset 38)")
+def test_ct_force_on_reply_direction(env):
+    spec = ConnSpec("udp", A6[0], A6[1], 5000, 53, 0, NatSpec.parse(f"src addr {NAT6}"))
+    problem = _one_case(env, spec, [
+        "dev eth6 prio 1 flower action ct commit force action ct nat action mirred egress redirect dev eth5",
+    ], 1, "eth6")
+    assert problem is None, problem

@@ -1,0 +1,94 @@
+"""Issue 5 end to end: established connections leave the software path and
+are handled by the program alone; software sees establishment and
+teardown; what the hardware counted equals what the hosts' own kernels
+counted."""
+
+import re
+import subprocess
+
+import pytest
+
+from conftest import box_config
+from ctctl import firewall, traffic
+from ctctl.boxproc import BoxProcess
+from ctctl.topology import ns_exec
+
+
+@pytest.fixture
+def offbox(topo):
+    cfg = box_config(topo, rules=firewall.rules("eth5", "eth6"))
+    del cfg["forward"]
+    with BoxProcess(cfg) as b:
+        b.topo = topo
+        b.client, b.server = topo.port("eth5").host, topo.port("eth6").host
+        yield b
+
+
+def count_rule(ns: str, spec: list[str]) -> None:
+    """An iptables rule that only counts what a host receives: its kernel's
+    own tally of exactly this traffic, the reference for the box's counters.
+    INPUT, not the sender's OUTPUT, which counts TCP's unsegmented
+    super-packets; GRO is off on the hosts, so INPUT sees wire packets."""
+    subprocess.run(["ip", "netns", "exec", ns, "iptables", "-A", "INPUT", *spec, "-j", "ACCEPT"], check=True)
+
+
+def counted(ns: str) -> tuple[int, int]:
+    out = subprocess.run(["ip", "netns", "exec", ns, "iptables", "-L", "INPUT", "-v", "-x", "-n"],
+                         capture_output=True, text=True, check=True).stdout
+    # "Chain OUTPUT (policy ...)", the column titles, then our one rule.
+    row = out.splitlines()[2].split()
+    return int(row[0]), int(row[1])
+
+
+def conn_line(b, proto: str, dport: int) -> str:
+    lines = b.request("conntrack")["lines"]
+    return next(l for l in lines if l.startswith(proto) and f"dport={dport} " in l)
+
+
+def directions(line: str) -> list[tuple[int, int]]:
+    return [(int(p), int(n)) for p, n in re.findall(r"packets=(\d+) bytes=(\d+)", line)]
+
+
+def test_100mb_tcp_is_offloaded_and_counted_exactly(offbox):
+    b = offbox
+    count_rule(b.server.netns, ["-p", "tcp", "--dport", "5001"])
+    count_rule(b.client.netns, ["-p", "tcp", "--sport", "5001"])
+    before = b.stats()["program"]
+    res = traffic.tcp_transfer(b.client.netns, b.server.netns, b.server.addr4, 100_000_000)
+    assert res.ok, res
+    after = b.stats()["program"]
+    # Software saw the handshake and the teardown, not the transfer.
+    punted = after["punted"] - before["punted"]
+    assert punted <= 20, (before, after)
+    assert after["ct_hits"] - before["ct_hits"] > 60_000
+    # Hardware + software counts, folded into the connection, equal the
+    # hosts' own counters for that connection, in both directions.
+    line = conn_line(b, "tcp", 5001)
+    assert directions(line) == [counted(b.server.netns), counted(b.client.netns)], line
+
+
+@pytest.mark.vm
+def test_udp_offloaded_once_assured(offbox):
+    b = offbox
+    count_rule(b.server.netns, ["-p", "udp", "--dport", "5002"])
+    before = b.stats()["program"]["punted"]
+    # 2.5 s of one datagram every 100 ms makes it a stream (ASSURED: the
+    # kernel wants a reply and 2 s of life), then 2,000 at once.
+    assert traffic.udp_exchange(b.client.netns, b.server.netns, b.server.addr4, count=2025,
+                                interval=0.1, paced=25).ok
+    punted = b.stats()["program"]["punted"] - before
+    assert punted < 2 * 30, punted   # software saw the paced start, not the burst
+    line = conn_line(b, "udp", 5002)
+    assert "[ASSURED]" in line and "[HW_OFFLOAD]" in line, line
+    assert directions(line)[0] == counted(b.server.netns), line
+
+
+def test_ping_is_offloaded_after_its_first_reply(offbox):
+    b = offbox
+    before = b.stats()["program"]["punted"]
+    r = traffic.ping(b.client.netns, b.server.addr4, count=50, interval=0.01)
+    assert r.ok, r
+    punted = b.stats()["program"]["punted"] - before
+    assert punted <= 4, punted    # request + reply, then the hardware
+    flows = b.request("offload")["flows"]
+    assert any(f["proto"] == 1 and f["packets"] > 40 for f in flows), flows
