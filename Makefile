@@ -38,7 +38,8 @@ test-integration: provision
 
 bench: provision
 	@mkdir -p bench/results
-	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	$(PY) bench/bench_conntrack.py
+	$(PY) bench/bench_offload.py --duration 3
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -77,6 +77,7 @@ class HwConn:
     keys: tuple                  # (orig key, reply key) as abi.Tuple
     folded: list = field(default_factory=lambda: [[0, 0], [0, 0]])  # [dir][packets, bytes]
     last_used_ns: int = 0
+    written: tuple = (0, 0)      # the (mark, label) the entries carry
 
 
 class OffloadManager:
@@ -162,7 +163,7 @@ class OffloadManager:
                 self.notify(f"conn {conn.id}: hardware table full, failed to offload: pending "
                             f"({len(self.pending)} queued)")
             return False
-        self.hw[conn.id] = HwConn(conn, tuple(k for k, _ in entries))
+        self.hw[conn.id] = HwConn(conn, tuple(k for k, _ in entries), written=(conn.mark, conn.label))
         self.tracker.set_liberal(conn)
         self.tracker.set_status(conn, HW)
         self.tracker.set_timeout(conn, self.timeout_for(conn))
@@ -204,6 +205,9 @@ class OffloadManager:
         return t["icmpv6" if conn.proto == IPPROTO_ICMPV6 else "icmp"]
 
     def _on_event(self, event: str, conn: Conn) -> None:
+        hc = self.hw.get(conn.id)
+        if event == "UPDATE" and hc is not None and hc.written != (conn.mark, conn.label):
+            self._rewrite(hc)
         if event == "DESTROY":
             if conn.id in self.hw:
                 self.remove(conn, "expired")
@@ -211,6 +215,20 @@ class OffloadManager:
                 self.pending.remove(conn)
             except ValueError:
                 pass
+
+    def _rewrite(self, hc: HwConn) -> None:
+        """Software changed the mark or label (a `ct commit mark ...`): the
+        entries must restore the new values.  Their counters are folded
+        first, since a rewritten entry starts counting from zero."""
+        for d, key in enumerate(hc.keys):
+            _, flow = flow_entry(hc.conn, d, hc.conn.id)
+            old = self.device.remove_flow(key)
+            if old is not None:
+                self._fold(hc, d, old)
+            hc.folded[d] = [0, 0]
+            self.device.add_flow(key, flow)
+        hc.written = (hc.conn.mark, hc.conn.label)
+        self.counters["rewritten"] += 1
 
     # -- counters and aging ---------------------------------------------------
     def _fold(self, hc: HwConn, d: int, flow) -> None:

@@ -1,0 +1,159 @@
+"""The offload manager against the real program's maps: the act_ct policy,
+both directions in or neither, the pending list when the table is full,
+counters folded when an entry leaves, mark changes reaching the hardware,
+expiry.  Packets run through the program with BPF_PROG_TEST_RUN; the
+connections are established through the real tracker on an injected clock."""
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import Ether
+
+from ctctl import abi
+from ctctl.caps import HwCaps
+from ctctl.conntrack import ConnTracker, Status
+from ctctl.device import Device
+from ctctl.loader import compile_program, flow_table_cflags
+from ctctl.offload import OffloadManager, OffloadPolicy
+from ctctl.packet import parse
+from ctctl.rules import RuleSet, parse_filter
+from testrun import Harness
+
+TC_ACT_OK = 0
+CLIENT, SERVER = "192.0.2.1", "192.0.2.2"
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.fixture(scope="module")
+def small_hw():
+    """A NIC whose table holds 2 entries: one connection."""
+    bpf = compile_program(flow_table_cflags(2))
+    fn = bpf.load_func(b"ctctl_ingress", bpf.SCHED_CLS)
+    yield bpf, Harness(bpf, fn)
+    bpf.cleanup()
+
+
+@pytest.fixture
+def box(small_hw):
+    bpf, h = small_hw
+    clock = Clock()
+    tracker = ConnTracker(clock=clock)
+    # test_run's skb arrives on ifindex 1 (lo): that is the port here.
+    dev = Device(bpf, {"lo": 1}, HwCaps(table_size=2))
+    dev.set_caps()
+    dev.install(RuleSet([parse_filter("dev lo flower action ct action pass")]))
+    log = []
+    mgr = OffloadManager(tracker, dev, OffloadPolicy(), clock, notify=log.append)
+    yield tracker, dev, mgr, h, clock, log
+    dev.uninstall()
+    dev.flush_flows()
+
+
+def frame(sport, flags="A", reply=False, payload=b""):
+    src, dst, sp, dp = (SERVER, CLIENT, 80, sport) if reply else (CLIENT, SERVER, sport, 80)
+    return bytes(Ether() / IP(src=src, dst=dst) / TCP(sport=sp, dport=dp, flags=flags, seq=1001, ack=5001) / payload)
+
+
+def handshake(tracker, mgr, sport):
+    conn = None
+    for f, rep in (("S", False), ("SA", True), ("A", False)):
+        pkt = parse(bytearray(bytes(Ether() / IP(src=SERVER if rep else CLIENT, dst=CLIENT if rep else SERVER)
+                                    / TCP(sport=80 if rep else sport, dport=sport if rep else 80, flags=f,
+                                          seq=5000 if rep else (1000 if f == "S" else 1001),
+                                          ack=1001 if rep else (0 if f == "S" else 5001)))))
+        res = tracker.ct(pkt, commit=True)
+        conn = res.conn
+        mgr.after_packet([conn])
+    return conn
+
+
+def test_established_tcp_goes_to_hardware_with_both_directions(box):
+    tracker, dev, mgr, h, clock, log = box
+    conn = handshake(tracker, mgr, 40000)
+    assert conn.status & Status.HW_OFFLOAD
+    assert len(dev.read_flows()) == 2
+    assert mgr.stats()["hardware"] == 1
+    # The program now answers the connection's packets itself, both ways.
+    assert h.run(frame(40000, payload=b"x" * 100)).retval == TC_ACT_OK
+    assert h.run(frame(40000, reply=True)).retval == TC_ACT_OK
+    assert abi.Reason.CT_MISS.label not in h.counters_named() if hasattr(h, "counters_named") else True
+
+
+def test_fin_takes_it_out_and_folds_the_counters(box):
+    tracker, dev, mgr, h, clock, log = box
+    conn = handshake(tracker, mgr, 40001)
+    sw = list(conn.packets)
+    for _ in range(5):
+        h.run(frame(40001, payload=b"x" * 100))
+    for _ in range(3):
+        h.run(frame(40001, reply=True))
+    # The FIN is software's: the program punts it.
+    res = h.run(frame(40001, flags="FA"))
+    assert [p.reason for p in res.punts] == [abi.Reason.CT_FLAGS]
+    out = tracker.ct(parse(res.punts[0].frame), commit=True)
+    mgr.after_packet([out.conn])
+    assert conn.id not in mgr.hw and not conn.status & Status.HW_OFFLOAD
+    assert dev.read_flows() == []
+    assert conn.packets == [sw[0] + 5 + 1, sw[1] + 3]
+    assert mgr.stats()["removed_fin"] == 1
+
+
+def test_full_table_queues_and_the_freed_slot_takes_the_oldest(box):
+    tracker, dev, mgr, h, clock, log = box
+    first = handshake(tracker, mgr, 40002)
+    second = handshake(tracker, mgr, 40003)
+    assert first.status & Status.HW_OFFLOAD and not second.status & Status.HW_OFFLOAD
+    assert list(mgr.pending) == [second] and mgr.stats()["table_full"] == 1
+    assert any("failed to offload" in line for line in log)
+    mgr.remove(first, "by_hand")
+    assert second.status & Status.HW_OFFLOAD and not mgr.pending
+    assert mgr.stats()["from_pending"] == 1
+
+
+def test_a_new_mark_reaches_the_hardware_entries(box):
+    tracker, dev, mgr, h, clock, log = box
+    conn = handshake(tracker, mgr, 40004)
+    h.run(frame(40004))
+    tracker.ct(parse(bytearray(frame(40004))), commit=True, mark=(0x42, 0xFFFFFFFF))
+    marks = {f.mark for _, f in dev.read_flows()}
+    assert marks == {0x42}
+    assert conn.packets[0] >= 3 + 1   # the hardware's packet was folded before the rewrite
+
+
+def test_expiry_removes_it_from_hardware(box):
+    tracker, dev, mgr, h, clock, log = box
+    conn = handshake(tracker, mgr, 40005)
+    clock.t += mgr.policy.tcp_timeout + 1   # no hardware traffic, no sync refresh
+    tracker.sweep()
+    assert conn.id not in mgr.hw and dev.read_flows() == []
+    assert mgr.stats()["removed_expired"] == 1
+
+
+def test_udp_waits_for_assured_icmp_for_a_reply(box):
+    tracker, dev, mgr, h, clock, log = box
+    req = parse(bytearray(bytes(Ether() / IP(src=CLIENT, dst=SERVER) / UDP(sport=5000, dport=53))))
+    rep = parse(bytearray(bytes(Ether() / IP(src=SERVER, dst=CLIENT) / UDP(sport=53, dport=5000))))
+    conn = tracker.ct(req, commit=True).conn
+    mgr.after_packet([conn])
+    tracker.ct(rep, commit=True)
+    mgr.after_packet([conn])
+    assert not conn.status & Status.HW_OFFLOAD       # replied, not yet a stream
+    clock.t += 3
+    tracker.ct(parse(bytearray(bytes(Ether() / IP(src=CLIENT, dst=SERVER) / UDP(sport=5000, dport=53)))),
+               commit=True)
+    mgr.after_packet([conn])
+    assert conn.status & Status.ASSURED and conn.status & Status.HW_OFFLOAD
+
+
+def test_policy_config_is_checked():
+    with pytest.raises(ValueError, match="udp"):
+        OffloadPolicy.from_config({"udp": "always"})
+    with pytest.raises(ValueError, match="unknown offload key"):
+        OffloadPolicy.from_config({"tpc": "never"})
+    assert OffloadPolicy.from_config({"icmp": "never", "tcp_timeout": 60}).tcp_timeout == 60
