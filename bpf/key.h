@@ -49,6 +49,13 @@ struct ctctl_state {
 	__u16 reason;			/* enum ctctl_reason, for a punt */
 	__u16 done;			/* enum ctctl_done */
 	__u32 l3_len;			/* IP total length: the bytes conntrack counts */
+	/*
+	 * act_ct's per-packet cache (bpf/rules.h do_ct): the offload table
+	 * entry of the last ct hit, from ct_state on (the counters are not
+	 * copied), and whether its NAT was applied to the packet.
+	 */
+	struct ctctl_flow ct_flow;
+	__u8 ct_nat_done;
 };
 
 static __always_inline void state_reset(struct ctctl_state *st)
@@ -60,6 +67,7 @@ static __always_inline void state_reset(struct ctctl_state *st)
 	st->action = CTCTL_RESUME_MATCH;
 	st->reason = CTCTL_R_NONE;
 	st->done = 0;
+	st->ct_nat_done = 0;
 }
 
 static __always_inline void state_load(struct ctctl_state *st, const struct ctctl_pkt *p)

@@ -53,14 +53,46 @@ static __always_inline void count_rule(const struct ctctl_rule *r, __u32 len)
 	}
 }
 
+/* The +snat/+dnat act_ct's cache reports for an entry's NAT (pipeline._ct_cached). */
+static __always_inline __u8 nat_state_bits(__u8 nat)
+{
+	return ((nat & CTCTL_NAT_SRC) ? CTCTL_CS_SNAT : 0) |
+	       ((nat & CTCTL_NAT_DST) ? CTCTL_CS_DNAT : 0);
+}
+
 /*
- * The ct action: answered from the offload table, or a punt.  Resuming at
- * this very action lets software run it through conntrack in full.
+ * The ct action: answered from the offload table, from act_ct's per-packet
+ * cache, or a punt.  Resuming at this very action lets software run it
+ * through conntrack in full.
+ *
+ * The cache (act_ct's tcf_ct_skb_nfct_cached, ctctl/pipeline.py _ct_cached):
+ * a packet that already had a hit in this action's zone, and was not
+ * cleared since (ct_state +trk), is not looked up again.  Its translated
+ * tuple is in no entry, and the entry must not count it twice.  The action
+ * keeps the metadata as it is; with nat it applies the saved entry's NAT
+ * if no earlier action of the packet did, and adds +snat/+dnat for the
+ * sides that entry translates.
+ *
+ * `ct force` on a reply-direction packet: software kills the connection
+ * and starts a new one in the other direction.  That is conntrack's, so
+ * the program punts (ct_miss) at this action, hit or cached.
  */
 static __always_inline int do_ct(struct __sk_buff *skb, struct ctctl_state *st,
 				 const struct ctctl_action *act, __u32 rule, __u32 a)
 {
 	struct ctctl_flow *f;
+
+	if ((st->done & CTCTL_DONE_CT) && (st->key.ct_state & CTCTL_CS_TRK) &&
+	    st->key.ct_zone == act->zone) {
+		if ((act->flags & CTCTL_CTF_FORCE) && (st->key.ct_state & CTCTL_CS_RPL))
+			return stop(st, CTCTL_R_CT_MISS, rule, a);
+		if (!(act->flags & CTCTL_CTF_NAT) || !st->ct_flow.nat)
+			return CTCTL_CONTINUE;
+		st->key.ct_state |= nat_state_bits(st->ct_flow.nat);
+		if (st->ct_nat_done)
+			return CTCTL_CONTINUE;
+		goto nat;
+	}
 
 	/* No tuple the table can hold (an ICMP error, say): software's. */
 	if (state_tuple(st, act->zone) < 0)
@@ -72,6 +104,8 @@ static __always_inline int do_ct(struct __sk_buff *skb, struct ctctl_state *st,
 	if (st->key.ip_proto == IPPROTO_TCP &&
 	    (st->tcp_flags & (CTCTL_TCP_SYN | CTCTL_TCP_FIN | CTCTL_TCP_RST)))
 		return stop(st, CTCTL_R_CT_FLAGS, rule, a);
+	if ((act->flags & CTCTL_CTF_FORCE) && f->dir == 1)
+		return stop(st, CTCTL_R_CT_MISS, rule, a);
 
 	count(CTCTL_C_CT_HIT, 1);
 	if (hw_caps() & CTCTL_CAP_FLOW_COUNTERS) {
@@ -81,26 +115,34 @@ static __always_inline int do_ct(struct __sk_buff *skb, struct ctctl_state *st,
 		__sync_fetch_and_add(&f->bytes, st->l3_len);
 		f->last_used_ns = bpf_ktime_get_ns();
 	}
+	/* The cache: what a later ct of this zone needs (not the counters). */
+	__builtin_memcpy(&st->ct_flow.ct_state, &f->ct_state,
+			 sizeof(*f) - __builtin_offsetof(struct ctctl_flow, ct_state));
+	st->ct_nat_done = 0;
 
 	/*
 	 * The entry's +snat/+dnat are what its NAT sets, as the driver
 	 * computed them the way software reports them; a ct action without
 	 * nat translates nothing and sets neither, as act_ct.
 	 */
-	if ((act->flags & CTCTL_CTF_NAT) && f->nat) {
-		if (nat_apply(skb, st, f) < 0) {
-			count(CTCTL_C_DROP, 1);
-			return TC_ACT_SHOT;
-		}
-		count(CTCTL_C_NAT, 1);
+	if ((act->flags & CTCTL_CTF_NAT) && f->nat)
 		st->key.ct_state = f->ct_state;
-	} else {
+	else
 		st->key.ct_state = f->ct_state & ~(CTCTL_CS_SNAT | CTCTL_CS_DNAT);
-	}
 	st->key.ct_zone = act->zone;
 	st->key.ct_mark = f->mark;
 	__builtin_memcpy(st->key.ct_label, f->label, 16);
 	st->done |= CTCTL_DONE_CT;
+	if (!(act->flags & CTCTL_CTF_NAT) || !f->nat)
+		return CTCTL_CONTINUE;
+nat:
+	/* One place for the rewrite, from the saved copy: verified once. */
+	if (nat_apply(skb, st, &st->ct_flow) < 0) {
+		count(CTCTL_C_DROP, 1);
+		return TC_ACT_SHOT;
+	}
+	count(CTCTL_C_NAT, 1);
+	st->ct_nat_done = 1;
 	return CTCTL_CONTINUE;
 }
 

@@ -118,8 +118,8 @@ def parse(text: str, path: str = "<config>") -> BoxConfig:
             raise ConfigError(_where(path, seen["rules"][0]), "rules and forward exclude each other: "
                               "the rules decide where packets go")
         cfg.rules = _rules(path, seen["rules"][1], ports)
-    cfg.hardware = _hardware(path, seen.get("hardware"))
-    cfg.offload = _offload(path, seen.get("offload"))
+    cfg.hardware = _hardware(path, seen.get("hardware", (None, None))[1])
+    cfg.offload = _offload(path, seen.get("offload", (None, None))[1])
     if "perf_pages" in seen:
         n = seen["perf_pages"][1]
         pages = _scalar(path, n, int, "perf_pages")
@@ -159,7 +159,7 @@ def _hardware(path: str, node):
     if node is None:
         return HwCaps()
     try:
-        return HwCaps.from_config(_mapping(path, node, "hardware"), _where(path, node))
+        return HwCaps.from_config(_mapping(path, node, "hardware"))
     except ValueError as e:
         raise ConfigError(_where(path, node), str(e)) from None
 

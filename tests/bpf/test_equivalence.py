@@ -691,9 +691,6 @@ def _one_case(env, spec: ConnSpec, lines: list[str], direction: int, dev: str) -
         env.bpf[b"flows"].clear()
 
 
-@pytest.mark.xfail(strict=True, reason="bpf: a second ct in the same zone looks the (translated) "
-                   "packet up again instead of act_ct's per-packet cache; the pipeline resumes it "
-                   "as a fresh ct (seed 7, ruleset 8)")
 def test_second_ct_same_zone_after_nat(env):
     spec = ConnSpec("udp", A4[2], VIP4, 5000, 53, 1, NatSpec.parse(f"dst addr {A4[1]} port 5353"))
     problem = _one_case(env, spec, [
@@ -703,8 +700,6 @@ def test_second_ct_same_zone_after_nat(env):
     assert problem is None, problem
 
 
-@pytest.mark.xfail(strict=True, reason="bpf: ct force hitting the reply direction continues in "
-                   "hardware; software kills the connection and starts a new one (seed 5, ruleset 38)")
 def test_ct_force_on_reply_direction(env):
     spec = ConnSpec("udp", A6[0], A6[1], 5000, 53, 0, NatSpec.parse(f"src addr {NAT6}"))
     problem = _one_case(env, spec, [

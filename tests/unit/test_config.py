@@ -35,6 +35,37 @@ def test_bad_config_is_refused_with_position(text, where, words):
     assert words in str(e.value)
 
 
+RULES = "name: demo\nnetns: n\nports: [eth5, eth6]\nrules:\n  - dev eth5 flower action mirred egress redirect dev eth6\n"
+
+
+def test_hardware_and_offload_sections():
+    cfg = config.parse(RULES + "hardware: {table_size: 1024, flow_counters: false}\n"
+                               "offload: {icmp: never, closing: true}\n", "box.yaml")
+    assert cfg.hardware.table_size == 1024 and not cfg.hardware.flow_counters
+    assert cfg.offload.icmp == "never" and cfg.offload.closing
+    defaults = config.parse(RULES, "box.yaml")
+    assert defaults.hardware.table_size == 65536 and defaults.offload.tcp == "established"
+
+
+@pytest.mark.parametrize("extra, where, words", [
+    ("hardware: {table_sise: 8}\n", "box.yaml:6:11", "table_sise"),
+    ("hardware: {table_size: -1}\n", "box.yaml:6:11", "table_size"),
+    ("hardware: 3\n", "box.yaml:6:11", "must be a mapping"),
+    ("offload: {udp: always}\n", "box.yaml:6:10", "udp"),
+    ("offload: {closing: 1}\n", "box.yaml:6:10", "closing"),
+])
+def test_bad_hardware_or_offload_is_refused_with_position(extra, where, words):
+    with pytest.raises(config.ConfigError) as e:
+        config.parse(RULES + extra, "box.yaml")
+    assert str(e.value).startswith(where + ": ") and words in str(e.value), str(e.value)
+
+
+def test_rules_refused_with_the_token_position():
+    with pytest.raises(config.ConfigError) as e:
+        config.parse(RULES.replace("mirred egress", "mirred egres"), "box.yaml")
+    assert str(e.value).startswith("box.yaml:5:"), str(e.value)
+
+
 def test_missing_file():
     with pytest.raises(config.ConfigError, match="no-such.yaml: No such file"):
         config.load("/nonexistent/no-such.yaml")
