@@ -44,8 +44,12 @@ def format_offload(reply: dict) -> str:
     out = []
     for f in sorted(flows, key=lambda f: (f["conn_id"], f["dir"] != "original")):
         nat = "".join(f" {k}={f[k]}" for k in ("nat_src", "nat_dst") if k in f)
+        if f["proto"] in (1, 58):   # the key carries the echo id and (type, code)
+            l4 = f"type={f['dport'] >> 8} code={f['dport'] & 0xFF} id={f['sport']}"
+        else:
+            l4 = f"sport={f['sport']} dport={f['dport']}"
         out.append(f"{_proto(f['proto']):<7} zone={f['zone']} src={f['src']} dst={f['dst']} "
-                   f"sport={f['sport']} dport={f['dport']} {f['dir']:<8} conn={f['conn_id']} "
+                   f"{l4} {f['dir']:<8} conn={f['conn_id']} "
                    f"packets={f['packets']} bytes={f['bytes']}{nat}")
     out.append(f"{len(flows)} hardware entries ({len(flows) // 2} connections), "
                f"{len(reply['pending'])} pending")
