@@ -40,7 +40,6 @@ def chain9_hits(b, dev):
     return hits
 
 
-@pytest.mark.vm
 def test_client_may_open_server_may_not_replies_pass(fwbox):
     b = fwbox
     res = traffic.tcp_transfer(b.client.netns, b.server.netns, b.server.addr4, 1_000_000)

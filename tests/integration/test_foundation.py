@@ -35,7 +35,6 @@ def everything_seen(stats) -> None:
     assert prog["punted"] == prog["rx_packets"] == sw["received"], stats
 
 
-@pytest.mark.vm
 def test_ping_udp_and_small_tcp(box):
     client, server = box.topo.ports[0].host, box.topo.ports[1].host
     assert traffic.ping(client.netns, server.addr4, count=3).ok

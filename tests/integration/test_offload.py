@@ -67,7 +67,6 @@ def test_100mb_tcp_is_offloaded_and_counted_exactly(offbox):
     assert directions(line) == [counted(b.server.netns), counted(b.client.netns)], line
 
 
-@pytest.mark.vm
 def test_udp_offloaded_once_assured(offbox):
     b = offbox
     count_rule(b.server.netns, ["-p", "udp", "--dport", "5002"])

@@ -1,0 +1,63 @@
+"""The VM stage's subset (marker `vm`): one box, compiled once (BCC's clang
+is slow in an emulated guest), carrying the whole story on whatever kernel
+runs the tests: rules in hardware, a connection established in software
+and offloaded, the firewall's refusal, ping and UDP, malformed input
+punted, counters that agree.  Also part of the host's own run."""
+
+import pytest
+
+from conftest import box_config
+from ctctl import abi, firewall, topology, traffic
+from ctctl.boxproc import BoxProcess
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module")
+def guestbox():
+    topo = topology.build(topology.unique_tag("ctctl-g"), ["eth5", "eth6"], ["client", "server"])
+    try:
+        cfg = box_config(topo, rules=firewall.rules("eth5", "eth6"))
+        del cfg["forward"]
+        with BoxProcess(cfg) as b:
+            b.topo = topo
+            b.client, b.server = topo.port("eth5").host, topo.port("eth6").host
+            yield b
+    finally:
+        topo.destroy()
+
+
+def test_tcp_is_established_in_software_then_offloaded(guestbox):
+    b = guestbox
+    before = b.stats()["program"]
+    res = traffic.tcp_transfer(b.client.netns, b.server.netns, b.server.addr4, 2_000_000)
+    assert res.ok, res
+    after = b.stats()["program"]
+    assert after["ct_hits"] - before["ct_hits"] > 1000
+    assert after["punted"] - before["punted"] < 40
+    life = b.request("events")["lines"]
+    assert any("offloaded, both directions in hardware" in l for l in life)
+    assert any("out of hardware (fin)" in l for l in life)
+
+
+def test_the_server_may_not_open_connections(guestbox):
+    b = guestbox
+    assert traffic.tcp_connect_blocked(b.server.netns, b.client.netns, b.client.addr4)
+
+
+def test_ping_v4_v6_and_udp(guestbox):
+    b = guestbox
+    assert traffic.ping(b.client.netns, b.server.addr4, count=5, interval=0.05).ok
+    assert traffic.ping(b.client.netns, b.server.addr6, count=3).ok
+    assert traffic.udp_exchange(b.client.netns, b.server.netns, b.server.addr4, count=10).ok
+    flows = b.request("offload")["flows"]
+    assert any(f["proto"] == 1 and f["packets"] >= 3 for f in flows), flows
+
+
+def test_every_packet_is_accounted_for(guestbox):
+    prog = guestbox.stats()["program"]
+    handled = (prog["punted"] + prog["perf_lost"] + prog["too_big"] + prog["redirected"]
+               + prog["dropped"] + prog["passed"] + prog["goto_loop"])
+    assert prog["rx_packets"] == handled, prog
+    assert prog["perf_lost"] == 0
+    assert abi.Reason.CT_MISS.label in prog["punts_by_reason"]
