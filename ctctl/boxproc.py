@@ -53,7 +53,11 @@ class BoxProcess:
             except control.ControlError:
                 return None
 
-        wait_until(ready, READY_TIMEOUT, f"box {self.name} to answer")
+        try:
+            wait_until(ready, READY_TIMEOUT, f"box {self.name} to answer")
+        except Exception as e:
+            # What the controller said is the cause; the timeout is not.
+            raise RuntimeError(f"{e}; controller log:\n{self.log()}") from e
 
     def log(self) -> str:
         try:

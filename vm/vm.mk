@@ -1,0 +1,42 @@
+# SPDX-License-Identifier: GPL-2.0
+# Targets that run ctctl's tests inside a virtme-ng guest (see docs/vm.md).
+# Included by the top-level Makefile; paths are relative to the repo root.
+#
+#   make vm-test                      BPF + integration tiers + tests/vm, Debian's kernel
+#   make vm-test KERNEL=~/linux       the same on a kernel build tree (or a bzImage)
+#   make vm-test VM_TESTS='tests/vm -v'   any pytest selection
+#   make vm-stage                     the short `-m vm` subset that `make test` runs
+#
+# VM_ACCEL=kvm|tcg skips the KVM probe; SKIP_VM=1 leaves the stage out of
+# `make test`, loudly.  The guest's output is also kept in $(VM_OUT)/.
+
+VM_PYTHON   ?= .venv/bin/python
+VM_TESTS    ?= tests/bpf tests/integration tests/vm -v
+VM_TIMEOUT  ?= 3600
+VM_STAGE_TESTS   ?= -m vm tests -v
+VM_STAGE_TIMEOUT ?= 1800
+KERNEL      ?=
+VM_ACCEL    ?= auto
+VM_OUT      ?= $(or $(OUT),build)
+# Knobs for the tests in the guest: under TCG a BCC compile of ctctl's
+# program takes minutes, not seconds.
+VM_ENV      ?= CTCTL_READY_TIMEOUT=600
+
+vm_run = $(VM_PYTHON) vm/vmrun.py --accel $(VM_ACCEL) $(if $(KERNEL),--kernel '$(KERNEL)') \
+	$(foreach e,$(VM_ENV),--env $(e))
+
+.PHONY: vm-provision vm-test vm-stage
+
+vm-provision:
+	bash vm/provision.sh
+	bash vm/provision-vm.sh
+
+vm-test: vm-provision
+	$(vm_run) --timeout $(VM_TIMEOUT) --log $(VM_OUT)/vm-test.log -- $(VM_TESTS)
+
+vm-stage: vm-provision
+ifeq ($(SKIP_VM),1)
+	@echo "*** VM stage SKIPPED (SKIP_VM=1): nothing was checked on a second kernel ***"
+else
+	$(vm_run) --timeout $(VM_STAGE_TIMEOUT) --log $(VM_OUT)/vm-stage.log -- $(VM_STAGE_TESTS)
+endif
