@@ -167,24 +167,22 @@ def cmd_offload(args) -> int:
     return 0
 
 
-def cmd_events(args) -> int:
+def _print_lines(args, op: str) -> int:
     try:
-        lines = control.request(_box_name(args), "events")["lines"]
+        lines = control.request(_box_name(args), op)["lines"]
     except control.ControlError as e:
         return _die(str(e))
     for line in lines:
         print(line)
     return 0
+
+
+def cmd_events(args) -> int:
+    return _print_lines(args, "events")
 
 
 def cmd_dump_flows(args) -> int:
-    try:
-        lines = control.request(_box_name(args), "dump-flows")["lines"]
-    except control.ControlError as e:
-        return _die(str(e))
-    for line in lines:
-        print(line)
-    return 0
+    return _print_lines(args, "dump-flows")
 
 
 def cmd_topo(args) -> int:

@@ -288,6 +288,8 @@ def flow_record(key, flow, tracker) -> dict:
            "dir": "reply" if flow.dir else "original", "conn_id": flow.conn_id,
            "packets": flow.packets, "bytes": flow.bytes, "last_used_ns": flow.last_used_ns,
            "ct_state": int(flow.ct_state), "mark": flow.mark}
+    if key.proto in (1, 58):   # the key carries the echo id and the (type, code) bytes
+        rec.update(id=rec["sport"], type=rec["dport"] >> 8, code=rec["dport"] & 0xFF)
     if flow.nat & abi.Nat.SRC:
         rec["nat_src"] = f"{addr(flow.nat_src)}:{int.from_bytes(flow.nat_sport.to_bytes(2, 'little'), 'big')}"
     if flow.nat & abi.Nat.DST:

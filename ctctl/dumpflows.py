@@ -114,8 +114,8 @@ def dump_flows(ctl) -> list[str]:
         for key, flow in sorted(ctl.device.read_flows(), key=lambda kf: (kf[1].conn_id, kf[1].dir)):
             r = flow_record(key, flow, ctl.tracker)
             nat = "".join(f",{k}={r[k]}" for k in ("nat_src", "nat_dst") if k in r)
-            if r["proto"] in (1, 58):   # the key carries the echo id and (type, code)
-                l4 = f"id={r['sport']},type={r['dport'] >> 8},code={r['dport'] & 0xFF}"
+            if "type" in r:
+                l4 = f"id={r['id']},type={r['type']},code={r['code']}"
             else:
                 l4 = f"sport={r['sport']},dport={r['dport']}"
             lines.append(f"ct(zone={r['zone']}),{PROTO.get(r['proto'], r['proto'])}(src={r['src']},"

@@ -44,8 +44,8 @@ def format_offload(reply: dict) -> str:
     out = []
     for f in sorted(flows, key=lambda f: (f["conn_id"], f["dir"] != "original")):
         nat = "".join(f" {k}={f[k]}" for k in ("nat_src", "nat_dst") if k in f)
-        if f["proto"] in (1, 58):   # the key carries the echo id and (type, code)
-            l4 = f"type={f['dport'] >> 8} code={f['dport'] & 0xFF} id={f['sport']}"
+        if "type" in f:
+            l4 = f"type={f['type']} code={f['code']} id={f['id']}"
         else:
             l4 = f"sport={f['sport']} dport={f['dport']}"
         out.append(f"{_proto(f['proto']):<7} zone={f['zone']} src={f['src']} dst={f['dst']} "

@@ -53,6 +53,30 @@ def box_config(t: topology.Topology, **extra) -> dict:
     return cfg
 
 
+def firewall_config(t: topology.Topology) -> dict:
+    """A box running the seed's slide-9 firewall (eth5 client side, eth6 server side)."""
+    from ctctl import firewall
+
+    cfg = box_config(t, rules=firewall.rules("eth5", "eth6"))
+    del cfg["forward"]
+    return cfg
+
+
+def running(cfg: dict, t: topology.Topology):
+    """A BoxProcess for `cfg` with the topology's hosts at hand."""
+    b = BoxProcess(cfg)
+    b.topo = t
+    b.client, b.server = t.port("eth5").host, t.port("eth6").host
+    return b
+
+
+@pytest.fixture
+def fwbox(topo):
+    """A running box with the slide-9 firewall, offloading as configured by default."""
+    with running(firewall_config(topo), topo) as b:
+        yield b
+
+
 @pytest.fixture
 def box(topo):
     """A running controller (a real `ctctl load` process) on `topo`."""

@@ -6,21 +6,9 @@ import sys
 
 import pytest
 
-from conftest import box_config
 from ctctl import firewall, traffic
-from ctctl.boxproc import BoxProcess
 
 CTCTL = [sys.executable, "-m", "ctctl"]
-
-
-@pytest.fixture
-def fwbox(topo):
-    cfg = box_config(topo, rules=firewall.rules("eth5", "eth6"))
-    del cfg["forward"]
-    with BoxProcess(cfg) as b:
-        b.topo = topo
-        b.client, b.server = topo.port("eth5").host, topo.port("eth6").host
-        yield b
 
 
 def ctctl(b, *words):

@@ -6,9 +6,8 @@ punted, counters that agree.  Also part of the host's own run."""
 
 import pytest
 
-from conftest import box_config
-from ctctl import abi, firewall, topology, traffic
-from ctctl.boxproc import BoxProcess
+from conftest import firewall_config, running
+from ctctl import abi, topology, traffic
 
 pytestmark = pytest.mark.vm
 
@@ -17,11 +16,7 @@ pytestmark = pytest.mark.vm
 def guestbox():
     topo = topology.build(topology.unique_tag("ctctl-g"), ["eth5", "eth6"], ["client", "server"])
     try:
-        cfg = box_config(topo, rules=firewall.rules("eth5", "eth6"))
-        del cfg["forward"]
-        with BoxProcess(cfg) as b:
-            b.topo = topo
-            b.client, b.server = topo.port("eth5").host, topo.port("eth6").host
+        with running(firewall_config(topo), topo) as b:
             yield b
     finally:
         topo.destroy()

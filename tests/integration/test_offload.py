@@ -8,20 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import box_config
-from ctctl import firewall, traffic
-from ctctl.boxproc import BoxProcess
-from ctctl.topology import ns_exec
-
-
-@pytest.fixture
-def offbox(topo):
-    cfg = box_config(topo, rules=firewall.rules("eth5", "eth6"))
-    del cfg["forward"]
-    with BoxProcess(cfg) as b:
-        b.topo = topo
-        b.client, b.server = topo.port("eth5").host, topo.port("eth6").host
-        yield b
+from ctctl import traffic
 
 
 def count_rule(ns: str, spec: list[str]) -> None:
@@ -49,8 +36,8 @@ def directions(line: str) -> list[tuple[int, int]]:
     return [(int(p), int(n)) for p, n in re.findall(r"packets=(\d+) bytes=(\d+)", line)]
 
 
-def test_100mb_tcp_is_offloaded_and_counted_exactly(offbox):
-    b = offbox
+def test_100mb_tcp_is_offloaded_and_counted_exactly(fwbox):
+    b = fwbox
     count_rule(b.server.netns, ["-p", "tcp", "--dport", "5001"])
     count_rule(b.client.netns, ["-p", "tcp", "--sport", "5001"])
     before = b.stats()["program"]
@@ -67,8 +54,8 @@ def test_100mb_tcp_is_offloaded_and_counted_exactly(offbox):
     assert directions(line) == [counted(b.server.netns), counted(b.client.netns)], line
 
 
-def test_udp_offloaded_once_assured(offbox):
-    b = offbox
+def test_udp_offloaded_once_assured(fwbox):
+    b = fwbox
     count_rule(b.server.netns, ["-p", "udp", "--dport", "5002"])
     before = b.stats()["program"]["punted"]
     # 2.5 s of one datagram every 100 ms makes it a stream (ASSURED: the
@@ -82,8 +69,8 @@ def test_udp_offloaded_once_assured(offbox):
     assert directions(line)[0] == counted(b.server.netns), line
 
 
-def test_ping_is_offloaded_after_its_first_reply(offbox):
-    b = offbox
+def test_ping_is_offloaded_after_its_first_reply(fwbox):
+    b = fwbox
     before = b.stats()["program"]["punted"]
     r = traffic.ping(b.client.netns, b.server.addr4, count=50, interval=0.01)
     assert r.ok, r

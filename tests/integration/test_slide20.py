@@ -86,7 +86,8 @@ class Capture:
     def __init__(self, ns: str, ifname: str, bpf_filter: str):
         self._dir = tempfile.TemporaryDirectory(prefix="ctctl-cap-")
         self.path = os.path.join(self._dir.name, "cap.pcap")
-        self.proc = ns_popen(ns, "tcpdump", "-i", ifname, "-Q", "in", "--immediate-mode", "-U", "-n", "-s", "0",
+        self.proc = ns_popen(ns, "tcpdump", "-i", ifname, "-Q", "in", "--immediate-mode", "-U",
+                             "-B", "65536", "-n", "-s", "0",
                              "-w", self.path, bpf_filter,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.err: list[str] = []
@@ -183,7 +184,7 @@ def test_nat_in_hardware_then_software_at_the_same_step(natbox):
 
     # On the wire at the server: every packet NATed exactly once.
     payload = sum(len(p[TCP].payload) for p in server_pkts)
-    assert payload >= SIZE, (payload, len(server_pkts))
+    assert payload >= SIZE, (payload, len(server_pkts), "".join(at_server.err))
     bad = [p.summary() for p in server_pkts
            if p[IP].src != NAT_ADDR or p[TCP].sport != nat_port or p[IP].dst != b.server.addr4
            or p[TCP].dport != PORT or not checksums_ok(p)]
