@@ -351,15 +351,24 @@ class Pipeline:
     def _restore(self, pkt: Packet, meta: CtMeta, resume: Resume, f: Filter) -> None:
         """The driver's part of a miss: give the packet its connection back.
 
-        Resuming *at* a ct action means the hardware wants conntrack to see
-        the packet (a miss, or a packet software must see such as a FIN):
-        the action goes to the tracker, not to the per-packet cache.  If the
-        hardware already applied that action's NAT, the packet is first
-        rewritten back to its untranslated tuple, so the tracker finds the
-        entry and translates it once more: the packet leaves translated
-        exactly once.  Resuming elsewhere restores the connection for later
-        ct actions in the same zone (the cache)."""
+        The program stops at a ct action before that action does anything
+        (a miss, a FIN, a force on a reply): software runs it.  What `done`
+        says was done came from an earlier ct.  If that ct ran in the same
+        zone, this one is act_ct's per-packet cache, as it would have been
+        in software from the start.  In another zone, a packet translated
+        by the earlier ct is rewritten back first, so the tracker finds its
+        entry and the packet leaves translated exactly once.  Resuming
+        elsewhere restores the connection for later ct actions (the cache)."""
         a = f.actions[resume.action] if resume.action < len(f.actions) else None
+        if (isinstance(a, CtAction) and not a.clear and resume.done & Done.CT
+                and meta.ct_state & CtState.TRK and meta.zone == a.zone):
+            # The hardware already ran a ct in this zone on this packet (and
+            # maybe its NAT): this one is act_ct's per-packet cache, as it
+            # would have been in software from the start.  _ct decides.
+            found = self._find_conn(pkt, meta.zone)
+            if found is not None:
+                meta.conn, meta.reply = found[0], found[1] == 1
+            return
         if isinstance(a, CtAction):
             if a.nat is not None and resume.done & (Done.SNAT | Done.DNAT):
                 found = self._find_conn(pkt, a.zone)

@@ -70,11 +70,16 @@ def test_udp_offloaded_once_assured(fwbox):
 
 
 def test_ping_is_offloaded_after_its_first_reply(fwbox):
+    """The first request and reply establish the entry in software; the
+    hardware answers the rest.  A request sent while the controller is
+    still offloading is punted too (a race the design allows), so the
+    bound is on the hardware's share, not an exact punt count."""
     b = fwbox
-    before = b.stats()["program"]["punted"]
+    before = b.stats()["program"]["punts_by_reason"]
     r = traffic.ping(b.client.netns, b.server.addr4, count=50, interval=0.01)
     assert r.ok, r
-    punted = b.stats()["program"]["punted"] - before
-    assert punted <= 4, punted    # request + reply, then the hardware
-    flows = b.request("offload")["flows"]
-    assert any(f["proto"] == 1 and f["packets"] > 40 for f in flows), flows
+    after = b.stats()["program"]["punts_by_reason"]
+    ip_punts = sum(after.get(k, 0) - before.get(k, 0) for k in ("ct_miss", "ct_flags"))
+    assert 2 <= ip_punts <= 10, (before, after)
+    flows = [f for f in b.request("offload")["flows"] if f["proto"] == 1]
+    assert len(flows) == 2 and all(f["packets"] >= 40 for f in flows), flows

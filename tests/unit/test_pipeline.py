@@ -386,17 +386,15 @@ def test_snat_in_software():
     assert conn.packets == [2, 1]
 
 
-def test_resume_at_ct_after_hardware_applied_snat():
-    """The hardware looked the packet up, applied the SNAT of chain 0's ct
-    action and stopped there (a FIN: software must see it).  Software
-    continues at that action: the packet leaves translated once, conntrack
-    counts it once, and no second entry appears."""
+def test_fin_punted_at_the_ct_action_is_tracked_and_translated_once():
+    """The hardware stops at a ct action before it does anything (a FIN on
+    an offloaded flow: conntrack must see it).  Software runs that action:
+    the packet leaves translated once, conntrack counts it once, no second
+    entry appears."""
     pl, conn, port = _snat_established()
     before = list(conn.packets)
-    # What the hardware hands over: the already translated packet.
-    pkt = tcp(PUBLIC, SERVER, port, 80, flags="FA", seq=1001, ack=5001)
-    r = Resume(chain=0, rule=0, action=0, ct_state=TRK | EST | SNAT, done=Done.CT | Done.SNAT)
-    v = pl.process(pkt, "eth5", resume=r)
+    pkt = tcp(CLIENT, SERVER, 40000, 80, flags="FA", seq=1001, ack=5001)
+    v = pl.process(pkt, "eth5", resume=Resume(chain=0, rule=0, action=0))
     assert (v.kind, v.output) == ("output", "eth6"), v
     assert (str(v.packet.src), v.packet.sport) == (PUBLIC, port)
     assert (str(v.packet.dst), v.packet.dport) == (SERVER, 80)
@@ -408,17 +406,34 @@ def test_resume_at_ct_after_hardware_applied_snat():
     assert v.trace[0].resumed and [s.chain for s in v.trace] == [0, 1]
 
 
-def test_resume_reply_at_ct_after_hardware_undid_snat():
+def test_reply_punted_at_the_ct_action_is_untranslated_once():
     pl, conn, port = _snat_established()
     before = list(conn.packets)
-    pkt = tcp(SERVER, CLIENT, 80, 40000, flags="PA", seq=5001, ack=1001, payload=b"hi")
-    r = Resume(chain=0, rule=0, action=0, ct_state=TRK | EST | RPL | DNAT, done=Done.CT | Done.DNAT)
-    v = pl.process(pkt, "eth6", resume=r)
+    pkt = tcp(SERVER, PUBLIC, 80, port, flags="PA", seq=5001, ack=1001, payload=b"hi")
+    v = pl.process(pkt, "eth6", resume=Resume(chain=0, rule=0, action=0))
     assert (v.kind, v.output) == ("output", "eth5")
     assert (str(v.packet.dst), v.packet.dport) == (CLIENT, 40000)
     assert (str(v.packet.src), v.packet.sport) == (SERVER, 80)
+    assert v.packet.verify_l4_checksum()
     assert conn.packets == [before[0], before[1] + 1]
     assert len(pl.tracker.entries()) == 1
+
+
+def test_second_ct_in_the_zone_after_the_hardwares_nat_is_the_cache():
+    """Resuming at a ct action when the hardware already ran a ct in the
+    same zone (done has CT, ct_state +trk): act_ct's per-packet cache, as in
+    software from the start.  No second lookup, no second count, no second
+    translation."""
+    pl, conn, port = _snat_established()
+    before = list(conn.packets)
+    pkt = tcp(PUBLIC, SERVER, port, 80, flags="A", seq=1001, ack=5001)
+    raw = bytes(pkt.data)
+    r = Resume(chain=0, rule=0, action=0, ct_state=TRK | EST | SNAT, done=Done.CT | Done.SNAT)
+    v = pl.process(pkt, "eth5", resume=r)
+    assert (v.kind, v.output) == ("output", "eth6"), v
+    assert bytes(v.packet.data) == raw
+    assert conn.packets == before
+    assert pl.counters["ct_cached"] == 1 and pl.tracker.entries() == [conn]
 
 
 def test_resume_after_ct_action_does_not_track_or_nat_again():
@@ -446,15 +461,6 @@ def test_resume_without_hardware_nat_runs_ct_normally():
     v = pl.process(tcp(flags="PA", seq=1001, ack=5001, payload=b"z"), "eth5", resume=r)
     assert (str(v.packet.src), v.packet.sport) == (PUBLIC, port)
     assert v.meta.ct_state == TRK | EST | SNAT
-
-
-def test_resume_nat_of_an_expired_connection_is_counted():
-    pl, conn, port = _snat_established()
-    pl.tracker.delete(conn)
-    r = Resume(chain=0, rule=0, action=0, ct_state=TRK | EST | SNAT, done=Done.CT | Done.SNAT)
-    v = pl.process(tcp(PUBLIC, SERVER, port, 80, flags="A", seq=1001, ack=5001), "eth5", resume=r)
-    assert pl.counters["resume_nat_lost"] == 1
-    assert v.kind in ("drop", "output")
 
 
 def test_resume_with_hops_counts_toward_the_limit():
