@@ -158,3 +158,40 @@ def test_policy_config_is_checked():
     with pytest.raises(ValueError, match="unknown offload key"):
         OffloadPolicy.from_config({"tpc": "never"})
     assert OffloadPolicy.from_config({"icmp": "never", "tcp_timeout": 60}).tcp_timeout == 60
+
+
+def _punted_then_tracked(tracker, mgr, h, f):
+    res = h.run(f)
+    assert [p.reason for p in res.punts] == [abi.Reason.CT_FLAGS], res
+    out = tracker.ct(parse(res.punts[0].frame), commit=True)
+    mgr.after_packet([out.conn])
+    return out.conn
+
+
+def test_rst_takes_both_directions_out_at_once(box):
+    tracker, dev, mgr, h, clock, log = box
+    conn = handshake(tracker, mgr, 40006)
+    _punted_then_tracked(tracker, mgr, h, frame(40006, flags="R"))
+    assert conn.state == "CLOSE"
+    assert conn.id not in mgr.hw and dev.read_flows() == []
+    assert mgr.stats()["removed_rst"] == 1
+    # Back in software with CLOSE's own timeout, not the offload timeout.
+    assert conn.timeout_at - clock.t == tracker.config.timeouts["CLOSE"]
+
+
+def test_closing_keeps_a_finned_flow_in_hardware_until_time_wait(box):
+    tracker, dev, mgr, h, clock, log = box
+    mgr.policy.closing = True
+    conn = handshake(tracker, mgr, 40007)
+    _punted_then_tracked(tracker, mgr, h, frame(40007, flags="FA"))
+    assert conn.state == "FIN_WAIT" and conn.id in mgr.hw      # still in hardware
+    # The other side's FIN and the last ACK bring it to TIME_WAIT: out.
+    _punted_then_tracked(tracker, mgr, h, frame(40007, flags="FA", reply=True))
+    res = h.run(frame(40007, flags="A"))
+    if res.punts:   # the entry may already be gone; either way software tracks it
+        tracker.ct(parse(res.punts[0].frame), commit=True)
+    else:
+        tracker.ct(parse(bytearray(frame(40007, flags="A"))), commit=True)
+    mgr.after_packet([conn])
+    assert conn.state == "TIME_WAIT" and conn.id not in mgr.hw
+    assert mgr.stats()["removed_fin"] == 1

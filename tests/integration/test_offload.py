@@ -57,6 +57,7 @@ def test_100mb_tcp_is_offloaded_and_counted_exactly(fwbox):
 def test_udp_offloaded_once_assured(fwbox):
     b = fwbox
     count_rule(b.server.netns, ["-p", "udp", "--dport", "5002"])
+    count_rule(b.client.netns, ["-p", "udp", "--sport", "5002"])
     before = b.stats()["program"]["punted"]
     # 2.5 s of one datagram every 100 ms makes it a stream (ASSURED: the
     # kernel wants a reply and 2 s of life), then 2,000 at once.
@@ -66,7 +67,7 @@ def test_udp_offloaded_once_assured(fwbox):
     assert punted < 2 * 30, punted   # software saw the paced start, not the burst
     line = conn_line(b, "udp", 5002)
     assert "[ASSURED]" in line and "[HW_OFFLOAD]" in line, line
-    assert directions(line)[0] == counted(b.server.netns), line
+    assert directions(line) == [counted(b.server.netns), counted(b.client.netns)], line
 
 
 def test_ping_is_offloaded_after_its_first_reply(fwbox):
@@ -75,9 +76,13 @@ def test_ping_is_offloaded_after_its_first_reply(fwbox):
     still offloading is punted too (a race the design allows), so the
     bound is on the hardware's share, not an exact punt count."""
     b = fwbox
+    count_rule(b.server.netns, ["-p", "icmp", "--icmp-type", "echo-request"])
+    count_rule(b.client.netns, ["-p", "icmp", "--icmp-type", "echo-reply"])
     before = b.stats()["program"]["punts_by_reason"]
     r = traffic.ping(b.client.netns, b.server.addr4, count=50, interval=0.01)
     assert r.ok, r
+    line = next(l for l in b.request("conntrack")["lines"] if l.startswith("icmp "))
+    assert directions(line) == [counted(b.server.netns), counted(b.client.netns)], line
     after = b.stats()["program"]["punts_by_reason"]
     ip_punts = sum(after.get(k, 0) - before.get(k, 0) for k in ("ct_miss", "ct_flags"))
     assert 2 <= ip_punts <= 10, (before, after)
