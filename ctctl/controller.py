@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import errno
 import os
-from collections import deque
 import signal
+import sys
 import threading
 import time
-from collections import Counter as Tally
+import traceback
+from collections import Counter as Tally, deque
 from dataclasses import asdict
 
 from ctctl import abi, control
@@ -97,7 +98,10 @@ class Controller:
                     if self.offload is not None and v.cts:
                         self.offload.after_packet([c.result.conn for c in v.cts if c.result])
             except Exception as e:  # a bug must cost one packet, not the box
-                self.drops["error_" + type(e).__name__] += 1
+                key = "error_" + type(e).__name__
+                if not self.drops[key]:   # the first of its kind goes to the log
+                    traceback.print_exc(file=sys.stderr)
+                self.drops[key] += 1
                 return
             if v.kind != "output":
                 self.drops[v.reason or v.kind] += 1
@@ -165,7 +169,7 @@ class Controller:
                     self.offload.sync()
                 return {"lines": dump_flows(self)}
         raise control.ControlError(f"unknown request {op!r} "
-                                   "(stats, ping, stop, filter, conntrack, offload, dump-flows)")
+                                   "(stats, ping, stop, filter, conntrack, offload, events, dump-flows)")
 
     def offload_command(self, req: dict) -> dict:
         """List the hardware entries, or put a connection in or out by hand."""
@@ -175,7 +179,7 @@ class Controller:
         with self.lock:
             if action == "list":
                 self.offload.sync()
-                return {"flows": [flow_record(k, f, self.tracker) for k, f in self.device.read_flows()],
+                return {"flows": [flow_record(k, f) for k, f in self.device.read_flows()],
                         "pending": [c.id for c in self.offload.pending]}
             conn = next((c for c in self.tracker.entries() if c.id == req.get("id")), None)
             if conn is None:
@@ -276,7 +280,7 @@ class Controller:
                 signal.signal(s, h)
 
 
-def flow_record(key, flow, tracker) -> dict:
+def flow_record(key, flow) -> dict:
     """One hardware entry for `ctctl offload --json`."""
     import ipaddress
 

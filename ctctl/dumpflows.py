@@ -112,7 +112,7 @@ def dump_flows(ctl) -> list[str]:
         from ctctl.controller import flow_record
 
         for key, flow in sorted(ctl.device.read_flows(), key=lambda kf: (kf[1].conn_id, kf[1].dir)):
-            r = flow_record(key, flow, ctl.tracker)
+            r = flow_record(key, flow)
             nat = "".join(f",{k}={r[k]}" for k in ("nat_src", "nat_dst") if k in r)
             if "type" in r:
                 l4 = f"id={r['id']},type={r['type']},code={r['code']}"
