@@ -29,8 +29,10 @@ fi
 #   /lib/modules/<guest kernel>/build exists inside the guest.
 # busybox-static: virtme-ng builds an initramfs around it whenever the kernel
 #   needs modules to mount its root, which Debian's kernel does.
+# file, kmod: virtme-ng runs `file` to check busybox is static and reads
+#   the kernel's modules with kmod's tools (a minimal Debian has neither).
 pkgs=(qemu-system-x86 linux-image-amd64 linux-headers-amd64 busybox-static
-      python3-venv)
+      python3-venv file kmod)
 
 have_pkg() { dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null | grep -qx installed; }
 
