@@ -216,6 +216,10 @@ def cmd_demo(args) -> int:
     return demo.run(size_mb=args.size, as_json=args.json)
 
 
+def _name_arg(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--name", "-n", help="box name (default: the only loaded box)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ctctl",
@@ -235,12 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_load)
 
     s = sub.add_parser("unload", help="stop a box; cleans up after a controller that died")
-    s.add_argument("--name", "-n", help="box name (default: the only loaded box)")
+    _name_arg(s)
     s.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the controller (default 10)")
     s.set_defaults(func=cmd_unload)
 
     s = sub.add_parser("stats", help="counters of the program and the controller")
-    s.add_argument("--name", "-n", help="box name (default: the only loaded box)")
+    _name_arg(s)
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_stats)
 
@@ -254,19 +258,19 @@ def build_parser() -> argparse.ArgumentParser:
                               "  ctctl filter show dev eth5 -s\n"
                               "  ctctl filter del dev eth5 chain 9 prio 49152\n"
                               "A refused rule changes nothing; the error names the token and its column.")
-    s.add_argument("--name", "-n", help="box name (default: the only loaded box)")
+    _name_arg(s)
     s.add_argument("words", nargs=argparse.REMAINDER, help="add|del|show ... as tc takes it")
     s.set_defaults(func=cmd_filter)
 
     s = sub.add_parser("conntrack", help="the box's connection table, as conntrack -L prints it")
     s.add_argument("-L", "--dump", action="store_true", default=True, help="list entries (the default)")
-    s.add_argument("--name", "-n", help="box name (default: the only loaded box)")
+    _name_arg(s)
     s.add_argument("-o", "--output", choices=["id"], help="id: add each entry's id (for ctctl offload)")
     s.add_argument("--json", action="store_true", help="a JSON list of the lines")
     s.set_defaults(func=cmd_conntrack)
 
     s = sub.add_parser("events", help="the box's recent conntrack events (as conntrack -E) and offload decisions")
-    s.add_argument("--name", "-n", help="box name (default: the only loaded box)")
+    _name_arg(s)
     s.set_defaults(func=cmd_events)
 
     s = sub.add_parser("offload", help="the hardware's offload table; put a connection in or out by hand",
@@ -278,13 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
                               "  ctctl offload add 7           # into hardware, policy or not\n")
     s.add_argument("action", nargs="?", choices=["list", "add", "del"], default="list")
     s.add_argument("id", nargs="?", type=int, help="connection id (add, del)")
-    s.add_argument("--name", "-n", help="box name (default: the only loaded box)")
+    _name_arg(s)
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_offload)
 
     s = sub.add_parser("dump-flows", help="hardware rules and offloaded entries with counters, "
                                           "in the style of ovs-dpctl dump-flows")
-    s.add_argument("--name", "-n", help="box name (default: the only loaded box)")
+    _name_arg(s)
     s.set_defaults(func=cmd_dump_flows)
 
     s = sub.add_parser("topo", help="create or destroy a box namespace with hosts on veth pairs")

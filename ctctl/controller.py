@@ -58,7 +58,7 @@ class Controller:
         self.tx_pkts = Tally()     # transmitted, per output port
         self.tx_bytes = Tally()
         self.drops = Tally()       # software drops, per cause
-        self.reasons = Tally()     # punts received, per reason
+        self.reasons = Tally()     # punts received, per abi.Reason value
         self.tracker = ConnTracker(clock=clock)
         self.ruleset = RuleSet(cfg.rules) if cfg.rules is not None else None
         self.pipeline = Pipeline(self.ruleset, self.tracker, cfg.ports) if self.ruleset is not None else None
@@ -76,8 +76,7 @@ class Controller:
         """One punted packet: decide and transmit.  Never raises: a packet
         software cannot handle is dropped and counted."""
         in_port = self.port_by_ifindex.get(punt.hdr.ifindex)
-        reason = abi.Reason(punt.hdr.reason).label
-        self.reasons[reason] += 1
+        self.reasons[punt.hdr.reason] += 1   # named when stats are asked for
         if in_port is None:
             self.drops["unknown_port"] += 1
             return
@@ -126,7 +125,7 @@ class Controller:
                 "received": sum(self.rx.values()),
                 "ring_lost": self.reader.lost if self.reader else 0,
                 "malformed_samples": self.reader.malformed if self.reader else 0,
-                "by_reason": dict(self.reasons),
+                "by_reason": {abi.Reason(r).label: n for r, n in self.reasons.items()},
                 "drops": dict(self.drops),
             },
             "pipeline": dict(self.pipeline.counters) if self.pipeline else None,
