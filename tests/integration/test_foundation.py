@@ -66,7 +66,10 @@ def test_stats_cli_json_and_text(box):
     s = json.loads(r.stdout)
     assert s["box"] == box.name and set(s["ports"]) == {"eth5", "eth6"}
     r = subprocess.run(CTCTL + ["stats", "--name", box.name], capture_output=True, text=True)
-    assert r.returncode == 0 and "punts by reason" in r.stdout or "program:" in r.stdout
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"box {box.name}, up ") and lines[1].startswith("program:  rx "), r.stdout
+    assert {l.split()[0] for l in lines if l.startswith("eth")} == {"eth5", "eth6"}, r.stdout
 
 
 @pytest.mark.parametrize("mutate, words", [

@@ -1,0 +1,49 @@
+"""Who handled a connection's packets: the hardware or software.
+
+The conntrack line (`ctctl conntrack`) has the connection's total per
+direction, hardware and software counts folded together; the event that
+took it out of hardware (`ctctl events`) has what the hardware counted.
+Software handled the difference."""
+
+from __future__ import annotations
+
+import re
+
+
+def conn_line_and_id(b, proto: str, dport: int) -> tuple[str, int]:
+    ct = b.request("conntrack")
+    return next((l, i) for l, i in zip(ct["lines"], ct["ids"])
+                if l.startswith(proto) and f"dport={dport} " in l)
+
+
+def directions(line: str) -> list[tuple[int, int]]:
+    """(packets, bytes) of the original and the reply direction."""
+    return [(int(p), int(n)) for p, n in re.findall(r"packets=(\d+) bytes=(\d+)", line)]
+
+
+def hardware_counted(b, conn_id: int) -> tuple[int, int]:
+    """Packets the hardware counted for a connection, per direction."""
+    pat = re.compile(rf"conn {conn_id}: out of hardware \(\w+\); hardware counted (\d+)\+(\d+) packets")
+    lines = b.request("events")["lines"]
+    found = [m for m in map(pat.search, lines) if m]
+    assert len(found) == 1, lines
+    return int(found[0][1]), int(found[0][2])
+
+
+def assert_software_saw_only_setup_and_teardown(b, dport: int) -> None:
+    """For a finished TCP connection (client to server port `dport`) that
+    was offloaded and taken out by its FIN."""
+    line, conn_id = conn_line_and_id(b, "tcp", dport)
+    total = [p for p, _ in directions(line)]
+    hw = hardware_counted(b, conn_id)
+    sw = [total[0] - hw[0], total[1] - hw[1]]
+    why = (line, "software", sw, "hardware", hw)
+    # Client to server: SYN and ACK, at most the initial window of data
+    # (IW10; it was in flight while the ACK installed the entries, so it
+    # was punted), then FIN and the last ACK.  Without loss TCP sends no
+    # more.
+    assert 4 <= sw[0] <= 2 + 10 + 2, why
+    # Server to client: SYN-ACK, FIN, and whatever ACKs and window updates
+    # the server sends after the client's FIN took the entries out.  How
+    # many depends on how far its reader lags, so the bound is a share.
+    assert 2 <= sw[1] and sw[1] * 20 < total[1], why
