@@ -11,7 +11,7 @@
 # `make test`, loudly.  The guest's output is also kept in $(VM_OUT)/.
 
 VM_PYTHON   ?= .venv/bin/python
-VM_TESTS    ?= tests/bpf tests/integration tests/vm -v
+VM_TESTS    ?= tests/bpf tests/integration tests/vm -v --durations=10
 VM_TIMEOUT  ?= 3600
 VM_STAGE_TESTS   ?= -m vm tests -v
 VM_STAGE_TIMEOUT ?= 1800
