@@ -26,6 +26,7 @@ from scapy.layers.l2 import Dot1Q, Ether
 
 from ctctl import abi
 from ctctl.abi import ActionKind as A, CtFlags, CtState as CS, Done, Reason
+from checksums import checksums_ok
 from testrun import MAX_FRAME, TC_ACT_OK, TC_ACT_SHOT, Harness
 
 TC_ACT_REDIRECT = 7
@@ -268,19 +269,6 @@ def ping6(ident=0x1234, reply=False, src=C6, dst=S6):
     return eth() / IPv6(src=src, dst=dst) / cls(id=ident, seq=1, data=b"ping")
 
 
-def checksums_valid(frame: bytes) -> bool:
-    """Every checksum of the frame is what scapy computes for its bytes
-    (a UDP checksum of 0 over IPv4 is "none" and left as it is)."""
-    p = Ether(frame)
-    for layer in (IP, TCP, UDP, ICMP):
-        if layer in p and not (layer is UDP and IP in p and p[UDP].chksum == 0):
-            del p[layer].chksum
-    for layer in (ICMPv6EchoRequest, ICMPv6EchoReply):
-        if layer in p:
-            del p[layer].cksum
-    return bytes(Ether(bytes(p))) == frame
-
-
 def rebuilt(pkt, **changes) -> bytes:
     """The frame pkt becomes with `changes` (layer-qualified: ip_src, l4_sport,
     icmp_id ...) and every checksum computed afresh."""
@@ -488,14 +476,14 @@ NAT_CASES = [
 def test_nat_rewrites_the_frame_with_valid_checksums(hw, pkt, entry, changes):
     load(hw, NAT_CHAINS)
     frame = bytes(pkt)
-    assert checksums_valid(frame)
+    assert checksums_ok(frame)
     add_flow(hw, pkt, zone=5, **entry)
     res = hw.run(frame)
     assert res.retval == TC_ACT_REDIRECT, res
     assert res.counters == {"rx": 1, "rx_bytes": len(frame), "ct_hit": 1, "nat": 1, "redirect": 1}
     out = hw.data_out
     assert out == rebuilt(pkt, **changes), Ether(out).show(dump=True)
-    assert checksums_valid(out)
+    assert checksums_ok(out)
     if UDP in pkt and IP in pkt and pkt[UDP].chksum == 0:
         assert Ether(out)[UDP].chksum == 0
 

@@ -24,6 +24,7 @@ from scapy.all import (GRE, ICMP, IP, TCP, UDP, Ether, ICMPv6DestUnreach,  # noq
                        ICMPv6EchoReply, ICMPv6EchoRequest, ICMPv6ND_NS, IPv6, Raw, raw)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from checksums import checksums_ok  # noqa: E402
 from ktrack import KernelCt, parse_conntrack_line, tcp_matrix  # noqa: E402
 
 from ctctl.conntrack import ConnTracker, format_conntrack  # noqa: E402
@@ -456,15 +457,6 @@ def _fields(frame: bytes) -> dict:
     return out
 
 
-def _checksums_ok(frame: bytes) -> bool:
-    q = Ether(frame).copy()
-    for lay in q.iterpayloads():
-        for f in ("chksum", "cksum"):
-            if f in lay.fields and not (isinstance(lay, UDP) and lay.fields[f] == 0):
-                del lay.fields[f]
-    return raw(q) == frame[:len(raw(q))]
-
-
 @pytest.fixture(scope="module")
 def kernel_nat():
     with KernelNat() as k:
@@ -487,7 +479,7 @@ def test_nat_same_as_kernel(kernel_nat, name):
         ours = bytes(p.data)
         theirs = k.forwarded(lambda f: f[12:14] == b"\x08\x00" and Ether(f)[IP].proto == ip[IP].proto)
         assert _fields(ours) == _fields(theirs), where
-        assert _checksums_ok(ours) and _checksums_ok(theirs), where
+        assert checksums_ok(ours) and checksums_ok(theirs), where
         now = time.monotonic()
         mine = {(e["orig"]["src"], e["orig"]["dst"]): e["reply"] for e in
                 (parse_conntrack_line(format_conntrack(c, now)) for c in tracker.entries())}
