@@ -28,6 +28,7 @@ from ctctl.config import BoxConfig
 from ctctl.conntrack import ConnTracker, format_conntrack, format_event
 from ctctl.device import Device
 from ctctl.offload import OffloadManager
+from ctctl.packet import ParseError, complete_partial_checksum, parse
 from ctctl.pipeline import Pipeline, Resume
 from ctctl.rules import (AddCommand, MirredAction, RuleSet, RuleSyntaxError, execute, format_filter,
                          parse_command)
@@ -59,6 +60,7 @@ class Controller:
         self.tx_bytes = Tally()
         self.drops = Tally()       # software drops, per cause
         self.reasons = Tally()     # punts received, per abi.Reason value
+        self.csum_completed = 0    # checksums a sender left to its NIC (packet.py)
         self.tracker = ConnTracker(clock=clock)
         self.ruleset = RuleSet(cfg.rules) if cfg.rules is not None else None
         self.pipeline = Pipeline(self.ruleset, self.tracker, cfg.ports) if self.ruleset is not None else None
@@ -82,8 +84,15 @@ class Controller:
             return
         self.rx[in_port] += 1
         self.rx_bytes[in_port] += len(punt.frame)
+        try:
+            pkt = parse(punt.frame)
+        except ParseError:
+            pkt = None    # the pipeline counts it; a static port map forwards it
+        if pkt is not None and complete_partial_checksum(pkt):
+            self.csum_completed += 1
         if self.pipeline is None:
-            out, frame = self.cfg.forward.get(in_port), punt.frame
+            out = self.cfg.forward.get(in_port)
+            frame = pkt.data if pkt is not None else punt.frame
             if out is None:
                 self.drops["no_route"] += 1
                 return
@@ -93,7 +102,7 @@ class Controller:
             resume = Resume.from_punt(punt.hdr) if punt.hdr.reason in RESUMABLE else None
             try:
                 with self.lock:
-                    v = self.pipeline.process(punt.frame, in_port, resume)
+                    v = self.pipeline.process(pkt if pkt is not None else punt.frame, in_port, resume)
                     if self.offload is not None and v.cts:
                         self.offload.after_packet([c.result.conn for c in v.cts if c.result])
             except Exception as e:  # a bug must cost one packet, not the box
@@ -126,6 +135,7 @@ class Controller:
                 "ring_lost": self.reader.lost if self.reader else 0,
                 "malformed_samples": self.reader.malformed if self.reader else 0,
                 "by_reason": {abi.Reason(r).label: n for r, n in self.reasons.items()},
+                "csum_completed": self.csum_completed,
                 "drops": dict(self.drops),
             },
             "pipeline": dict(self.pipeline.counters) if self.pipeline else None,

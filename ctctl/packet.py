@@ -538,3 +538,30 @@ def fix_l4_checksum(pkt: Packet) -> None:
         if val == 0 and pkt.proto == IPPROTO_UDP:
             val = 0xFFFF
     struct.pack_into("!H", pkt.data, c, val)
+
+
+def complete_partial_checksum(pkt: Packet) -> bool:
+    """Finish a TCP or UDP checksum that the sender left to its NIC.
+
+    A sender with checksum offload (veth's default) hands the device a
+    packet whose checksum field holds only the pseudo-header sum, and the
+    skb says so (CHECKSUM_PARTIAL); the kernel's conntrack trusts such a
+    packet, and the receiving stack on a veth pair trusts it too.  A punted
+    packet crosses to software as bytes, without that flag, so it looks
+    corrupt to the tracker and to a receiver once software transmits it.
+    The field's value tells the case apart: exactly the pseudo-header sum
+    while the full checksum is wrong.  A corrupt packet whose field happens
+    to hold that value (1 in 65,536) is "repaired" too; that is the cost.
+
+    Returns whether the checksum was completed (``pkt`` is changed in
+    place)."""
+    if (pkt.proto not in (IPPROTO_TCP, IPPROTO_UDP) or pkt.l4_off is None or pkt.is_fragment
+            or pkt._l4_csum_off is None or pkt._l4_csum_off + 2 > pkt.l3_end):
+        return False
+    c = pkt._l4_csum_off
+    field = (pkt.data[c] << 8) | pkt.data[c + 1]
+    pseudo = _pseudo_sum(pkt.ip_version, pkt.src.packed, pkt.dst.packed, pkt.proto, pkt.l3_end - pkt.l4_off)
+    if field != pseudo or pkt.verify_l4_checksum():
+        return False
+    fix_l4_checksum(pkt)
+    return True

@@ -61,13 +61,16 @@ def listening(ns: str, proto: str, port: int) -> bool:
 def tcp_transfer(client_ns: str, server_ns: str, server_addr: str, size: int,
                  port: int = 5001, timeout: float = 120) -> TransferResult:
     """Send `size` random bytes with nc from client to server; compare
-    SHA-256 of what was sent and what arrived."""
+    SHA-256 of what was sent and what arrived.  IPv6 when `server_addr`
+    is an IPv6 address (nc listens on IPv4 only unless told)."""
+    family = ["-6"] if ":" in server_addr else []
     with tempfile.TemporaryDirectory(prefix="ctctl-tcp-") as d:
         src, dst = os.path.join(d, "sent"), os.path.join(d, "received")
         with open(src, "wb") as f:
             f.write(os.urandom(size))
         with open(dst, "wb") as out:
-            server = ns_popen(server_ns, "nc", "-l", "-n", str(port), stdout=out, stderr=subprocess.PIPE)
+            server = ns_popen(server_ns, "nc", "-l", "-n", *family, str(port), stdout=out,
+                              stderr=subprocess.PIPE)
         try:
             wait_until(lambda: listening(server_ns, "tcp", port) or server.poll() is not None,
                        30, f"nc to listen on {server_ns}:{port}")
