@@ -21,8 +21,8 @@ Traffic is made by iperf3, client to server, one sender:
   tcp  one TCP stream: Gbit/s received by the server
 
 Offloads: ctctl.topology turns tx/tso/gso/gro off on all four veth ends
-("off"; the controller path needs it: software retransmits punted frames
-with AF_PACKET).  "on" turns tx/tso/gso/gro back on on all four ends for
+("off": every punted frame is then wire-sized, which AF_PACKET can send
+on).  "on" turns tx/tso/gso/gro back on on all four ends for
 every path alike (64 KB GSO packets then cross the box).  By default UDP is
 measured with offloads off and TCP with both.
 
