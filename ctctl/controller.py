@@ -86,10 +86,13 @@ class Controller:
         self.rx_bytes[in_port] += len(punt.frame)
         try:
             pkt = parse(punt.frame)
+            if complete_partial_checksum(pkt):
+                self.csum_completed += 1
         except ParseError:
             pkt = None    # the pipeline counts it; a static port map forwards it
-        if pkt is not None and complete_partial_checksum(pkt):
-            self.csum_completed += 1
+        except Exception as e:
+            self._bug(e)
+            return
         if self.pipeline is None:
             out = self.cfg.forward.get(in_port)
             frame = pkt.data if pkt is not None else punt.frame
@@ -105,11 +108,8 @@ class Controller:
                     v = self.pipeline.process(pkt if pkt is not None else punt.frame, in_port, resume)
                     if self.offload is not None and v.cts:
                         self.offload.after_packet([c.result.conn for c in v.cts if c.result])
-            except Exception as e:  # a bug must cost one packet, not the box
-                key = "error_" + type(e).__name__
-                if not self.drops[key]:   # the first of its kind goes to the log
-                    traceback.print_exc(file=sys.stderr)
-                self.drops[key] += 1
+            except Exception as e:
+                self._bug(e)
                 return
             if v.kind != "output":
                 self.drops[v.reason or v.kind] += 1
@@ -122,6 +122,14 @@ class Controller:
             return
         self.tx_pkts[out] += 1
         self.tx_bytes[out] += len(frame)
+
+    def _bug(self, e: Exception) -> None:
+        """A bug must cost one packet, not the box: count the drop by the
+        exception's type, and log the first of each type."""
+        key = "error_" + type(e).__name__
+        if not self.drops[key]:
+            traceback.print_exc(file=sys.stderr)
+        self.drops[key] += 1
 
     # -- control ----------------------------------------------------------
     def stats(self) -> dict:

@@ -13,7 +13,7 @@ from scapy.all import (ARP, ICMP, IP, TCP, UDP, Dot1Q, Ether, ICMPv6DestUnreach,
                        IPv6ExtHdrHopByHop, IPv6ExtHdrRouting, Raw, fragment, raw)
 from scapy.utils import checksum as inet_checksum  # noqa: E402
 
-from checksums import checksums_ok  # noqa: E402
+from checksums import checksums_ok, pseudo_header_sum, with_l4_checksum  # noqa: E402
 from ctctl.abi import Reason  # noqa: E402
 from ctctl.packet import ParseError, complete_partial_checksum, fix_l4_checksum, parse  # noqa: E402
 
@@ -208,29 +208,6 @@ class TestRewrite:
         assert isinstance(p.data, bytearray) and bytes(p.data) != data
 
 
-def pseudo_header_sum(p) -> int:
-    """What a sender with checksum offload leaves in the L4 checksum field:
-    the ones' complement sum of the pseudo-header, not inverted (the
-    kernel's ~tcp_v4_check(len, saddr, daddr, 0)).  Written out here rather
-    than taken from ctctl.packet, so that the test checks it."""
-    ip = p[IP] if IP in p else p[IPv6]
-    l4 = bytes(ip.payload)
-    words = ipaddress.ip_address(ip.src).packed + ipaddress.ip_address(ip.dst).packed
-    proto = ip.proto if IP in p else ip.nh
-    s = sum(int.from_bytes(words[i:i + 2], "big") for i in range(0, len(words), 2)) + proto + len(l4)
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
-
-
-def with_checksum(p, value: int) -> bytearray:
-    data = frame(p)
-    pkt = parse(data)
-    off = pkt.l4_off + (16 if pkt.proto == 6 else 6)
-    data[off:off + 2] = value.to_bytes(2, "big")
-    return data
-
-
 PARTIAL_CASES = {
     "tcp4 syn": IP(src="192.0.2.1", dst="192.0.2.2") / TCP(sport=40000, dport=80, flags="S"),
     "tcp4 data": IP(src="192.0.2.1", dst="192.0.2.2") / TCP(sport=40000, dport=80, flags="PA") / Raw(b"x" * 1001),
@@ -244,7 +221,7 @@ class TestPartialChecksum:
     @pytest.mark.parametrize("name", PARTIAL_CASES)
     def test_completed_to_what_the_nic_would_write(self, name):
         p = PARTIAL_CASES[name]
-        data = with_checksum(p, pseudo_header_sum(E / p))
+        data = with_l4_checksum(frame(p), pseudo_header_sum(frame(p)))
         assert not checksums_ok(data)
         pkt = parse(data)
         assert complete_partial_checksum(pkt)
@@ -259,12 +236,12 @@ class TestPartialChecksum:
     @pytest.mark.parametrize("name", PARTIAL_CASES)
     def test_other_wrong_checksums_stay_wrong(self, name):
         p = PARTIAL_CASES[name]
-        data = with_checksum(p, pseudo_header_sum(E / p) ^ 0x0100)
+        data = with_l4_checksum(frame(p), pseudo_header_sum(frame(p)) ^ 0x0100)
         pkt = parse(bytearray(data))
         assert not complete_partial_checksum(pkt) and pkt.data == data and not pkt.verify_l4_checksum()
 
     def test_ipv4_udp_without_checksum_and_icmp_are_not_touched(self):
-        data = with_checksum(IP(src="192.0.2.1", dst="192.0.2.2") / UDP(sport=1, dport=2) / Raw(b"a"), 0)
+        data = with_l4_checksum(frame(IP(src="192.0.2.1", dst="192.0.2.2") / UDP(sport=1, dport=2) / Raw(b"a")), 0)
         assert not complete_partial_checksum(parse(bytearray(data)))
         assert not complete_partial_checksum(parse(frame(IP(src="192.0.2.1", dst="192.0.2.2") / ICMP())))
 
