@@ -23,15 +23,13 @@ gateway MAC that nobody owns.
 
 from __future__ import annotations
 
-import ctypes
-import os
 import re
 import secrets
 import socket
 import subprocess
 import time
 
-CLONE_NEWNET = 0x40000000
+from pyroute2 import netns as pr_netns
 
 CLASSES = [
     ("INVALID", ["-m", "conntrack", "--ctstate", "INVALID"]),
@@ -44,13 +42,20 @@ CLASSES = [
     ("OTHER", []),
 ]
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
+def packet_socket(netns: str, dev: str, proto: int = 0) -> socket.socket:
+    """An AF_PACKET socket bound to `dev` of `netns` (a socket stays in the
+    namespace it was created in); protocol 0 receives nothing."""
+    pr_netns.pushns(netns)
+    try:
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(proto))
+        try:
+            s.bind((dev, 0))
+        except BaseException:
+            s.close()
+            raise
+        return s
+    finally:
+        pr_netns.popns()
 
 
 def run(*args: str, check: bool = True) -> str:
@@ -169,22 +174,7 @@ class KernelCt:
         import json
         self.dst_mac = json.loads(mac)[0]["address"]
         self.src_mac = json.loads(run("ip", "-n", self.tx, "-j", "link", "show", "a0"))[0]["address"]
-        self.sock = self._open_socket()
-
-    def _open_socket(self) -> socket.socket:
-        own = os.open("/proc/self/ns/net", os.O_RDONLY)
-        target = os.open(f"/run/netns/{self.tx}", os.O_RDONLY)
-        try:
-            _setns(target)
-            try:
-                s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
-                s.bind(("a0", 0))
-            finally:
-                _setns(own)
-        finally:
-            os.close(own)
-            os.close(target)
-        return s
+        self.sock = packet_socket(self.tx, "a0")
 
     def close(self) -> None:
         if self.sock is not None:
@@ -372,23 +362,8 @@ class KernelNat(KernelCt):
         for proto in ("tcp", "udp"):
             self.ns("iptables", "-t", "nat", "-A", "PREROUTING", "-i", "b0", "-d", self.VIP, "-p", proto,
                     "--dport", "80", "-j", "DNAT", "--to-destination", f"{self.DNAT_TO}:{self.DNAT_PORT}")
-        self.cap = self._open_socket_on("c1", proto=0x0003)
+        self.cap = packet_socket(self.tx, "c1", proto=0x0003)   # ETH_P_ALL
         self.cap.settimeout(0.05)
-
-    def _open_socket_on(self, dev: str, proto: int) -> socket.socket:
-        own = os.open("/proc/self/ns/net", os.O_RDONLY)
-        target = os.open(f"/run/netns/{self.tx}", os.O_RDONLY)
-        try:
-            _setns(target)
-            try:
-                s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(proto))
-                s.bind((dev, 0))
-            finally:
-                _setns(own)
-        finally:
-            os.close(own)
-            os.close(target)
-        return s
 
     def close(self) -> None:
         cap = getattr(self, "cap", None)
