@@ -19,14 +19,15 @@ import struct
 from collections import Counter
 
 import pytest
-from scapy.layers.inet import GRE, ICMP, IP, TCP, UDP, IPOption_Router_Alert, IPOption_RR
-from scapy.layers.inet6 import (ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment,
+from scapy.layers.inet import GRE, ICMP, IPOption_Router_Alert, IPOption_RR
+from scapy.layers.inet6 import (ICMPv6EchoRequest, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment,
                                 IPv6ExtHdrHopByHop, IPv6ExtHdrRouting)
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.layers.sctp import SCTP
 
 from ctctl import abi
 from ctctl.abi import Reason
+from frames import tcp, udp, v4, v6
 from testrun import (MAX_FRAME, TC_ACT_SHOT, Harness, Refused, Result,
                      expected_counters, refused_by_kernel)
 
@@ -50,22 +51,6 @@ def harness():
 
 def eth(**kw):
     return Ether(src=SRC_MAC, dst=DST_MAC, **kw)
-
-
-def v4(**kw):
-    return IP(src="192.0.2.1", dst="192.0.2.2", **kw)
-
-
-def v6(**kw):
-    return IPv6(src="2001:db8::1", dst="2001:db8::2", **kw)
-
-
-def tcp(**kw):
-    return TCP(sport=40000, dport=80, flags="S", **kw)
-
-
-def udp():
-    return UDP(sport=40000, dport=53)
 
 
 def raw(pkt) -> bytes:

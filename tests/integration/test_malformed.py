@@ -32,12 +32,13 @@ import struct
 from dataclasses import dataclass
 
 import pytest
-from scapy.layers.inet import GRE, ICMP, IP, TCP, UDP, IPOption_RR
-from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting
+from scapy.layers.inet import GRE, ICMP, IPOption_RR
+from scapy.layers.inet6 import IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.layers.sctp import SCTP
 
 from conftest import box_config
+from frames import tcp, udp, v4, v6
 from ctctl import abi, topology, traffic
 from ctctl.abi import Reason
 from ctctl.boxproc import BoxProcess
@@ -57,22 +58,6 @@ WAIT = 30
 
 def eth(**kw):
     return Ether(src="02:00:00:00:00:01", dst=FOREIGN_MAC, **kw)
-
-
-def v4(**kw):
-    return IP(src="192.0.2.1", dst="192.0.2.2", **kw)
-
-
-def v6(**kw):
-    return IPv6(src="2001:db8::1", dst="2001:db8::2", **kw)
-
-
-def tcp(**kw):
-    return TCP(sport=40000, dport=80, flags="S", **kw)
-
-
-def udp():
-    return UDP(sport=40000, dport=53)
 
 
 def program_view(frame: bytes) -> bytes:

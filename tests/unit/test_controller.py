@@ -8,13 +8,14 @@ from __future__ import annotations
 import pytest
 
 pytest.importorskip("scapy.all")
-from scapy.all import IP, TCP, Ether, Raw, raw  # noqa: E402
+from scapy.all import Ether, Raw, raw  # noqa: E402
 
 from checksums import checksums_ok, pseudo_header_sum, with_l4_checksum  # noqa: E402
 from ctctl import abi, controller  # noqa: E402
 from ctctl.config import BoxConfig  # noqa: E402
 from ctctl.controller import Controller  # noqa: E402
 from ctctl.punts import Punt  # noqa: E402
+from frames import tcp, v4  # noqa: E402
 
 IFINDEX = {"eth5": 2, "eth6": 3}
 
@@ -41,9 +42,7 @@ def punt(frame: bytes, port: str = "eth5") -> Punt:
 
 
 def syn(payload: bytes = b"") -> bytes:
-    return raw(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
-               / IP(src="192.0.2.1", dst="192.0.2.2") / TCP(sport=40000, dport=80, flags="S")
-               / Raw(payload))
+    return raw(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / v4() / tcp() / Raw(payload))
 
 
 def test_a_partial_checksum_is_completed_before_the_packet_goes_on():
