@@ -45,7 +45,6 @@ The seed is fixed (CTCTL_EQ_SEED overrides it, to explore).
 from __future__ import annotations
 
 import copy
-import ctypes
 import ipaddress
 import os
 import random
@@ -66,7 +65,7 @@ from ctctl.conntrack import ConnTracker, NatSpec, Status
 from ctctl.device import Device, FlowExists, TableFull, encode_rule, flow_entry
 from ctctl.pipeline import Pipeline, Resume
 from ctctl.rules import RuleSet, RuleSyntaxError, parse_filter
-from testrun import TC_ACT_OK, TC_ACT_SHOT, BpfTestRunOpts, Harness, Refused, SkBuff
+from testrun import TC_ACT_OK, TC_ACT_SHOT, Harness
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ktrack import FakeClock  # noqa: E402
@@ -95,21 +94,8 @@ class OutHarness(Harness):
     def run_out(self, frame: bytes, ifindex: int):
         stale = self.drain()
         assert not stale, stale
-        data = ctypes.create_string_buffer(bytes(frame), len(frame))
-        out = ctypes.create_string_buffer(len(frame) + 512)
-        opts = BpfTestRunOpts(sz=ctypes.sizeof(BpfTestRunOpts),
-                              data_in=ctypes.cast(data, ctypes.c_void_p),
-                              data_size_in=len(frame), repeat=1,
-                              data_out=ctypes.cast(out, ctypes.c_void_p),
-                              data_size_out=len(frame) + 512)
-        ctx = SkBuff(ifindex=ifindex)
-        opts.ctx_in = ctypes.cast(ctypes.pointer(ctx), ctypes.c_void_p)
-        opts.ctx_size_in = ctypes.sizeof(ctx)
-        rc = self._run(self.fn.fd, ctypes.byref(opts))
-        if rc < 0:
-            self.drain()
-            raise Refused(-rc, os.strerror(-rc))
-        return opts.retval, bytes(out.raw[:opts.data_size_out]), self.drain()
+        opts, out = self.prog_test_run(frame, ifindex, out_size=len(frame) + 512)
+        return opts.retval, out, self.drain()
 
 
 @dataclass

@@ -192,10 +192,28 @@ class Harness:
             raise AssertionError(f"{len(stale)} punts pending before the run: {stale}")
         malformed0 = self.reader.malformed
         before = self.counters()
+        opts, _ = self.prog_test_run(frame, ifindex)
+        punts = self.drain()
+        after = self.counters()
+        delta = {COUNTER_NAMES[i]: a - b for i, (a, b) in enumerate(zip(after, before)) if a != b}
+        return Result(opts.retval, punts, delta,
+                      malformed_samples=self.reader.malformed - malformed0,
+                      duration_ns=opts.duration)
+
+
+    def prog_test_run(self, frame: bytes, ifindex: int | None = None,
+                      out_size: int = 0) -> tuple[BpfTestRunOpts, bytes]:
+        """One BPF_PROG_TEST_RUN, nothing around it: the filled-in opts
+        (retval, duration) and, with `out_size`, the packet the program
+        left (data_out).  Raises Refused when the kernel does not run it."""
         data = ctypes.create_string_buffer(bytes(frame), len(frame))
         opts = BpfTestRunOpts(sz=ctypes.sizeof(BpfTestRunOpts),
                               data_in=ctypes.cast(data, ctypes.c_void_p),
                               data_size_in=len(frame), repeat=1)
+        out = ctypes.create_string_buffer(out_size) if out_size else None
+        if out is not None:
+            opts.data_out = ctypes.cast(out, ctypes.c_void_p)
+            opts.data_size_out = out_size
         if ifindex is not None:
             ctx = SkBuff(ifindex=ifindex)
             opts.ctx_in = ctypes.cast(ctypes.pointer(ctx), ctypes.c_void_p)
@@ -207,12 +225,7 @@ class Harness:
             self.drain()
             raise Refused(-rc, f"BPF_PROG_TEST_RUN: {os.strerror(-rc)} "
                                f"({len(frame)}-byte frame)")
-        punts = self.drain()
-        after = self.counters()
-        delta = {COUNTER_NAMES[i]: a - b for i, (a, b) in enumerate(zip(after, before)) if a != b}
-        return Result(opts.retval, punts, delta,
-                      malformed_samples=self.reader.malformed - malformed0,
-                      duration_ns=opts.duration)
+        return opts, bytes(out.raw[:opts.data_size_out]) if out is not None else b""
 
 
 def refused_by_kernel(frame: bytes) -> bool:
