@@ -203,8 +203,9 @@ def cmd_topo(args) -> int:
         print(f"destroy with: ctctl topo destroy --tag {tag}")
         return 0
     try:
-        gone = topology.forget(args.tag)
-    except topology.TopologyError as e:
+        gone = topology.forget(args.tag, unload_boxes=args.unload,
+                               say=lambda line: print(f"ctctl: {line}"))
+    except (topology.TopologyError, control.ControlError) as e:
         return _die(str(e))
     print("removed " + " ".join(gone))
     return 0
@@ -296,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tag", default=None, help="namespace prefix (create: default random ctctl-XXXXXX)")
     s.add_argument("--ports", default="p0,p1", help="box port names, comma-separated (default p0,p1)")
     s.add_argument("--hosts", default=None, help="host names, one per port (default h0,h1,...)")
+    s.add_argument("--unload", action="store_true",
+                   help="destroy: unload a box still loaded in the topology first (refused otherwise)")
     s.set_defaults(func=cmd_topo)
 
     s = sub.add_parser("demo", help="build a topology, load a box, send real traffic, report, clean up")

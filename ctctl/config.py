@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from pyroute2 import IPRoute, netns as pr_netns
+from pyroute2 import netns as pr_netns
+
+from ctctl import netns
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 KEYS = {
@@ -189,7 +191,7 @@ def check_system(cfg: BoxConfig, path: str = "<config>") -> None:
 
     if cfg.netns not in pr_netns.listnetns():
         raise ConfigError(where("netns"), f"netns {cfg.netns!r} does not exist (ip netns list)")
-    with IPRoute(netns=cfg.netns) as ipr:
+    with netns.ipr(cfg.netns) as ipr:
         for i, port in enumerate(cfg.ports):
             if not ipr.link_lookup(ifname=port):
                 raise ConfigError(where("ports", i), f"unknown port {port!r}: no such interface in netns {cfg.netns!r}")

@@ -32,6 +32,7 @@ from ctctl.packet import ParseError, complete_partial_checksum, parse
 from ctctl.pipeline import Pipeline, Resume
 from ctctl.rules import (AddCommand, MirredAction, RuleSet, RuleSyntaxError, execute, format_filter,
                          parse_command)
+from ctctl import loader
 from ctctl.loader import Datapath, LoadError
 from ctctl.punts import Punt, PuntReader
 from ctctl.transmit import Transmitter
@@ -247,6 +248,7 @@ class Controller:
         if old:
             raise LoadError(f"box {name!r} left state behind (pid {old.get('pid')} is gone): "
                             f"run `ctctl unload --name {name}` first")
+        check_ports_free(name, self.cfg.netns, self.cfg.ports)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         server = None
         try:
@@ -295,6 +297,33 @@ class Controller:
             control.remove_state(name)
             for s, h in previous.items():
                 signal.signal(s, h)
+
+
+def check_ports_free(name: str, netns_name: str, ports: list[str]) -> None:
+    """Refuse, before anything is compiled or attached, to load a box on a
+    port that already runs a ctctl program: a port runs one box, and the
+    clean-up of a refused load must not touch the running one."""
+    try:
+        busy = loader.programs_on(netns_name, ports)
+    except FileNotFoundError as e:    # netns.NoSuchNetns
+        raise LoadError(str(e)) from None
+    for port, handles in busy.items():
+        for other in control.boxes():
+            st = control.read_state(other) or {}
+            if st.get("netns") != netns_name:
+                continue
+            if any(a.get("ifname") == port for a in st.get("attached", [])):
+                pid = st.get("pid")
+                how = (f"controller pid {pid}" if control.pid_alive(pid)
+                       else f"its controller, pid {pid}, is gone")
+                raise LoadError(f"port {port!r} of netns {netns_name!r} already runs box {other!r} "
+                                f"({how}): a port runs one box; `ctctl unload --name {other}` first, "
+                                f"or give box {name!r} other ports")
+        hs = ", ".join(f"{h:#x}" for h in handles)
+        raise LoadError(f"port {port!r} of netns {netns_name!r} already has a ctctl program "
+                        f"(tc filter prio {loader.FILTER_PRIO} handle {hs}) that no loaded box claims; "
+                        f"remove it with `ip netns exec {netns_name} tc filter del dev {port} ingress "
+                        f"prio {loader.FILTER_PRIO}`")
 
 
 def flow_record(key, flow) -> dict:

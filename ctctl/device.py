@@ -709,8 +709,10 @@ def ports_ifindex(netns: str | None, ports: Iterable[str]) -> dict[str, int]:
     """The ifindex of each port in a namespace (what Device needs)."""
     from pyroute2 import IPRoute
 
+    from ctctl import netns as ns
+
     out = {}
-    with IPRoute(netns=netns) if netns else IPRoute() as ipr:
+    with ns.ipr(netns) if netns else IPRoute() as ipr:
         for p in ports:
             idx = ipr.link_lookup(ifname=p)
             if not idx:

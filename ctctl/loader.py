@@ -9,15 +9,16 @@ one that was already there) and removes its pins.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ctctl import abi
+from ctctl import abi, netns
 
 PROGRAM = abi.BPF_DIR / "ctctl.c"
 FUNCTION = b"ctctl_ingress"
@@ -27,10 +28,13 @@ PIN_ROOT = Path("/sys/fs/bpf/ctctl")
 PINNED_MAPS = ("counters", "chains", "flows", "rule_stats", "hw_config")
 
 INGRESS = "ffff:fff2"
-# Our filter's priority on clsact ingress.  A fixed, unusual value makes
-# "our filter" unambiguous when detaching, also from another process.
+INGRESS_PARENT = 0xFFFFFFF2
+# Our filter's priority on clsact ingress: a fixed, unusual value, so that
+# a ctctl program on a port is recognisable, also from another process.
 FILTER_PRIO = 0xC7C7
-FILTER_HANDLE = 1
+# Controllers before per-box handles all used handle 1 (state files that
+# carry no handle are theirs).
+LEGACY_HANDLE = 1
 
 
 class LoadError(Exception):
@@ -39,9 +43,43 @@ class LoadError(Exception):
 
 @dataclass
 class Attachment:
+    """One port a box's program is attached to: what to take back."""
+
     ifname: str
     ifindex: int
     created_qdisc: bool
+    handle: int = LEGACY_HANDLE
+
+
+def filter_handle(box: str) -> int:
+    """The handle of a box's filter on its ports: derived from the box's
+    name, so that detaching removes that box's filter and never another's
+    at the same priority (a filter is named by prio *and* handle)."""
+    return zlib.crc32(box.encode()) or 1
+
+
+def programs_on(netns_name: str, ports: list[str]) -> dict[str, list[int]]:
+    """The ctctl filters (cls_bpf at FILTER_PRIO on clsact ingress) already
+    on each port, by handle.  A port absent from the namespace is left out:
+    the caller's own checks say so."""
+    out: dict[str, list[int]] = {}
+    with netns.ipr(netns_name) as ipr:
+        for port in ports:
+            idx = ipr.link_lookup(ifname=port)
+            if not idx:
+                continue
+            try:
+                msgs = ipr.get_filters(index=idx[0], parent=INGRESS_PARENT)
+            except NetlinkError as e:
+                if e.code in (errno.EINVAL, errno.ENOENT):   # no clsact: nothing attached
+                    continue
+                raise
+            handles = sorted({m["handle"] for m in msgs
+                              if m["info"] >> 16 == FILTER_PRIO and m["handle"]
+                              and m.get_attr("TCA_KIND") == "bpf"})
+            if handles:
+                out[port] = handles
+    return out
 
 
 def flow_table_cflags(size: int | None) -> list[str]:
@@ -84,11 +122,12 @@ def _pin(fd: int, path: Path) -> None:
 class Datapath:
     """The program attached to clsact ingress of `ports` inside `netns`."""
 
-    def __init__(self, name: str, netns: str, ports: list[str],
+    def __init__(self, name: str, netns_name: str, ports: list[str],
                  flow_table_size: int | None = None):
         self.name = name
         self.flow_table_size = flow_table_size
-        self.netns = netns
+        self.netns = netns_name
+        self.handle = filter_handle(name)
         self.ports = list(ports)
         self.bpf = None
         self.attached: list[Attachment] = []
@@ -121,7 +160,7 @@ class Datapath:
         """The ports' ifindexes in the box namespace (before attaching: the
         driver writes rules keyed by them)."""
         out = {}
-        with IPRoute(netns=self.netns) as ipr:
+        with netns.ipr(self.netns) as ipr:
             for port in self.ports:
                 idx = ipr.link_lookup(ifname=port)
                 if not idx:
@@ -131,11 +170,11 @@ class Datapath:
 
     def attach(self) -> None:
         fn = self.bpf.load_func(FUNCTION, self.bpf.SCHED_CLS)
-        with IPRoute(netns=self.netns) as ipr:
+        with netns.ipr(self.netns) as ipr:
             for port in self.ports:
                 self._attach(ipr, port, fn)
 
-    def _attach(self, ipr: IPRoute, port: str, fn) -> None:
+    def _attach(self, ipr, port: str, fn) -> None:
         idx = ipr.link_lookup(ifname=port)
         if not idx:
             raise LoadError(f"port {port!r}: no such interface in netns {self.netns!r}")
@@ -147,13 +186,16 @@ class Datapath:
         except NetlinkError as e:
             if e.code != 17:  # EEXIST: someone's clsact, we share it
                 raise LoadError(f"port {port!r}: cannot add clsact: {e}") from e
-        att = Attachment(port, idx, created)
-        self.attached.append(att)
         try:
-            ipr.tc("add-filter", "bpf", idx, FILTER_HANDLE, fd=fn.fd, name=fn.name,
+            ipr.tc("add-filter", "bpf", idx, self.handle, fd=fn.fd, name=fn.name,
                    parent=INGRESS, prio=FILTER_PRIO, classid=1, direct_action=True)
         except NetlinkError as e:
+            # Nothing of ours is on the port but maybe the clsact: take
+            # back only that.  Whatever filter was there stays.
+            if created:
+                detach(self.netns, [Attachment(port, idx, True, handle=0)])
             raise LoadError(f"port {port!r}: cannot attach the program: {e}") from e
+        self.attached.append(Attachment(port, idx, created, self.handle))
 
     def _pin_maps(self) -> None:
         self.pin_dir.mkdir(parents=True, exist_ok=False)
@@ -190,29 +232,51 @@ def unpin(pin_dir: Path) -> None:
         pass  # another box still pinned, or already gone
 
 
-def detach(netns: str, attached: list[Attachment]) -> list[str]:
-    """Remove our filter from each port, and the clsact qdisc where we
-    created it.  Returns the problems met; a port that vanished meanwhile
-    (its namespace deleted) is not one."""
+def detach(netns_name: str, attached: list[Attachment]) -> list[str]:
+    """Remove our filter (prio and handle: ours, nobody else's) from each
+    port, and the clsact qdisc where we created it.  Returns the problems
+    met; a port or namespace that vanished meanwhile is not one, and a
+    namespace that is gone is never created again by looking into it."""
     problems = []
     try:
-        ipr = IPRoute(netns=netns)
-    except Exception as e:  # namespace gone: nothing left to detach
-        return [f"netns {netns}: {e}"] if os.path.exists(f"/run/netns/{netns}") else []
+        ipr = netns.ipr(netns_name)
+    except netns.NoSuchNetns:
+        return []    # deleted with everything in it: nothing left to detach
+    except Exception as e:
+        return [f"netns {netns_name}: {e}"]
     with ipr:
         for att in attached:
             if not ipr.link_lookup(index=att.ifindex):
                 continue
-            try:
-                ipr.tc("del-filter", "bpf", att.ifindex, FILTER_HANDLE,
-                       parent=INGRESS, prio=FILTER_PRIO)
-            except NetlinkError as e:
-                if e.code not in (2, 22):  # already gone
-                    problems.append(f"{att.ifname}: del filter: {e}")
+            if att.handle:
+                try:
+                    ipr.tc("del-filter", "bpf", att.ifindex, att.handle,
+                           parent=INGRESS, prio=FILTER_PRIO)
+                except NetlinkError as e:
+                    if e.code not in (2, 22):  # already gone
+                        problems.append(f"{att.ifname}: del filter: {e}")
             if att.created_qdisc:
+                others = _filters_left(ipr, att.ifindex)
+                if others:
+                    # Someone put filters on the clsact we made: it is
+                    # theirs now as much as ours.
+                    problems.append(f"{att.ifname}: kept the clsact qdisc: {others} other "
+                                    "filter(s) on it")
+                    continue
                 try:
                     ipr.tc("del", "clsact", att.ifindex)
                 except NetlinkError as e:
                     if e.code not in (2, 22):
                         problems.append(f"{att.ifname}: del clsact: {e}")
     return problems
+
+
+def _filters_left(ipr, ifindex: int) -> int:
+    """Filters on a port's clsact, ingress and egress (0xfffffff3)."""
+    n = 0
+    for parent in (INGRESS_PARENT, 0xFFFFFFF3):
+        try:
+            n += sum(1 for m in ipr.get_filters(index=ifindex, parent=parent) if m["handle"])
+        except NetlinkError:
+            pass
+    return n

@@ -16,7 +16,9 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
-from pyroute2 import IPRoute, netns
+from pyroute2 import netns
+
+from ctctl import netns as ctns
 
 SUBNET4 = ipaddress.ip_network("192.0.2.0/24")     # TEST-NET-1 (RFC 5737)
 SUBNET6 = ipaddress.ip_network("2001:db8::/64")    # documentation (RFC 3849)
@@ -105,11 +107,11 @@ def _link(box: str, pname: str, hns: str, i: int) -> Port:
     addr6 = str(SUBNET6[i + 1])
     # Create the pair inside the box, then move the far end to its host,
     # so that nothing of ours ever sits in the caller's namespace.
-    with IPRoute(netns=box) as ipr:
+    with ctns.ipr(box) as ipr:
         ipr.link("add", ifname=pname, kind="veth", peer={"ifname": HOST_IF, "net_ns_fd": hns})
         pidx = ipr.link_lookup(ifname=pname)[0]
         ipr.link("set", index=pidx, state="up")
-    with IPRoute(netns=hns) as ipr:
+    with ctns.ipr(hns) as ipr:
         hidx = ipr.link_lookup(ifname=HOST_IF)[0]
         ipr.addr("add", index=hidx, address=addr4, prefixlen=SUBNET4.prefixlen)
         ipr.addr("add", index=hidx, address=addr6, prefixlen=SUBNET6.prefixlen,
@@ -157,12 +159,40 @@ def remember(tag: str, topo: Topology) -> None:
     path.write_text(json.dumps(topo.namespaces))
 
 
-def forget(tag: str) -> list[str]:
+def boxes_in(namespaces: list[str]) -> list[tuple[str, dict]]:
+    """The loaded boxes (name, state) whose namespace is one of these."""
+    from ctctl import control
+
+    out = []
+    for name in control.boxes():
+        st = control.read_state(name) or {}
+        if st.get("netns") in namespaces:
+            out.append((name, st))
+    return out
+
+
+def forget(tag: str, unload_boxes: bool = False, say=lambda line: None) -> list[str]:
+    """Destroy what `ctctl topo create --tag TAG` made.  A box loaded in
+    one of its namespaces would be left running on deleted ports (and its
+    clean-up would meet a namespace that is gone): refuse, or with
+    `unload_boxes` unload it first and `say` so."""
     path = _record(tag)
     try:
         namespaces = json.loads(path.read_text())
     except FileNotFoundError:
         raise TopologyError(f"no topology {tag!r} made by `ctctl topo create`") from None
+    loaded = boxes_in(namespaces)
+    if loaded and not unload_boxes:
+        names = ", ".join(f"{n} (pid {st.get('pid')}, netns {st.get('netns')})" for n, st in loaded)
+        raise TopologyError(f"topology {tag!r} has a loaded box: {names}; "
+                            f"`ctctl unload --name {loaded[0][0]}` first, "
+                            f"or `ctctl topo destroy --tag {tag} --unload`")
+    if loaded:
+        from ctctl import unload
+
+        for name, _ in loaded:
+            for line in unload.unload(name):
+                say(line)
     destroy(namespaces)
     path.unlink()
     return namespaces

@@ -9,23 +9,21 @@ from __future__ import annotations
 
 import socket
 
-from pyroute2 import netns as pr_netns
+from ctctl import netns
 
 
 class Transmitter:
-    def __init__(self, netns: str, ports: list[str]):
+    def __init__(self, netns_name: str, ports: list[str]):
         self.socks: dict[str, socket.socket] = {}
-        pr_netns.pushns(netns)
         try:
-            for port in ports:
-                s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-                s.bind((port, 0))
-                self.socks[port] = s
+            with netns.inside(netns_name):
+                for port in ports:
+                    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+                    s.bind((port, 0))
+                    self.socks[port] = s
         except BaseException:
             self.close()
             raise
-        finally:
-            pr_netns.popns()
 
     def send(self, port: str, frame: bytes | bytearray) -> None:
         """Raises OSError (e.g. EMSGSIZE beyond the port's MTU)."""
