@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ctctl.conntrack import ConnTracker, CtConfig, NatSpec  # noqa: E402
-from ctctl.packet import parse  # noqa: E402
+from ctctl.kernel.conntrack import ConnTracker, CtConfig, NatSpec  # noqa: E402
+from ctctl.kernel.packet import parse  # noqa: E402
 
 
 def _csum(data: bytes) -> int:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Throughput of a box between a client and a server namespace, three data
 paths measured in one run on the same machine and the same topology
-(ctctl.topology: client [eth0] -- eth5 [box] eth6 -- [eth0] server):
+(ctctl.lab.topology: client [eth0] -- eth5 [box] eth6 -- [eth0] server):
 
   bare    a minimal TC-ingress program on both box ports that redirects
           every packet to the other port (bpf_redirect): the limit
@@ -9,7 +9,7 @@ paths measured in one run on the same machine and the same topology
           br_netfilter sending bridged IPv4 through iptables FORWARD:
           -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT,
           -m conntrack --ctstate NEW -j ACCEPT, policy DROP (nf_conntrack)
-  ctctl   `ctctl load` with the seed's slide-9 firewall (ctctl.firewall):
+  ctctl   `ctctl load` with the seed's slide-9 firewall (ctctl.lab.firewall):
           the program plays the NIC, the controller the kernel; established
           connections are offloaded to the program once offload exists.
           The program's punt count during each measurement is reported, so
@@ -20,7 +20,7 @@ Traffic is made by iperf3, client to server, one sender:
        sender can): packets/s received by the server, and loss
   tcp  one TCP stream: Gbit/s received by the server
 
-Offloads: ctctl.topology turns tx/tso/gso/gro off on all four veth ends
+Offloads: ctctl.lab.topology turns tx/tso/gso/gro off on all four veth ends
 ("off": every punted frame is then wire-sized, which AF_PACKET can send
 on).  "on" turns tx/tso/gso/gro back on on all four ends for
 every path alike (64 KB GSO packets then cross the box).  By default UDP is
@@ -56,10 +56,10 @@ sys.path.insert(0, str(ROOT))
 from pyroute2 import IPRoute  # noqa: E402
 from pyroute2.netlink.exceptions import NetlinkError  # noqa: E402
 
-from ctctl import firewall, topology  # noqa: E402
-from ctctl.topology import ns_exec, ns_popen  # noqa: E402
-from ctctl.traffic import listening  # noqa: E402
-from ctctl.waiting import wait_until  # noqa: E402
+from ctctl.lab import firewall, topology  # noqa: E402
+from ctctl.lab.topology import ns_exec, ns_popen  # noqa: E402
+from ctctl.lab.traffic import listening  # noqa: E402
+from ctctl.lab.waiting import wait_until  # noqa: E402
 
 CLIENT, SERVER = "eth5", "eth6"
 PATHS = ("bare", "kernel", "ctctl")
@@ -215,14 +215,14 @@ class Kernel:
 class Ctctl:
     """`ctctl load` (a real controller process) with the slide-9 firewall."""
     name = "ctctl"
-    describe = "ctctl load with the slide-9 firewall (ctctl.firewall.rules): program + controller"
+    describe = "ctctl load with the slide-9 firewall (ctctl.lab.firewall.rules): program + controller"
 
     def __init__(self, topo: topology.Topology):
         self.topo = topo
         self.box = None
 
     def start(self) -> None:
-        from ctctl.boxproc import BoxProcess
+        from ctctl.lab.boxproc import BoxProcess
 
         cfg = {"name": self.topo.box.removesuffix("-box"), "netns": self.topo.box,
                "ports": [CLIENT, SERVER], "rules": firewall.rules(CLIENT, SERVER)}
@@ -597,14 +597,14 @@ def main(argv=None) -> int:
         "date": started.isoformat(timespec="seconds"),
         "command": command,
         "machine": {**machine(), "loadavg_at_start": load0},
-        "topology": f"client [eth0] -- {CLIENT} [box namespace] {SERVER} -- [eth0] server (ctctl.topology.build), "
+        "topology": f"client [eth0] -- {CLIENT} [box namespace] {SERVER} -- [eth0] server (ctctl.lab.topology.build), "
                     "veth, one namespace each",
         "paths": {n: PATH_CLASSES[n].describe for n in args.paths},
         "traffic": {"udp": f"iperf3 -u -l {args.udp_len} -b 0, one sender; pps = frames arriving on the "
                            "server's interface / duration (what the box delivered); iperf3_received_pps = "
                            "what the server's iperf3 counted / its seconds",
                     "tcp": "iperf3, one TCP stream; Gbit/s received by the server"},
-        "offloads": {"off": "tx/tso/gso/gro off on all four veth ends (as ctctl.topology builds)",
+        "offloads": {"off": "tx/tso/gso/gro off on all four veth ends (as ctctl.lab.topology builds)",
                      "on": "tx/tso/gso/gro on on all four veth ends"},
         "note": args.note,
         "duration_s": args.duration,

@@ -86,6 +86,9 @@ enum ctctl_done {
 #define CTCTL_MAX_RULE_IDS 4096		/* slots of the per-rule counter array */
 /* A resume point's action index meaning "match rule `rule` and on". */
 #define CTCTL_RESUME_MATCH 0xffff
+/* A TRAP action's arg: where software continues the packet. */
+#define CTCTL_TRAP_AT_ACTION 0		/* at this action: the hardware matched the rule */
+#define CTCTL_TRAP_REMATCH 1		/* at this rule's match: the hardware could not decide it */
 
 /*
  * The metadata header of a punt: the proposal's "restore all meta-data,
@@ -190,7 +193,7 @@ enum ctctl_action_kind {
 	CTCTL_A_MIRRED = 4,	/* arg: ifindex, egress redirect */
 	CTCTL_A_DROP = 5,
 	CTCTL_A_PASS = 6,
-	CTCTL_A_TRAP = 7,	/* send to software, resuming at this action */
+	CTCTL_A_TRAP = 7,	/* send to software; arg: CTCTL_TRAP_AT_ACTION or CTCTL_TRAP_REMATCH */
 };
 
 enum ctctl_ct_flags {

@@ -1,10 +1,11 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
  * The maps of the TC-ingress program, in one place.  Each one plays a part
- * of the NIC; the controller pins them under /sys/fs/bpf/ctctl/<box>/
- * (ctctl/loader.py PINNED_MAPS).  Every map but `scratch` is part of the
- * contract with the driver (ctctl/device.py): names, keys and values are
- * bpf/ctctl_abi.h's.
+ * of the NIC; the controller pins them under /sys/fs/bpf/ctctl/<box>/.
+ * Every map but `scratch` is part of the contract with the driver: names,
+ * keys and values are bpf/ctctl_abi.h's, and ctctl/abi.py (MAPS) declares
+ * the same maps, which tests/unit/test_abi.py checks against this file;
+ * ctctl/nic/maps.py is the one place in Python that reads or writes them.
  */
 #ifndef CTCTL_MAPS_H
 #define CTCTL_MAPS_H

@@ -7,7 +7,7 @@
  * (TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_OK, with its counter moved), or
  * CTCTL_PUNT with st->reason and the resume point (st->chain, st->rule,
  * st->action) set, the ct metadata and st->done as they are at that point.
- * The semantics are ctctl/pipeline.py's, the software reference; where the
+ * The semantics are ctctl/kernel/pipeline.py's, the software reference; where the
  * hardware stops short of it, it punts and software continues from the
  * resume point (docs/offload.md lists the cases).
  *
@@ -53,25 +53,18 @@ static __always_inline void count_rule(const struct ctctl_rule *r, __u32 len)
 	}
 }
 
-/* The +snat/+dnat act_ct's cache reports for an entry's NAT (pipeline._ct_cached). */
-static __always_inline __u8 nat_state_bits(__u8 nat)
-{
-	return ((nat & CTCTL_NAT_SRC) ? CTCTL_CS_SNAT : 0) |
-	       ((nat & CTCTL_NAT_DST) ? CTCTL_CS_DNAT : 0);
-}
-
 /*
  * The ct action: answered from the offload table, from act_ct's per-packet
  * cache, or a punt.  Resuming at this very action lets software run it
  * through conntrack in full.
  *
- * The cache (act_ct's tcf_ct_skb_nfct_cached, ctctl/pipeline.py _ct_cached):
+ * The cache (act_ct's tcf_ct_skb_nfct_cached, ctctl/kernel/pipeline.py _ct_cached):
  * a packet that already had a hit in this action's zone, and was not
  * cleared since (ct_state +trk), is not looked up again.  Its translated
  * tuple is in no entry, and the entry must not count it twice.  The action
  * keeps the metadata as it is; with nat it applies the saved entry's NAT
- * if no earlier action of the packet did, and adds +snat/+dnat for the
- * sides that entry translates.
+ * if no earlier action of the packet did, and adds the entry's +snat/+dnat
+ * (the connection's manips for this direction, as software sets them).
  *
  * `ct force` on a reply-direction packet: software kills the connection
  * and starts a new one in the other direction.  That is conntrack's, so
@@ -88,7 +81,9 @@ static __always_inline int do_ct(struct __sk_buff *skb, struct ctctl_state *st,
 			return stop(st, CTCTL_R_CT_MISS, rule, a);
 		if (!(act->flags & CTCTL_CTF_NAT) || !st->ct_flow.nat)
 			return CTCTL_CONTINUE;
-		st->key.ct_state |= nat_state_bits(st->ct_flow.nat);
+		/* The entry's own +snat/+dnat: the connection's, as software's
+		 * cache reports them (nat_ct_state in ctctl/kernel/conntrack/nat.py). */
+		st->key.ct_state |= st->ct_flow.ct_state & (CTCTL_CS_SNAT | CTCTL_CS_DNAT);
 		if (st->ct_nat_done)
 			return CTCTL_CONTINUE;
 		goto nat;
@@ -232,9 +227,9 @@ static __always_inline int interpret(struct __sk_buff *skb, struct ctctl_state *
 				count(CTCTL_C_PASS, 1);
 				return TC_ACT_OK;
 			case CTCTL_A_TRAP:
-				/* arg 1: software decides the match (a skip_hw part). */
+				/* REMATCH: software decides the match (a skip_hw part). */
 				return stop(st, CTCTL_R_TRAP, i,
-					    act->arg == 1 ? CTCTL_RESUME_MATCH : a);
+					    act->arg == CTCTL_TRAP_REMATCH ? CTCTL_RESUME_MATCH : a);
 			default:
 				/* An action this hardware does not know: software's. */
 				return stop(st, CTCTL_R_TRAP, i, a);

@@ -1,3 +1,4 @@
+"""`python -m ctctl`: the command line (ctctl.cli)."""
 import sys
 
 from ctctl.cli import main

@@ -1,15 +1,20 @@
-"""The Python side of bpf/ctctl_abi.h: punt reasons, counter slots, ct_state
-bits and the punt metadata header.
+"""The Python side of bpf/ctctl_abi.h and bpf/maps.h: punt reasons, counter
+slots, ct_state bits, the punt metadata header, the structs of every map
+and the maps themselves by name.
 
 This is the only Python module that knows the binary layout of what crosses
-the C/Python boundary.  tests/unit/test_abi.py compiles the C header and
-checks every constant, offset and size here against it.
+the C/Python boundary.  It sits above both wings (the NIC side writes these
+structs, the kernel side reads ct_state bits and resume points from them),
+as the kernel's uapi headers do.  tests/unit/test_abi.py compiles the C
+header and checks every constant, offset and size here against it, and
+reads bpf/maps.h for the map declarations.
 """
 
 from __future__ import annotations
 
 import ctypes
 import enum
+from dataclasses import dataclass
 from pathlib import Path
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
@@ -91,6 +96,9 @@ MAX_ACTIONS = 4         # actions per rule
 MAX_HOPS = 8            # goto chain hops per packet
 MAX_RULE_IDS = 4096     # per-rule counter slots
 RESUME_MATCH = 0xFFFF   # resume action index: "match from rule `rule` on"
+# A TRAP action's arg: where software continues.
+TRAP_AT_ACTION = 0      # at this action (the hardware matched the rule)
+TRAP_REMATCH = 1        # at this rule's match (the hardware could not decide it)
 
 
 class Nat(enum.IntFlag):
@@ -261,6 +269,8 @@ C_CONSTANTS = {
     "CTCTL_MAX_HOPS": MAX_HOPS,
     "CTCTL_MAX_RULE_IDS": MAX_RULE_IDS,
     "CTCTL_RESUME_MATCH": RESUME_MATCH,
+    "CTCTL_TRAP_AT_ACTION": TRAP_AT_ACTION,
+    "CTCTL_TRAP_REMATCH": TRAP_REMATCH,
 }
 C_STRUCTS = {
     "ctctl_punt_hdr": PuntHdr,
@@ -274,3 +284,29 @@ C_STRUCTS = {
     "ctctl_chain": Chain,
     "ctctl_rule_stats": RuleStats,
 }
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    """One map of bpf/maps.h: its BCC macro, key and value types, and
+    whether the loader pins it for tools that run without the controller."""
+
+    kind: str          # the BPF_* macro that declares it
+    key: type | None   # None for the perf buffer
+    value: type | None
+    pinned: bool
+
+
+# Every map of the program, by name.  tests/unit/test_abi.py reads
+# bpf/maps.h and fails when a map, its kind or its types differ.
+MAPS = {
+    "punts": MapSpec("BPF_PERF_OUTPUT", None, None, False),
+    "counters": MapSpec("BPF_PERCPU_ARRAY", ctypes.c_uint32, ctypes.c_uint64, True),
+    "chains": MapSpec("BPF_HASH", ChainKey, Chain, True),
+    "flows": MapSpec("BPF_HASH", Tuple, Flow, True),
+    "rule_stats": MapSpec("BPF_PERCPU_ARRAY", ctypes.c_uint32, RuleStats, True),
+    "hw_config": MapSpec("BPF_ARRAY", ctypes.c_uint32, HwConfig, True),
+    # The interpreter's per-packet state: internal to the program.
+    "scratch": MapSpec("BPF_PERCPU_ARRAY", ctypes.c_uint32, None, False),
+}
+PINNED_MAPS = tuple(name for name, m in MAPS.items() if m.pinned)

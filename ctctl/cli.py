@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from ctctl import control
+from ctctl.box import control, state
 
 EPILOG = """\
 examples:
@@ -33,7 +33,7 @@ def _die(msg: str, code: int = 1) -> int:
 def _box_name(args) -> str:
     if args.name:
         return args.name
-    names = control.boxes()
+    names = state.boxes()
     if len(names) == 1:
         return names[0]
     if not names:
@@ -42,8 +42,9 @@ def _box_name(args) -> str:
 
 
 def cmd_load(args) -> int:
-    from ctctl import config, loader
-    from ctctl.controller import Controller
+    from ctctl.box import config
+    from ctctl.box.controller import Controller
+    from ctctl.nic import loader
 
     if args.ebpf:
         print(loader.source_text())
@@ -66,7 +67,7 @@ def cmd_load(args) -> int:
 
 
 def cmd_unload(args) -> int:
-    from ctctl import unload
+    from ctctl.box import unload
 
     try:
         name = _box_name(args)
@@ -78,7 +79,7 @@ def cmd_unload(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    from ctctl import report
+    from ctctl.box.views import stats as views
 
     try:
         name = _box_name(args)
@@ -93,18 +94,17 @@ def cmd_stats(args) -> int:
         json.dump(stats, sys.stdout, indent=2)
         print()
     else:
-        print(report.format_stats(stats))
+        print(views.format_stats(stats))
     return 0
 
 
 def _stats_from_pins(name: str | None) -> dict | None:
-    from ctctl import loader, pins
-    from ctctl.controller import program_stats
+    from ctctl.nic import loader, maps
 
     if not name or not (loader.PIN_ROOT / name / "counters").exists():
         return None
     return {"box": name, "controller": None,
-            "program": program_stats(pins.read_counters(loader.PIN_ROOT / name))}
+            "program": maps.program_stats(maps.read_pinned_counters(loader.PIN_ROOT / name))}
 
 
 def cmd_filter(args) -> int:
@@ -148,7 +148,7 @@ def cmd_conntrack(args) -> int:
 
 
 def cmd_offload(args) -> int:
-    from ctctl import report
+    from ctctl.box.views import offload as views
 
     if args.action in ("add", "del") and args.id is None:
         return _die(f"offload {args.action} needs a connection id (ctctl conntrack -L -o id)", 2)
@@ -163,7 +163,7 @@ def cmd_offload(args) -> int:
         json.dump(reply, sys.stdout, indent=2)
         print()
     else:
-        print(report.format_offload(reply))
+        print(views.format_offload(reply))
     return 0
 
 
@@ -186,7 +186,7 @@ def cmd_dump_flows(args) -> int:
 
 
 def cmd_topo(args) -> int:
-    from ctctl import topology
+    from ctctl.lab import topology
 
     if args.action == "create":
         ports = [p for p in args.ports.split(",") if p]
@@ -212,7 +212,7 @@ def cmd_topo(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from ctctl import demo
+    from ctctl.lab import demo
 
     return demo.run(size_mb=args.size, as_json=args.json)
 

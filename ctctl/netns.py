@@ -12,8 +12,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
-from pyroute2 import IPRoute
-from pyroute2 import netns as pr_netns
+from pyroute2 import IPRoute, netns as pr_netns
 
 RUN_NETNS = "/run/netns"
 

@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from ctctl import topology
-from ctctl.boxproc import BoxProcess
+from ctctl.lab import topology
+from ctctl.lab.boxproc import BoxProcess
 
 IS_ROOT = os.geteuid() == 0
 
@@ -55,7 +55,7 @@ def box_config(t: topology.Topology, **extra) -> dict:
 
 def firewall_config(t: topology.Topology) -> dict:
     """A box running the seed's slide-9 firewall (eth5 client side, eth6 server side)."""
-    from ctctl import firewall
+    from ctctl.lab import firewall
 
     cfg = box_config(t, rules=firewall.rules("eth5", "eth6"))
     del cfg["forward"]

@@ -1,7 +1,7 @@
 """Test support for connection tracking: the kernel's nf_conntrack as a
-reference tracker (``KernelCt``, for the differential tests), the TCP
-transition matrix shared by unit and differential tests, and packet
-builders with a fake clock for the unit tests.
+reference tracker (``KernelCt``, for the differential tests) and the TCP
+transition matrix shared by unit and differential tests (the packet
+builders and the fake clock are tests/helpers.py's).
 
 ``KernelCt`` builds two network namespaces joined by a veth pair: frames
 crafted by the test are written with an AF_PACKET socket on the sender's
@@ -301,48 +301,6 @@ def tcp_matrix(make):
                 out[f"tcp {state} {'orig' if d == 'o' else 'reply'} {cls}"] = (
                     state, d, cls, path + [tcp_probe(state, d, cls, cn, sn, make)])
     return out
-
-
-# ----------------------------------------------------------------------
-# Unit-test helpers: scapy-built packets parsed by ctctl, a fake clock.
-
-class FakeClock:
-    """The tracker's clock, advanced by hand: tests never sleep."""
-
-    def __init__(self, t: float = 1000.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, dt: float) -> None:
-        self.t += dt
-
-
-def pkt(ip):
-    """A scapy IP packet as a parsed ctctl Packet in an Ethernet frame."""
-    from scapy.all import Ether, raw
-
-    from ctctl.packet import parse
-    return parse(bytearray(raw(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / ip)))
-
-
-CLIENT, SERVER = "10.1.0.1", "10.2.0.1"
-CLIENT6, SERVER6 = "fd01::1", "fd02::1"
-
-
-def tcp_seg(d, flags, seq, ack=0, win=64240, data=0, opts=None, v=4, cport=40000, sport=80,
-            client=None, server=None):
-    """A TCP segment of the test connection as scapy: 'o' client->server."""
-    from scapy.all import IP, TCP, IPv6, Raw
-    c = client or (CLIENT if v == 4 else CLIENT6)
-    s = server or (SERVER if v == 4 else SERVER6)
-    L3 = IP if v == 4 else IPv6
-    ip = L3(src=c, dst=s) if d == "o" else L3(src=s, dst=c)
-    sp, dp = (cport, sport) if d == "o" else (sport, cport)
-    p = ip / TCP(sport=sp, dport=dp, flags=flags, seq=seq & 0xFFFFFFFF, ack=ack & 0xFFFFFFFF,
-                 window=win, options=opts or [])
-    return p / Raw(b"x" * data) if data else p
 
 
 class KernelNat(KernelCt):

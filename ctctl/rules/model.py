@@ -18,21 +18,24 @@ from typing import Union
 
 from ctctl.abi import CtState
 
+# The numbers are ctctl.protocols'; the rules and their users take them from here too.
+from ctctl.protocols import (  # noqa: F401
+    ETH_P_8021Q,
+    ETH_P_ALL,
+    ETH_P_ARP,
+    ETH_P_IP,
+    ETH_P_IPV6,
+    IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
+    IPPROTO_SCTP,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+)
+
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 Masked = tuple[int, int]
 
-ETH_P_ALL = 0x0003
-ETH_P_IP = 0x0800
-ETH_P_ARP = 0x0806
-ETH_P_IPV6 = 0x86DD
-ETH_P_8021Q = 0x8100
-
-IPPROTO_ICMP = 1
-IPPROTO_TCP = 6
-IPPROTO_UDP = 17
-IPPROTO_ICMPV6 = 58
-IPPROTO_SCTP = 132
 
 U16 = 0xFFFF
 U32 = 0xFFFFFFFF

@@ -12,50 +12,21 @@ at the offending flag inside the token).
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass
 
-from ctctl.abi import CtState
-
 from . import validate as _validate
 from .errors import RuleSyntaxError
-from .lexer import Token, tokenize
+from .lexer import Token
 from .model import (
-    ETH_P_8021Q, ETH_P_ALL, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP,
-    IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, U16, U32, U128,
-    Action, CtAction, CtNat, CtStateMatch, DropAction, Filter, FlowerMatch,
-    GotoAction, MirredAction, PassAction, PortRange, TrapAction,
+    U16, U32, U128, Action, CtAction, CtNat, DropAction, Filter, FlowerMatch, GotoAction,
+    MirredAction, PassAction, TrapAction,
+)
+from .values import (
+    IP_PROTO_NAMES, Cursor, ct_state, err, ip_addr, ip_prefix, masked, parse_uint, port_range,
+    protocol, read_uint,
 )
 
-PROTOCOL_NAMES = {
-    "all": ETH_P_ALL,
-    "ip": ETH_P_IP,
-    "ipv6": ETH_P_IPV6,
-    "arp": ETH_P_ARP,
-    "802.1q": ETH_P_8021Q,
-}
-IP_PROTO_NAMES = {
-    "tcp": IPPROTO_TCP,
-    "udp": IPPROTO_UDP,
-    "sctp": IPPROTO_SCTP,
-    "icmp": IPPROTO_ICMP,
-    "icmpv6": IPPROTO_ICMPV6,
-}
-# Order is the order of the error message and of the printer.
-CT_STATE_FLAGS = {
-    "trk": CtState.TRK,
-    "new": CtState.NEW,
-    "est": CtState.EST,
-    "rel": CtState.REL,
-    "rpl": CtState.RPL,
-    "inv": CtState.INV,
-    "snat": CtState.SNAT,
-    "dnat": CtState.DNAT,
-}
-# "+" sets, "-" clears; the slides were typeset and turned "-" into an en
-# dash (U+2013), and a minus sign (U+2212) is the other likely paste.
-_SIGNS = {"+": True, "-": False, "\u2013": False, "\u2212": False}
 _INGRESS_PARENTS = ("ffff:", "ffff:0", "ffff:fff2")
 _ACTION_WORDS = ("action", "actions")
 # flower keys tc knows that the model does not run: named, not "unknown".
@@ -100,175 +71,8 @@ class ShowCommand:
 Command = AddCommand | DelCommand | ShowCommand
 
 
-def parse_uint(text: str, limit: int, base0: bool = True) -> int | None:
-    """strtoul as tc calls it (base 0: 0x.. hex, 0.. octal), or None."""
-    if base0:
-        if re.fullmatch(r"0[xX][0-9a-fA-F]+", text):
-            v = int(text, 16)
-        elif re.fullmatch(r"0[0-7]+", text):
-            v = int(text, 8)
-        elif re.fullmatch(r"[0-9]+", text):
-            v = int(text, 10)
-        else:
-            return None
-    elif re.fullmatch(r"[0-9]+", text):
-        v = int(text, 10)
-    else:
-        return None
-    return v if v <= limit else None
-
-
-class _Cursor:
-    def __init__(self, line: str):
-        self.line = line
-        self.toks = tokenize(line)
-        self.i = 0
-        self.end = Token("", len(line) + 1)
-
-    def peek(self, k: int = 0) -> Token | None:
-        j = self.i + k
-        return self.toks[j] if j < len(self.toks) else None
-
-    def at(self, *words: str) -> bool:
-        t = self.peek()
-        return t is not None and t.text in words
-
-    def take(self) -> Token | None:
-        t = self.peek()
-        if t is not None:
-            self.i += 1
-        return t
-
-    def need(self, what: str, after: Token) -> Token:
-        t = self.take()
-        if t is None:
-            raise RuleSyntaxError(f"{after.text}: expected {what} after '{after.text}'",
-                                  self.end.column, "")
-        return t
-
-    def done(self) -> bool:
-        return self.i >= len(self.toks)
-
-
-def _err(msg: str, tok: Token) -> RuleSyntaxError:
-    return RuleSyntaxError(msg, tok.column, tok.text)
-
-
-def _uint(cur: _Cursor, kw: Token, limit: int, what: str = "a number", base0: bool = True) -> tuple[int, Token]:
-    t = cur.need(what, kw)
-    v = parse_uint(t.text, limit, base0)
-    if v is None:
-        raise _err(f"{kw.text}: invalid value '{t.text}' (expected {what}, at most {limit})", t)
-    return v, t
-
-
-def _protocol(kw: Token, t: Token) -> int:
-    name = t.text.lower()
-    if name in PROTOCOL_NAMES:
-        return PROTOCOL_NAMES[name]
-    v = parse_uint(t.text, U16)
-    if v is None:
-        raise _err(f"{kw.text}: unknown protocol '{t.text}' "
-                   f"(expected {', '.join(PROTOCOL_NAMES)} or a number)", t)
-    return v
-
-
-def _masked(kw: Token, t: Token, limit: int, hexonly: bool = False) -> tuple[int, int]:
-    """V[/M]; the value is stored masked, as flower and act_ct apply it."""
-    parts = t.text.split("/")
-    if len(parts) > 2 or not parts[0]:
-        raise _err(f"{kw.text}: expected VALUE[/MASK], got '{t.text}'", t)
-    out = []
-    offset = 0
-    for part in parts:
-        sub = t.sub(offset, offset + len(part))
-        offset += len(part) + 1
-        if hexonly:
-            digits = part[2:] if part[:2].lower() == "0x" else part
-            ok = re.fullmatch(r"[0-9a-fA-F]{1,32}", digits or "-")
-            v = int(digits, 16) if ok else None
-        else:
-            v = parse_uint(part, limit)
-        if v is None:
-            kind = "a hex number of at most 128 bits" if hexonly else f"a number at most {limit:#x}"
-            raise _err(f"{kw.text}: invalid value '{part}' (expected {kind})", sub)
-        out.append(v)
-    value = out[0]
-    mask = out[1] if len(out) == 2 else limit
-    return value & mask, mask
-
-
-def _ct_state(cur: _Cursor, kw: Token) -> tuple[CtStateMatch, Token]:
-    first = cur.need("flags such as +trk+est", kw)
-    toks = [first]
-    # "+trk +est" (the seed's spelling) is read as one argument.
-    while cur.peek() is not None and cur.peek().text[:1] in _SIGNS:
-        toks.append(cur.take())
-    set_, clear = CtState(0), CtState(0)
-    seen: set[str] = set()
-    expected = ",".join(CT_STATE_FLAGS)
-    for tok in toks:
-        text = tok.text
-        i = 0
-        while i < len(text):
-            if text[i] not in _SIGNS:
-                j = i
-                while j < len(text) and text[j] not in _SIGNS:
-                    j += 1
-                raise _err(f"ct_state: flag '{text[i:j]}' needs a '+' or '-' before it",
-                           tok.sub(i, j))
-            sign = _SIGNS[text[i]]
-            j = i + 1
-            while j < len(text) and text[j] not in _SIGNS:
-                j += 1
-            name = text[i + 1:j]
-            sub = tok.sub(i + 1, j) if name else tok.sub(i, i + 1)
-            if not name:
-                raise _err(f"ct_state: missing flag name after '{text[i]}' "
-                           f"(expected {expected})", sub)
-            flag = CT_STATE_FLAGS.get(name.lower())
-            if flag is None:
-                raise _err(f"ct_state: unknown flag '{name}' (expected {expected})", sub)
-            if name.lower() in seen:
-                raise _err(f"ct_state: flag '{name}' given twice", sub)
-            seen.add(name.lower())
-            if sign:
-                set_ |= flag
-            else:
-                clear |= flag
-            i = j
-    return CtStateMatch(set=set_, clear=clear), first
-
-
-def _port_range(kw: Token, t: Token) -> PortRange:
-    m = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", t.text)
-    lo = parse_uint(m.group(1), U16, base0=False) if m else None
-    hi = parse_uint(m.group(2), U16, base0=False) if m and m.group(2) else lo
-    if lo is None or hi is None:
-        raise _err(f"{kw.text}: invalid port '{t.text}' (expected PORT or MIN-MAX, 0-65535)", t)
-    if m.group(2) is not None and not lo < hi:
-        # cls_flower.c fl_set_key_port_range(): min must be strictly below max.
-        raise _err(f"{kw.text}: invalid port range '{t.text}' "
-                   "(min must be strictly smaller than max)", t)
-    return PortRange(lo, hi)
-
-
-def _ip_prefix(kw: Token, t: Token):
-    try:
-        return ipaddress.ip_network(t.text, strict=False)
-    except ValueError:
-        raise _err(f"{kw.text}: invalid address '{t.text}' (expected ADDR[/PREFIXLEN])", t) from None
-
-
-def _ip_addr(kw: Token, text: str, tok: Token):
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        raise _err(f"{kw.text}: invalid address '{text}'", tok) from None
-
-
 class _FilterParser:
-    def __init__(self, cur: _Cursor):
+    def __init__(self, cur: Cursor):
         self.cur = cur
         self.loc: dict[tuple, Token] = {}
         self.f: dict = {}
@@ -277,7 +81,7 @@ class _FilterParser:
 
     def _once(self, store: dict, name: str, kw: Token) -> None:
         if name in store:
-            raise _err(f"{kw.text}: given twice", kw)
+            raise err(f"{kw.text}: given twice", kw)
 
     # -- the filter's own options, before the classifier -----------------
     def head(self, stop_at_flower: bool = True) -> None:
@@ -296,7 +100,7 @@ class _FilterParser:
             elif w == "protocol":
                 self._once(self.f, "protocol", kw)
                 t = cur.need("a protocol", kw)
-                self.f["protocol"] = _protocol(kw, t)
+                self.f["protocol"] = protocol(kw, t)
                 self.loc[("protocol",)] = t
             elif w == "parent":
                 t = cur.need("a parent such as ffff:", kw)
@@ -304,30 +108,30 @@ class _FilterParser:
             elif w == "ingress":
                 pass
             elif w in ("egress",):
-                raise _err("only ingress filters are supported (parent ffff: or ingress)", kw)
+                raise err("only ingress filters are supported (parent ffff: or ingress)", kw)
             elif w == "chain":
                 self._once(self.f, "chain", kw)
-                self.f["chain"], self.loc[("chain",)] = _uint(cur, kw, U32)
+                self.f["chain"], self.loc[("chain",)] = read_uint(cur, kw, U32)
             elif w in ("prio", "pref", "priority", "preference"):
                 self._once(self.f, "prio", kw)
-                self.f["prio"], self.loc[("prio",)] = _uint(cur, kw, U16, "a priority 1-65535")
+                self.f["prio"], self.loc[("prio",)] = read_uint(cur, kw, U16, "a priority 1-65535")
             elif w == "handle":
                 self._once(self.f, "handle", kw)
-                self.f["handle"], self.loc[("handle",)] = _uint(cur, kw, U32)
+                self.f["handle"], self.loc[("handle",)] = read_uint(cur, kw, U32)
             elif w in _ACTION_WORDS:
-                raise _err("expected 'flower' before the actions", kw)
+                raise err("expected 'flower' before the actions", kw)
             elif w in ("u32", "bpf", "matchall", "basic", "fw", "route", "flow",
                        "cgroup", "rsvp", "tcindex"):
-                raise _err(f"classifier '{w}' is not supported (only flower)", kw)
+                raise err(f"classifier '{w}' is not supported (only flower)", kw)
             else:
-                raise _err(f"unknown keyword '{w}'", kw)
+                raise err(f"unknown keyword '{w}'", kw)
 
     def _parent(self, t: Token) -> None:
         if t.text.lower() in _INGRESS_PARENTS:
             return
         if t.text.lower() == "ffff:fff3":
-            raise _err("only ingress filters are supported (parent ffff: or ingress)", t)
-        raise _err(f"parent: unsupported parent '{t.text}' (expected ffff:)", t)
+            raise err("only ingress filters are supported (parent ffff: or ingress)", t)
+        raise err(f"parent: unsupported parent '{t.text}' (expected ffff:)", t)
 
     # -- flower ----------------------------------------------------------
     def flower(self) -> None:
@@ -346,39 +150,39 @@ class _FilterParser:
                 self._once(self.m, name, kw)
             if name == "eth_type":
                 t = cur.need("a protocol", kw)
-                self.m[name] = _protocol(kw, t)
+                self.m[name] = protocol(kw, t)
             elif name == "ip_proto":
                 t = cur.need("an IP protocol", kw)
                 v = IP_PROTO_NAMES.get(t.text.lower())
                 if v is None:
                     v = parse_uint(t.text, 255)
                 if v is None:
-                    raise _err(f"ip_proto: unknown protocol '{t.text}' "
+                    raise err(f"ip_proto: unknown protocol '{t.text}' "
                                f"(expected {', '.join(IP_PROTO_NAMES)} or 0-255)", t)
                 self.m[name] = v
             elif name in ("src_ip", "dst_ip"):
                 t = cur.need("an address", kw)
-                self.m[name] = _ip_prefix(kw, t)
+                self.m[name] = ip_prefix(kw, t)
             elif name in ("src_port", "dst_port"):
                 t = cur.need("a port or range", kw)
-                self.m[name] = _port_range(kw, t)
+                self.m[name] = port_range(kw, t)
             elif name in ("icmp_type", "icmp_code"):
-                self.m[name], t = _uint(cur, kw, 255)
+                self.m[name], t = read_uint(cur, kw, 255)
             elif name == "ct_state":
-                self.m[name], t = _ct_state(cur, kw)
+                self.m[name], t = ct_state(cur, kw)
             elif name == "ct_zone":
                 t = cur.need("ZONE[/MASK]", kw)
-                self.m[name] = _masked(kw, t, U16)
+                self.m[name] = masked(kw, t, U16)
             elif name == "ct_mark":
                 t = cur.need("MARK[/MASK]", kw)
-                self.m[name] = _masked(kw, t, U32)
+                self.m[name] = masked(kw, t, U32)
             elif name == "ct_label":
                 t = cur.need("LABEL[/MASK]", kw)
-                self.m[name] = _masked(kw, t, U128, hexonly=True)
+                self.m[name] = masked(kw, t, U128, hexonly=True)
             elif w in _UNSUPPORTED_FLOWER:
-                raise _err(f"flower: '{w}' is not supported by ctctl", kw)
+                raise err(f"flower: '{w}' is not supported by ctctl", kw)
             else:
-                raise _err(f"flower: unknown keyword '{w}'", kw)
+                raise err(f"flower: unknown keyword '{w}'", kw)
             self.loc[(name,)] = t
 
     # -- actions ---------------------------------------------------------
@@ -387,7 +191,7 @@ class _FilterParser:
         while not cur.done():
             sep = cur.take()
             if sep.text not in _ACTION_WORDS:
-                raise _err(f"unexpected '{sep.text}' (expected 'action')", sep)
+                raise err(f"unexpected '{sep.text}' (expected 'action')", sep)
             kind = cur.need("an action (ct, goto, mirred, drop, pass, trap)", sep)
             if kind.text == "gact":
                 kind = cur.need("drop, pass, trap or goto", kind)
@@ -399,8 +203,8 @@ class _FilterParser:
             elif k == "goto":
                 t = cur.need("'chain'", kind)
                 if t.text != "chain":
-                    raise _err(f"goto: expected 'chain', got '{t.text}'", t)
-                n, _ = _uint(cur, t, U32, base0=False)
+                    raise err(f"goto: expected 'chain', got '{t.text}'", t)
+                n, _ = read_uint(cur, t, U32, base0=False)
                 self.actions.append(GotoAction(n))
             elif k == "mirred":
                 self.actions.append(self._mirred(kind, i))
@@ -411,10 +215,10 @@ class _FilterParser:
             elif k == "trap":
                 self.actions.append(TrapAction())
             elif k in _UNSUPPORTED_ACTIONS:
-                raise _err(f"action: '{k}' is not supported by ctctl "
+                raise err(f"action: '{k}' is not supported by ctctl "
                            "(expected ct, goto, mirred, drop, pass, trap)", kind)
             else:
-                raise _err(f"action: unknown action '{k}' "
+                raise err(f"action: unknown action '{k}' "
                            "(expected ct, goto, mirred, drop, pass, trap)", kind)
 
     def _ct(self, kind: Token, i: int) -> CtAction:
@@ -424,32 +228,32 @@ class _FilterParser:
             kw = cur.take()
             w = kw.text
             if w in ("commit", "force", "clear", "zone", "mark", "label") and w in opts:
-                raise _err(f"ct: '{w}' given twice", kw)
+                raise err(f"ct: '{w}' given twice", kw)
             if w in ("commit", "force", "clear"):
                 opts[w] = True
                 self.loc[("action", i, w)] = kw
             elif w == "zone":
-                opts[w], self.loc[("action", i, w)] = _uint(cur, kw, U16)
+                opts[w], self.loc[("action", i, w)] = read_uint(cur, kw, U16)
             elif w == "mark":
                 t = cur.need("MARK[/MASK]", kw)
-                opts[w] = _masked(kw, t, U32)
+                opts[w] = masked(kw, t, U32)
                 self.loc[("action", i, w)] = t
             elif w == "label":
                 t = cur.need("LABEL[/MASK]", kw)
-                opts[w] = _masked(kw, t, U128, hexonly=True)
+                opts[w] = masked(kw, t, U128, hexonly=True)
                 self.loc[("action", i, w)] = t
             elif w == "nat":
                 nat, where = self._nat(kw)
                 if "nat" in opts:
                     if opts["nat"].kind and nat.kind and opts["nat"].kind != nat.kind:
-                        raise _err("ct: src and dst nat can't be used together", where)
-                    raise _err("ct: 'nat' given twice", kw)
+                        raise err("ct: src and dst nat can't be used together", where)
+                    raise err("ct: 'nat' given twice", kw)
                 opts["nat"] = nat
                 self.loc[("action", i, "nat")] = where
             elif w == "pipe":
                 pass  # ct's default control action; nothing to record
             else:
-                raise _err(f"ct: unknown option '{w}' "
+                raise err(f"ct: unknown option '{w}' "
                            "(expected commit, force, clear, zone, mark, label, nat)", kw)
         return CtAction(**opts)
 
@@ -463,10 +267,10 @@ class _FilterParser:
             a = cur.take()
             t = cur.need("ADDR[-ADDR]", a)
             lo, _, hi = t.text.partition("-")
-            addr_min = _ip_addr(a, lo, t.sub(0, len(lo)))
-            addr_max = _ip_addr(a, hi, t.sub(len(lo) + 1)) if hi else addr_min
+            addr_min = ip_addr(a, lo, t.sub(0, len(lo)))
+            addr_max = ip_addr(a, hi, t.sub(len(lo) + 1)) if hi else addr_min
             if addr_min.version != addr_max.version or addr_min > addr_max:
-                raise _err(f"ct: invalid nat address range '{t.text}'", t)
+                raise err(f"ct: invalid nat address range '{t.text}'", t)
         if cur.at("port"):
             p = cur.take()
             t = cur.need("PORT[-PORT]", p)
@@ -474,7 +278,7 @@ class _FilterParser:
             lo = parse_uint(m.group(1), U16, base0=False) if m else None
             hi = (parse_uint(m.group(2), U16, base0=False) if m.group(2) else lo) if m else None
             if lo is None or hi is None or lo > hi:
-                raise _err(f"ct: invalid nat port range '{t.text}'", t)
+                raise err(f"ct: invalid nat port range '{t.text}'", t)
             port_min, port_max = lo, hi
         return CtNat(kt.text, addr_min, addr_max, port_min, port_max), kt
 
@@ -482,17 +286,17 @@ class _FilterParser:
         cur = self.cur
         d = cur.need("'egress'", kind)
         if d.text == "ingress":
-            raise _err("mirred: only 'egress redirect' is supported", d)
+            raise err("mirred: only 'egress redirect' is supported", d)
         if d.text != "egress":
-            raise _err(f"mirred: expected 'egress', got '{d.text}'", d)
+            raise err(f"mirred: expected 'egress', got '{d.text}'", d)
         r = cur.need("'redirect'", d)
         if r.text == "mirror":
-            raise _err("mirred: only 'egress redirect' is supported", r)
+            raise err("mirred: only 'egress redirect' is supported", r)
         if r.text != "redirect":
-            raise _err(f"mirred: expected 'redirect', got '{r.text}'", r)
+            raise err(f"mirred: expected 'redirect', got '{r.text}'", r)
         dv = cur.need("'dev'", r)
         if dv.text != "dev":
-            raise _err(f"mirred: expected 'dev', got '{dv.text}'", dv)
+            raise err(f"mirred: expected 'dev', got '{dv.text}'", dv)
         name = cur.need("an interface name", dv)
         self.loc[("action", i, "dev")] = name
         return MirredAction(name.text)
@@ -506,7 +310,7 @@ class _FilterParser:
         return _validate.validate(f, self.loc.get)
 
 
-def _prefix(cur: _Cursor) -> tuple[str | None, Token | None, bool]:
+def _prefix(cur: Cursor) -> tuple[str | None, Token | None, bool]:
     """Skip `tc`/`ctctl`, `-s`, `filter`; return (verb, its token, stats)."""
     stats = False
     if cur.at("tc", "ctctl"):
@@ -520,7 +324,7 @@ def _prefix(cur: _Cursor) -> tuple[str | None, Token | None, bool]:
         v = {"add": "add", "del": "del", "delete": "del", "show": "show",
              "list": "show", "ls": "show"}.get(verb.text)
         if v is None:
-            raise _err(f"filter: unsupported command '{verb.text}' (expected add, del or show)", verb)
+            raise err(f"filter: unsupported command '{verb.text}' (expected add, del or show)", verb)
         while cur.at("-s", "-stats", "-statistics"):
             cur.take()
             stats = True
@@ -528,7 +332,7 @@ def _prefix(cur: _Cursor) -> tuple[str | None, Token | None, bool]:
     return None, None, stats
 
 
-def _parse_add(cur: _Cursor, verb_tok: Token | None) -> Filter:
+def _parse_add(cur: Cursor, verb_tok: Token | None) -> Filter:
     p = _FilterParser(cur)
     p.head()
     if cur.done():
@@ -539,7 +343,7 @@ def _parse_add(cur: _Cursor, verb_tok: Token | None) -> Filter:
     return p.build(verb_tok)
 
 
-def _parse_select(cur: _Cursor, allow: set[str]) -> dict:
+def _parse_select(cur: Cursor, allow: set[str]) -> dict:
     out: dict = {}
     while not cur.done():
         kw = cur.take()
@@ -551,25 +355,25 @@ def _parse_select(cur: _Cursor, allow: set[str]) -> dict:
             continue
         key = {"pref": "prio", "priority": "prio", "preference": "prio"}.get(w, w)
         if key not in allow:
-            raise _err(f"unknown keyword '{w}'", kw)
+            raise err(f"unknown keyword '{w}'", kw)
         if key in out:
-            raise _err(f"{w}: given twice", kw)
+            raise err(f"{w}: given twice", kw)
         if key == "dev":
             out[key] = cur.need("an interface name", kw).text
         elif key == "protocol":
-            out[key] = _protocol(kw, cur.need("a protocol", kw))
+            out[key] = protocol(kw, cur.need("a protocol", kw))
         elif key == "chain":
-            out[key], _ = _uint(cur, kw, U32)
+            out[key], _ = read_uint(cur, kw, U32)
         elif key == "prio":
-            out[key], _ = _uint(cur, kw, U16)
+            out[key], _ = read_uint(cur, kw, U16)
         elif key == "handle":
-            out[key], _ = _uint(cur, kw, U32)
+            out[key], _ = read_uint(cur, kw, U32)
     return out
 
 
 def parse_command(text: str) -> Command:
     """One `filter add|del|show` command line."""
-    cur = _Cursor(text)
+    cur = Cursor(text)
     if cur.done():
         raise RuleSyntaxError("empty command", 1, "")
     verb, verb_tok, stats = _prefix(cur)

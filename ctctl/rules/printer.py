@@ -6,12 +6,11 @@ writes every field the model holds, in tc's canonical spelling.
 
 from __future__ import annotations
 
-
 from .model import (
-    U16, U32, U128, CtAction, CtNat, DropAction, Filter, GotoAction,
-    MirredAction, PassAction, PortRange, TrapAction,
+    U16, U32, U128, CtAction, CtNat, DropAction, Filter, GotoAction, MirredAction, PassAction,
+    PortRange, TrapAction,
 )
-from .parser import CT_STATE_FLAGS, IP_PROTO_NAMES, PROTOCOL_NAMES
+from .values import CT_STATE_FLAGS, IP_PROTO_NAMES, PROTOCOL_NAMES
 
 _PROTO_BY_NUM = {v: k for k, v in PROTOCOL_NAMES.items()}
 _IP_PROTO_BY_NUM = {v: k for k, v in IP_PROTO_NAMES.items()}

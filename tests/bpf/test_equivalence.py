@@ -5,7 +5,7 @@ and chains 0-2, parsed with ctctl.rules.parse_filter into a RuleSet and
 written by Device.install) and random packets (TCP/UDP/ICMP echo over
 IPv4/IPv6 between a few addresses and ports; many of them belonging to
 connections established in a real ConnTracker, some with SNAT or DNAT,
-and offloaded with Device.add_flow(flow_entry(...))), every packet is run
+and offloaded with Device.add_flow(conn, direction)), every packet is run
 
 - through the compiled program (BPF_PROG_TEST_RUN, on the real ingress
   ifindex of a port of a real namespace), and
@@ -48,9 +48,7 @@ import copy
 import ipaddress
 import os
 import random
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -60,15 +58,17 @@ from scapy.packet import Raw
 
 from ctctl import abi
 from ctctl.abi import ActionKind
-from ctctl.caps import HwCaps
-from ctctl.conntrack import ConnTracker, NatSpec, Status
-from ctctl.device import Device, FlowExists, TableFull, encode_rule, flow_entry
-from ctctl.pipeline import Pipeline, Resume
+from ctctl.kernel.conntrack import ConnTracker, NatSpec, Status
+from ctctl.kernel.offload.hw import FlowExists, TableFull
+from ctctl.kernel.pipeline import Pipeline, Resume
+from ctctl.nic.caps import HwCaps
+from ctctl.nic.driver import Device
+from ctctl.nic.encode import encode_rule
+from ctctl.nic.maps import Maps
 from ctctl.rules import RuleSet, RuleSyntaxError, parse_filter
-from testrun import TC_ACT_OK, TC_ACT_SHOT, Harness
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ktrack import FakeClock  # noqa: E402
+from helpers import FakeClock  # noqa: E402
+from testrun import TC_ACT_OK, TC_ACT_SHOT, Harness
 
 TC_ACT_REDIRECT = 7
 SEED = int(os.environ.get("CTCTL_EQ_SEED", "5"))
@@ -110,7 +110,8 @@ class Env:
 def env():
     from pyroute2 import netns as pr_netns
 
-    from ctctl import loader, topology
+    from ctctl.lab import topology
+    from ctctl.nic import loader
 
     topo = topology.build(topology.unique_tag("ctctl-eq"), list(PORTS), ["client", "server"])
     bpf = None
@@ -289,7 +290,7 @@ class ConnSpec:
 def establish(tr: ConnTracker, clock: FakeClock, c: ConnSpec) -> None:
     """Run the connection's opening packets through the tracker as a ct
     commit (nat) action would, until it is offloadable."""
-    from ctctl.packet import parse
+    from ctctl.kernel.packet import parse
 
     bare = NatSpec() if c.nat else None
     first = _l3(c.client, c.server)
@@ -376,7 +377,7 @@ class World:
                  tally: dict[str, int] | None = None):
         self.env, self.caps, self.rs = env, caps, rs
         self.tracker, self.clock = tracker, clock
-        self.dev = Device(env.bpf, env.ifindex, caps)
+        self.dev = Device(Maps(env.bpf), env.ifindex, caps)
         self.dev.set_caps()
         self.dev.install(rs)
         self.port_of = {i: n for n, i in env.ifindex.items()}
@@ -385,13 +386,11 @@ class World:
 
     # -- the controller's part, minimal ---------------------------------------
     def offload(self, conn) -> None:
-        entries = [flow_entry(conn, d) for d in (0, 1)]
         try:
-            for k, f in entries:
-                self.dev.add_flow(k, f, replace=True)
+            keys = [self.dev.add_flow(conn, d, replace=True) for d in (0, 1)]
         except TableFull:
             return
-        self.offloaded[conn.id] = (conn, [k for k, _ in entries], (conn.mark, conn.label))
+        self.offloaded[conn.id] = (conn, keys, (conn.mark, conn.label))
 
     def sync_offload(self) -> None:
         """Offload what qualifies, take out what left ESTABLISHED or died,
@@ -417,8 +416,7 @@ class World:
 
     # -- one packet -------------------------------------------------------------
     def _stats(self) -> dict[int, int]:
-        t = self.env.bpf[b"rule_stats"]
-        return {i: sum(s.packets for s in t.getvalue(t.Key(i))) for i in self.dev._ids.values()}
+        return {i: self.dev.maps.rule_stats(i)[0] for i in self.dev.rule_ids().values()}
 
     def software(self, frame: bytes, dev: str, resume: Resume | None = None):
         tr = copy.deepcopy(self.tracker)
@@ -454,7 +452,7 @@ class World:
             self._count(f"hw_{kind}")
             output = None
             if kind == "output":
-                hit = [f for f, i in self.dev._ids.items() if after.get(i, 0) > before.get(i, 0)
+                hit = [f for f, i in self.dev.rule_ids().items() if after.get(i, 0) > before.get(i, 0)
                        and _stopper(encode_rule(f, i, self.caps, self.env.ifindex)) == ActionKind.MIRRED]
                 if len(hit) == 1:
                     output = next(a.dev for a in hit[0].actions if hasattr(a, "dev"))
@@ -497,7 +495,7 @@ def shrink(env: Env, caps: HwCaps, w: World, frame: bytes, dev: str, problem: st
     """Remove filters one at a time while the same packet, from the same
     tracker and flows state, still disagrees.  Returns (filters, problem)."""
     tracker0 = copy.deepcopy(w.tracker)
-    flows0 = [(bytes(k), bytes(f)) for k, f in w.dev.read_flows()]
+    flows0 = [(bytes(k), bytes(f)) for k, f in w.dev.maps.flows()]
     filters = w.rs.filters()
 
     def attempt(fs):
@@ -505,7 +503,7 @@ def shrink(env: Env, caps: HwCaps, w: World, frame: bytes, dev: str, problem: st
         t = copy.deepcopy(tracker0)
         env.bpf[b"flows"].clear()
         for k, f in flows0:
-            w.dev.add_flow(abi.Tuple.from_buffer_copy(k), abi.Flow.from_buffer_copy(f))
+            w.dev.maps.insert_flow(abi.Tuple.from_buffer_copy(k), abi.Flow.from_buffer_copy(f))
         ww = World(env, caps, rs, t, t.clock)
         ww.offloaded = {}  # keep exactly flows0: no policy before the packet
         return ww.check(frame, dev)
@@ -539,14 +537,14 @@ def test_hardware_agrees_with_software(env, caps_name):
         for _ in range(PACKETS):
             frame, dev = random_packet(rng, specs)
             tracker_before = copy.deepcopy(w.tracker)
-            flows_before = [(bytes(k), bytes(f)) for k, f in w.dev.read_flows()]
+            flows_before = [(bytes(k), bytes(f)) for k, f in w.dev.maps.flows()]
             problem = w.check(frame, dev)
             if problem is not None and len(mismatches) < 6:
                 # Shrink from the state the packet met.
                 w2 = World(env, caps, w.rs, tracker_before, tracker_before.clock)
                 env.bpf[b"flows"].clear()
                 for k, f in flows_before:
-                    w2.dev.add_flow(abi.Tuple.from_buffer_copy(k), abi.Flow.from_buffer_copy(f))
+                    w2.dev.maps.insert_flow(abi.Tuple.from_buffer_copy(k), abi.Flow.from_buffer_copy(f))
                 fs, why = shrink(env, caps, w2, frame, dev, problem)
                 mismatches.append((n, fs, frame, dev, why))
                 # Back to the world as it was after the packet.
@@ -574,7 +572,7 @@ def test_hardware_agrees_with_software(env, caps_name):
 # The device against the real maps
 
 def test_install_ids_counters_and_stale_chains(env):
-    dev = Device(env.bpf, env.ifindex)
+    dev = Device(Maps(env.bpf), env.ifindex)
     chains = env.bpf[b"chains"]
     a = parse_filter("dev eth5 protocol ip prio 5 flower ip_proto udp action drop")
     b = parse_filter("dev eth5 protocol ip prio 6 flower action goto chain 4")
@@ -607,30 +605,29 @@ def test_install_ids_counters_and_stale_chains(env):
 
 
 def test_flows_add_remove_read(env):
-    dev = Device(env.bpf, env.ifindex)
+    dev = Device(Maps(env.bpf), env.ifindex)
     dev.set_caps()
     env.bpf[b"flows"].clear()
     clock = FakeClock()
     tr = ConnTracker(clock=clock)
     c = ConnSpec("udp", A4[0], A4[1], 5000, 53, 0, None)
     establish(tr, clock, c)
-    entries = [flow_entry(c.conn, d) for d in (0, 1)]
-    for k, f in entries:
-        dev.add_flow(k, f)
+    keys = [dev.add_flow(c.conn, d) for d in (0, 1)]
     with pytest.raises(FlowExists):
-        dev.add_flow(*entries[0])
+        dev.add_flow(c.conn, 0)
     dev.install(RuleSet([parse_filter("dev eth5 flower action ct action mirred egress redirect dev eth6")]))
     try:
         frame = c.frame(0)
         for _ in range(3):
             assert env.h.run_out(frame, env.ifindex["eth5"])[0] == TC_ACT_REDIRECT
-        flows = {bytes(k): f for k, f in dev.read_flows()}
-        assert len(flows) == 2 and flows[bytes(entries[0][0])].packets == 3
-        gone = dev.remove_flow(entries[0][0])
+        flows = dev.read_flows()
+        assert len(flows) == 2 and flows[keys[0]].packets == 3 and flows[keys[1]].packets == 0
+        gone = dev.remove_flow(keys[0])
         # Bytes are IP bytes, as conntrack counts them (no Ethernet header).
         assert (gone.packets, gone.bytes) == (3, 3 * (len(frame) - 14)) and gone.last_used_ns > 0
-        assert dev.remove_flow(entries[0][0]) is None
-        assert [bytes(k) for k, _ in dev.read_flows()] == [bytes(entries[1][0])]
+        assert dev.remove_flow(keys[0]) is None
+        assert list(dev.read_flows()) == [keys[1]]
+        assert [(r["dir"], r["conn_id"]) for r in dev.entries()] == [("reply", c.conn.id)]
     finally:
         dev.uninstall()
         env.bpf[b"flows"].clear()
@@ -639,22 +636,24 @@ def test_flows_add_remove_read(env):
 def test_read_flows_batches_and_table_full():
     """A program with a small table: TableFull at its size, and read_flows
     across more entries than one batch holds."""
-    from ctctl import loader
+    from ctctl.nic import loader
 
     size = 2500
     bpf = loader.compile_program(HwCaps(table_size=size).cflags())
     try:
-        dev = Device(bpf, {}, HwCaps(table_size=size))
+        maps = Maps(bpf)
+        assert maps.table_size() == size
         k, f = abi.Tuple(), abi.Flow()
         for i in range(size):
             k.sport, k.dport, f.conn_id = i & 0xFFFF, i >> 16, i
-            dev.add_flow(k, f)
+            maps.insert_flow(k, f)
         k.sport, k.dport = 0, 0xFFFF
-        with pytest.raises(TableFull):
-            dev.add_flow(k, f)
-        got = dev.read_flows()
+        with pytest.raises(TableFull, match=f"{size} entries"):
+            maps.insert_flow(k, f)
+        got = maps.flows()
         assert sorted(fl.conn_id for _, fl in got) == list(range(size))
-        assert len(dev.flush_flows()) == size and dev.read_flows() == []
+        dev = Device(maps, {}, HwCaps(table_size=size))
+        assert len(dev.flush_flows()) == size and maps.flows() == [] and dev.read_flows() == {}
     finally:
         bpf.cleanup()
 

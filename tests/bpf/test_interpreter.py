@@ -26,6 +26,7 @@ from scapy.layers.l2 import Dot1Q, Ether
 
 from ctctl import abi
 from ctctl.abi import ActionKind as A, CtFlags, CtState as CS, Done, Reason
+
 from checksums import checksums_ok
 from testrun import MAX_FRAME, TC_ACT_OK, TC_ACT_SHOT, Harness
 
@@ -65,7 +66,7 @@ class Bench(Harness):
 
 @pytest.fixture(scope="module")
 def bench():
-    from ctctl import loader
+    from ctctl.nic import loader
 
     bpf = loader.compile_program()
     try:

@@ -9,25 +9,20 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
 from ctctl import abi
-from ctctl.caps import HwCaps
-from ctctl.conntrack import ConnTracker, Status
-from ctctl.device import Device
-from ctctl.loader import compile_program, flow_table_cflags
-from ctctl.offload import OffloadManager, OffloadPolicy
-from ctctl.packet import parse
+from ctctl.kernel.conntrack import ConnTracker, Status
+from ctctl.kernel.offload import OffloadManager, OffloadPolicy
+from ctctl.kernel.packet import parse
+from ctctl.nic.caps import HwCaps
+from ctctl.nic.driver import Device
+from ctctl.nic.loader import compile_program, flow_table_cflags
+from ctctl.nic.maps import Maps
 from ctctl.rules import RuleSet, parse_filter
+
+from helpers import FakeClock
 from testrun import Harness
 
 TC_ACT_OK = 0
 CLIENT, SERVER = "192.0.2.1", "192.0.2.2"
-
-
-class Clock:
-    def __init__(self):
-        self.t = 100.0
-
-    def __call__(self):
-        return self.t
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +37,16 @@ def small_hw():
 @pytest.fixture
 def box(small_hw):
     bpf, h = small_hw
-    clock = Clock()
+    clock = FakeClock(100.0)
     tracker = ConnTracker(clock=clock)
     # test_run's skb arrives on ifindex 1 (lo): that is the port here.
-    dev = Device(bpf, {"lo": 1}, HwCaps(table_size=2))
+    dev = Device(Maps(bpf), {"lo": 1}, HwCaps(table_size=2))
     dev.set_caps()
     dev.install(RuleSet([parse_filter("dev lo flower action ct action pass")]))
     log = []
-    mgr = OffloadManager(tracker, dev, OffloadPolicy(), clock, notify=log.append)
+    # The program's last-used times are bpf_ktime_get_ns: the device's
+    # clock here is the real one, as in a box.
+    mgr = OffloadManager(tracker, dev, OffloadPolicy(), clock=clock, notify=log.append)
     yield tracker, dev, mgr, h, clock, log
     dev.uninstall()
     dev.flush_flows()
@@ -100,7 +97,7 @@ def test_fin_takes_it_out_and_folds_the_counters(box):
     out = tracker.ct(parse(res.punts[0].frame), commit=True)
     mgr.after_packet([out.conn])
     assert conn.id not in mgr.hw and not conn.status & Status.HW_OFFLOAD
-    assert dev.read_flows() == []
+    assert dev.read_flows() == {}
     assert conn.packets == [sw[0] + 5 + 1, sw[1] + 3]
     assert mgr.stats()["removed_fin"] == 1
 
@@ -122,7 +119,7 @@ def test_a_new_mark_reaches_the_hardware_entries(box):
     conn = handshake(tracker, mgr, 40004)
     h.run(frame(40004))
     tracker.ct(parse(bytearray(frame(40004))), commit=True, mark=(0x42, 0xFFFFFFFF))
-    marks = {f.mark for _, f in dev.read_flows()}
+    marks = {f.mark for _, f in dev.maps.flows()}
     assert marks == {0x42}
     assert conn.packets[0] >= 3 + 1   # the hardware's packet was folded before the rewrite
 
@@ -132,7 +129,7 @@ def test_expiry_removes_it_from_hardware(box):
     conn = handshake(tracker, mgr, 40005)
     clock.t += mgr.policy.tcp_timeout + 1   # no hardware traffic, no sync refresh
     tracker.sweep()
-    assert conn.id not in mgr.hw and dev.read_flows() == []
+    assert conn.id not in mgr.hw and dev.read_flows() == {}
     assert mgr.stats()["removed_expired"] == 1
 
 
@@ -173,7 +170,7 @@ def test_rst_takes_both_directions_out_at_once(box):
     conn = handshake(tracker, mgr, 40006)
     _punted_then_tracked(tracker, mgr, h, frame(40006, flags="R"))
     assert conn.state == "CLOSE"
-    assert conn.id not in mgr.hw and dev.read_flows() == []
+    assert conn.id not in mgr.hw and dev.read_flows() == {}
     assert mgr.stats()["removed_rst"] == 1
     # Back in software with CLOSE's own timeout, not the offload timeout.
     assert conn.timeout_at - clock.t == tracker.config.timeouts["CLOSE"]

@@ -20,16 +20,18 @@ from collections import Counter
 
 import pytest
 from scapy.layers.inet import GRE, ICMP, IPOption_Router_Alert, IPOption_RR
-from scapy.layers.inet6 import (ICMPv6EchoRequest, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment,
-                                IPv6ExtHdrHopByHop, IPv6ExtHdrRouting)
+from scapy.layers.inet6 import (
+    ICMPv6EchoRequest, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+)
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.layers.sctp import SCTP
 
 from ctctl import abi
 from ctctl.abi import Reason
-from frames import tcp, udp, v4, v6
-from testrun import (MAX_FRAME, TC_ACT_SHOT, Harness, Refused, Result,
-                     expected_counters, refused_by_kernel)
+
+from helpers import tcp, udp, v4, v6
+from testrun import MAX_FRAME, TC_ACT_SHOT, Harness, Refused, Result, expected_counters, refused_by_kernel
 
 SRC_MAC, DST_MAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
 LO_IFINDEX = 1  # a test run without a context comes from the caller's lo
@@ -40,7 +42,7 @@ def harness():
     """The program compiled once for this module (BCC takes seconds), loaded
     as SCHED_CLS, with its perf buffer open.  (A tests/bpf/conftest.py
     would shadow tests/conftest.py for `from conftest import ...`.)"""
-    from ctctl import loader
+    from ctctl.nic import loader
 
     bpf = loader.compile_program()
     try:
@@ -338,10 +340,10 @@ def test_controller_handles_every_punt_and_forwards_it_unchanged(harness, topo):
     find each frame, unchanged, on the server host's side of the wire."""
     from pyroute2 import netns as pr_netns
 
-    from ctctl.config import BoxConfig
-    from ctctl.controller import Controller
-    from ctctl.transmit import Transmitter
-    from ctctl.waiting import Timeout, wait_until
+    from ctctl.box.config import BoxConfig
+    from ctctl.box.controller import Controller
+    from ctctl.lab.waiting import Timeout, wait_until
+    from ctctl.nic.transmit import Transmitter
 
     cfg = BoxConfig(name="malformed", netns=topo.box, ports=["eth5", "eth6"],
                     forward={"eth5": "eth6", "eth6": "eth5"})
@@ -371,7 +373,7 @@ def test_controller_handles_every_punt_and_forwards_it_unchanged(harness, topo):
         assert ctl.tx_pkts["eth6"] == len(frames) - len(too_long)
         # By reason, as `ctctl stats` names them: the controller's tally
         # must agree with the reasons the program put in the headers.
-        by_reason = ctl.stats()["software"]["by_reason"]
+        by_reason = ctl.dispatch({"op": "stats"})["stats"]["software"]["by_reason"]
         assert sum(by_reason.values()) == len(frames)
         assert by_reason == dict(Counter(r.punts[0].reason.label for r in results))
 

@@ -30,7 +30,7 @@ import struct
 from dataclasses import dataclass
 
 from ctctl import abi
-from ctctl.punts import Punt, PuntReader
+from ctctl.nic.punts import Punt, PuntReader
 
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2

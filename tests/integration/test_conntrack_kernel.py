@@ -13,23 +13,33 @@ by these sequences.
 from __future__ import annotations
 
 import os
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 scapy = pytest.importorskip("scapy.all")
-from scapy.all import (GRE, ICMP, IP, TCP, UDP, Ether, ICMPv6DestUnreach,  # noqa: E402
-                       ICMPv6EchoReply, ICMPv6EchoRequest, ICMPv6ND_NS, IPv6, Raw, raw)
+from scapy.all import (  # noqa: E402
+    GRE,
+    ICMP,
+    IP,
+    TCP,
+    UDP,
+    Ether,
+    ICMPv6DestUnreach,
+    ICMPv6EchoReply,
+    ICMPv6EchoRequest,
+    ICMPv6ND_NS,
+    IPv6,
+    Raw,
+    raw,
+)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from ctctl.abi import CtState  # noqa: E402
+from ctctl.kernel.conntrack import ConnTracker, format_conntrack  # noqa: E402
+from ctctl.kernel.packet import parse  # noqa: E402
+
 from checksums import checksums_ok  # noqa: E402
 from ktrack import KernelCt, parse_conntrack_line, tcp_matrix  # noqa: E402
-
-from ctctl.conntrack import ConnTracker, format_conntrack  # noqa: E402
-from ctctl.abi import CtState  # noqa: E402
-from ctctl.packet import parse  # noqa: E402
 
 pytestmark = [
     pytest.mark.root, pytest.mark.integration,
@@ -367,7 +377,7 @@ KNOB_CASES = {
 @pytest.mark.parametrize("name", sorted(KNOB_CASES))
 def test_knobs_same_as_kernel(kernel, name):
     sysctls, config, seq = KNOB_CASES[name]
-    from ctctl.conntrack import CtConfig
+    from ctctl.kernel.conntrack import CtConfig
     old = {k: kernel.ns("sysctl", "-n", f"net.netfilter.{k}").strip() for k in sysctls}
     try:
         for k, v in sysctls.items():
@@ -396,8 +406,9 @@ def test_knobs_same_as_kernel(kernel, name):
 # reply tuple, and the forwarded packet itself (addresses, ports, ICMP id,
 # the quoted header of ICMP errors, every checksum).
 
+from ctctl.kernel.conntrack import NatSpec  # noqa: E402
+
 from ktrack import KernelNat  # noqa: E402
-from ctctl.conntrack import NatSpec  # noqa: E402
 
 SN = KernelNat.SNAT_TO
 VIP, DN = KernelNat.VIP, KernelNat.DNAT_TO

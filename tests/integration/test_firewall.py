@@ -4,9 +4,7 @@ through, the stateful firewall's verdicts out."""
 import subprocess
 import sys
 
-import pytest
-
-from ctctl import firewall, traffic
+from ctctl.lab import firewall, traffic
 
 CTCTL = [sys.executable, "-m", "ctctl"]
 
@@ -75,7 +73,7 @@ def test_bad_rule_is_refused_with_its_column_and_changes_nothing(fwbox):
     assert r.returncode != 0
     line = "filter " + " ".join(words[1:])
     col = line.index("+trk+estab") + 1
-    assert f"unknown flag 'estab'" in r.stderr and f"at column" in r.stderr, r.stderr
+    assert "unknown flag 'estab'" in r.stderr and "at column" in r.stderr, r.stderr
     # The caret points under the token.
     caret = r.stderr.splitlines()[-1]
     assert caret.index("^") - 2 >= col - 1, r.stderr

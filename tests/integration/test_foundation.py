@@ -2,7 +2,6 @@
 namespaces, real ping/nc/UDP traffic, and nothing left behind."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,10 +9,13 @@ import sys
 import pytest
 import yaml
 
+from ctctl.box import state as boxstate
+from ctctl.lab import traffic
+from ctctl.lab.boxproc import BoxProcess
+from ctctl.lab.waiting import wait_until
+from ctctl.nic import loader
+
 from conftest import box_config, tc_filters
-from ctctl import control, loader, traffic
-from ctctl.boxproc import BoxProcess
-from ctctl.waiting import wait_until
 
 CTCTL = [sys.executable, "-m", "ctctl"]
 
@@ -25,8 +27,8 @@ def assert_nothing_left(topo, name):
                            capture_output=True, text=True).stdout
         assert "clsact" not in q, f"clsact left on {p.name}"
     assert not (loader.PIN_ROOT / name).exists()
-    assert control.read_state(name) is None
-    assert not control.sock_path(name).exists()
+    assert boxstate.read_state(name) is None
+    assert not boxstate.sock_path(name).exists()
 
 
 def everything_seen(stats) -> None:

@@ -6,9 +6,11 @@ punted, counters that agree.  Also part of the host's own run."""
 
 import pytest
 
+from ctctl import abi
+from ctctl.lab import topology, traffic
+
 from accounting import assert_software_saw_only_setup_and_teardown
 from conftest import firewall_config, running
-from ctctl import abi, topology, traffic
 
 pytestmark = pytest.mark.vm
 

@@ -37,12 +37,14 @@ from scapy.layers.inet6 import IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdr
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.layers.sctp import SCTP
 
-from conftest import box_config
-from frames import tcp, udp, v4, v6
-from ctctl import abi, topology, traffic
+from ctctl import abi
 from ctctl.abi import Reason
-from ctctl.boxproc import BoxProcess
-from ctctl.waiting import wait_until
+from ctctl.lab import topology, traffic
+from ctctl.lab.boxproc import BoxProcess
+from ctctl.lab.waiting import wait_until
+
+from conftest import box_config
+from helpers import tcp, udp, v4, v6
 
 SOL_PACKET, PACKET_AUXDATA = 263, 8
 TP_STATUS_VLAN_VALID, TP_STATUS_VLAN_TPID_VALID = 0x10, 0x40

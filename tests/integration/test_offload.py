@@ -5,10 +5,9 @@ counted."""
 
 import subprocess
 
-import pytest
+from ctctl.lab import traffic
 
 from accounting import assert_software_saw_only_setup_and_teardown, conn_line_and_id, directions
-from ctctl import traffic
 
 
 def count_rule(ns: str, spec: list[str]) -> None:

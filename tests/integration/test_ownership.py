@@ -9,10 +9,13 @@ import sys
 
 import yaml
 
+from ctctl.box import state as boxstate
+from ctctl.lab import firewall, topology, traffic
+from ctctl.lab.boxproc import BoxProcess
+from ctctl.lab.waiting import wait_until
+from ctctl.nic import loader
+
 from conftest import firewall_config, running, tc_filters
-from ctctl import control, firewall, loader, topology, traffic
-from ctctl.boxproc import BoxProcess
-from ctctl.waiting import wait_until
 
 CTCTL = [sys.executable, "-m", "ctctl"]
 
@@ -58,7 +61,7 @@ def test_a_load_on_ports_of_a_running_box_is_refused_and_leaves_it_working(topo,
         for p in ("eth5", "eth6"):
             assert tc_filters(topo.box, p) == before[p]
             assert f"handle {handle:#x}" in before[p] and "ctctl_ingress" in before[p]
-        assert control.read_state(other["name"]) is None
+        assert boxstate.read_state(other["name"]) is None
         assert not (loader.PIN_ROOT / other["name"]).exists()
         assert b.stats()["program"]["rx_packets"] > 0
 
@@ -71,8 +74,8 @@ def test_a_port_with_a_program_nobody_claims_is_refused(topo, tmp_path):
     with b:
         b.proc.send_signal(signal.SIGKILL)
         b.proc.wait(timeout=30)
-        state = control.read_state(b.name)
-        os.unlink(control.state_path(b.name))        # the orphan: nobody claims it now
+        state = boxstate.read_state(b.name)
+        os.unlink(boxstate.state_path(b.name))        # the orphan: nobody claims it now
         loader.unpin(loader.PIN_ROOT / b.name)
         try:
             path = tmp_path / "box.yaml"
@@ -83,7 +86,7 @@ def test_a_port_with_a_program_nobody_claims_is_refused(topo, tmp_path):
             assert "ctctl_ingress" in tc_filters(topo.box, "eth5")
         finally:
             loader.detach(topo.box, [loader.Attachment(**a) for a in state["attached"]])
-            control.remove_state(b.name)     # the dead controller's socket
+            boxstate.remove_state(b.name)     # the dead controller's socket
     assert "ctctl_ingress" not in tc_filters(topo.box, "eth5")
 
 
@@ -111,9 +114,9 @@ def test_topo_destroy_under_a_loaded_box_is_refused_then_unloads_when_asked(tmp_
             assert b.proc.returncode == 0
         for ns in (box_ns, f"{tag}-client", f"{tag}-server"):
             assert ns not in topology.netns.listnetns()
-        assert control.read_state(tag) is None
+        assert boxstate.read_state(tag) is None
     finally:
-        if (control.RUN_DIR / "topo" / f"{tag}.json").exists():
+        if (boxstate.RUN_DIR / "topo" / f"{tag}.json").exists():
             topology.forget(tag, unload_boxes=True)
 
 
@@ -133,7 +136,7 @@ def test_unload_after_the_namespace_was_deleted_creates_nothing():
                 assert r.returncode == 0, r.stdout + r.stderr
                 assert "warning" not in r.stdout, r.stdout
                 assert t.box not in topology.netns.listnetns()
-                assert control.read_state(b.name) is None
+                assert boxstate.read_state(b.name) is None
                 assert not (loader.PIN_ROOT / b.name).exists()
             assert t.box not in topology.netns.listnetns()
         finally:

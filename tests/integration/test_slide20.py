@@ -30,11 +30,12 @@ from scapy.error import Scapy_Exception
 from scapy.layers.inet import IP, TCP
 from scapy.utils import PcapReader, rdpcap
 
+from ctctl.lab import traffic
+from ctctl.lab.boxproc import BoxProcess
+from ctctl.lab.topology import ns_exec, ns_popen
+from ctctl.lab.waiting import wait_until
+
 from conftest import box_config
-from ctctl import traffic
-from ctctl.boxproc import BoxProcess
-from ctctl.topology import ns_exec, ns_popen
-from ctctl.waiting import wait_until
 
 NAT_ADDR = "192.0.2.100"
 PORT = 5001

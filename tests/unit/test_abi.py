@@ -75,3 +75,42 @@ def test_struct_layouts_match(probe):
         assert c_fields == [f[0] for f in cls._fields_], f"{s}: field list differs"
         for f in c_fields:
             assert int(probe[f"offsetof {s}.{f}"]) == getattr(cls, f).offset, f"{s}.{f}"
+
+
+def test_every_define_is_mirrored():
+    defines = set(re.findall(r"^#define\s+(CTCTL_\w+)\s+\S", abi.HEADER.read_text(), re.M))
+    assert defines - {"CTCTL_ABI_H"} == {c for c in abi.C_CONSTANTS if not c.endswith("_MAX")}
+
+
+_C_TYPES = {"__u64": ctypes.c_uint64, "__u32": ctypes.c_uint32}
+
+
+def _c_type(text: str):
+    text = text.strip()
+    if text.startswith("struct "):
+        name = text.split()[1]
+        return abi.C_STRUCTS.get(name, name)   # internal structs stay names
+    return _C_TYPES[text]
+
+
+def test_maps_match_maps_h():
+    """Every map of bpf/maps.h, its macro and its types, is abi.MAPS's, and
+    nothing else is: the names the driver and the loader use come from
+    there."""
+    text = (abi.BPF_DIR / "maps.h").read_text()
+    declared = {name: (macro, [a for a in (args or "").split(",") if a.strip()])
+                for macro, name, args in re.findall(r"^(BPF_\w+)\((\w+)(?:,([^;]*))?\);", text, re.M)}
+    assert set(declared) == set(abi.MAPS)
+    for name, spec in abi.MAPS.items():
+        macro, args = declared[name]
+        assert macro == spec.kind, name
+        if macro == "BPF_PERF_OUTPUT":
+            continue
+        # BPF_HASH(name, key, value, size); the arrays' keys are u32 indexes.
+        key, value = (args[0], args[1]) if macro == "BPF_HASH" else ("__u32", args[0])
+        assert _c_type(key) is spec.key, name
+        if spec.value is None:
+            assert name == "scratch" and not spec.pinned   # program-internal state
+        else:
+            assert _c_type(value) is spec.value, name
+    assert abi.PINNED_MAPS == ("counters", "chains", "flows", "rule_stats", "hw_config")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ctctl import config
+from ctctl.box import config
 
 GOOD = "name: demo\nnetns: ctctl-x-box\nports: [eth5, eth6]\nforward: {eth5: eth6, eth6: eth5}\n"
 

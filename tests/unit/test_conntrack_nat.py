@@ -5,20 +5,17 @@ with every checksum right (checked by scapy recomputing them)."""
 from __future__ import annotations
 
 import ipaddress
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("scapy.all")
 from scapy.all import ICMP, IP, TCP, UDP, Ether, IPv6, Raw  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from checksums import checksums_ok  # noqa: E402
-from ktrack import FakeClock, pkt, tcp_seg  # noqa: E402
-
 from ctctl.abi import CtState  # noqa: E402
-from ctctl.conntrack import ConnTracker, CtConfig, NatSpec, Status  # noqa: E402
+from ctctl.kernel.conntrack import ConnTracker, CtConfig, NatSpec, Status  # noqa: E402
+
+from checksums import checksums_ok  # noqa: E402
+from helpers import FakeClock, pkt, tcp_seg  # noqa: E402
 
 A = ipaddress.ip_address
 SNAT = NatSpec("src", "192.0.2.1")

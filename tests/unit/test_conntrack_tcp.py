@@ -5,21 +5,17 @@ every TCP timeout on a fake clock."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("scapy.all")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ktrack import (FakeClock, MATRIX_CLASSES, MATRIX_STATES, pkt,  # noqa: E402
-                    tcp_matrix, tcp_seg)
-
 from ctctl.abi import CtState  # noqa: E402
-from ctctl.conntrack import ConnTracker, CtConfig, Status, Tuple  # noqa: E402
+from ctctl.kernel.conntrack import ConnTracker, CtConfig, Status, Tuple  # noqa: E402
+
+from helpers import FakeClock, pkt, tcp_seg  # noqa: E402
+from ktrack import MATRIX_CLASSES, MATRIX_STATES, tcp_matrix  # noqa: E402
 
 # The kernel's tcp_conntracks table as its comments document it, typed
-# here independently of ctctl/conntrack/tcp.py.
+# here independently of ctctl/kernel/conntrack/tcp.py.
 KERNEL_TABLE = """
 orig  syn     SS SS IG IG IG IG IG SS SS S2
 orig  synack  IV IV SR IV IV IV IV IV IV SR

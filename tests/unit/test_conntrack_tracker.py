@@ -4,20 +4,16 @@ formats."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("scapy.all")
 from scapy.all import IP, UDP, Raw  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ktrack import FakeClock, parse_conntrack_line, pkt, tcp_seg  # noqa: E402
-
 from ctctl.abi import CtState  # noqa: E402
-from ctctl.conntrack import (ConnTracker, CtResult, Status, format_conntrack,  # noqa: E402
-                             format_event)
+from ctctl.kernel.conntrack import ConnTracker, CtResult, Status, format_conntrack, format_event  # noqa: E402
+
+from helpers import FakeClock, pkt, tcp_seg  # noqa: E402
+from ktrack import parse_conntrack_line  # noqa: E402
 
 TRK, NEW, EST, RPL, INV = CtState.TRK, CtState.NEW, CtState.EST, CtState.RPL, CtState.INV
 

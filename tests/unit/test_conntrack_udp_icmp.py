@@ -3,20 +3,28 @@ fake clock, RELATED for ICMP errors and its invalid cases."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("scapy.all")
-from scapy.all import (GRE, ICMP, IP, TCP, UDP, ICMPv6DestUnreach, ICMPv6EchoReply,  # noqa: E402
-                       ICMPv6EchoRequest, ICMPv6ND_NS, ICMPv6PacketTooBig, IPv6, Raw)
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ktrack import CLIENT as C, SERVER as S, FakeClock, pkt, tcp_seg  # noqa: E402
+from scapy.all import (  # noqa: E402
+    GRE,
+    ICMP,
+    IP,
+    TCP,
+    UDP,
+    ICMPv6DestUnreach,
+    ICMPv6EchoReply,
+    ICMPv6EchoRequest,
+    ICMPv6ND_NS,
+    ICMPv6PacketTooBig,
+    IPv6,
+    Raw,
+)
 
 from ctctl.abi import CtState  # noqa: E402
-from ctctl.conntrack import ConnTracker, CtConfig, Status  # noqa: E402
+from ctctl.kernel.conntrack import ConnTracker, CtConfig, Status  # noqa: E402
+
+from helpers import CLIENT as C, SERVER as S, FakeClock, pkt, tcp_seg  # noqa: E402
 
 TRK, NEW, EST, REL, RPL, INV = (CtState.TRK, CtState.NEW, CtState.EST, CtState.REL,
                                 CtState.RPL, CtState.INV)
@@ -181,7 +189,7 @@ class TestGenericAndUntrackable:
     def test_not_ip_and_fragments_are_not_tracked(self, tr):
         from scapy.all import ARP, Ether, fragment, raw
 
-        from ctctl.packet import parse
+        from ctctl.kernel.packet import parse
         r = tr.ct(parse(raw(Ether() / ARP())))
         assert r.ct_state == 0 and r.conn is None
         frag = fragment(IP(src=C, dst=S) / UDP(sport=1, dport=2) / Raw(b"x" * 3000), fragsize=1000)[1]

@@ -10,12 +10,14 @@ import pytest
 pytest.importorskip("scapy.all")
 from scapy.all import Ether, Raw, raw  # noqa: E402
 
+from ctctl import abi
+from ctctl.box import controller  # noqa: E402
+from ctctl.box.config import BoxConfig  # noqa: E402
+from ctctl.box.controller import Controller  # noqa: E402
+from ctctl.nic.punts import Punt  # noqa: E402
+
 from checksums import checksums_ok, pseudo_header_sum, with_l4_checksum  # noqa: E402
-from ctctl import abi, controller  # noqa: E402
-from ctctl.config import BoxConfig  # noqa: E402
-from ctctl.controller import Controller  # noqa: E402
-from ctctl.punts import Punt  # noqa: E402
-from frames import tcp, v4  # noqa: E402
+from helpers import tcp, v4  # noqa: E402
 
 IFINDEX = {"eth5": 2, "eth6": 3}
 
@@ -52,7 +54,7 @@ def test_a_partial_checksum_is_completed_before_the_packet_goes_on():
     assert not checksums_ok(sent_by_host)
     ctl.handle(punt(sent_by_host))
     assert ctl.transmitter.sent == [("eth6", syn(b"hello"))]
-    assert ctl.stats()["software"]["csum_completed"] == 1
+    assert ctl.dispatch({"op": "stats"})["stats"]["software"]["csum_completed"] == 1
 
 
 def test_complete_and_other_wrong_checksums_go_on_unchanged():
@@ -62,7 +64,7 @@ def test_complete_and_other_wrong_checksums_go_on_unchanged():
     for frame in (syn(), bytes(corrupt)):
         ctl.handle(punt(frame))
     assert ctl.transmitter.sent == [("eth6", syn()), ("eth6", bytes(corrupt))]
-    assert ctl.stats()["software"]["csum_completed"] == 0
+    assert ctl.dispatch({"op": "stats"})["stats"]["software"]["csum_completed"] == 0
 
 
 def test_a_bug_costs_one_packet_and_is_logged_once(monkeypatch, capsys):

@@ -1,4 +1,4 @@
-"""ctctl.packet: parsing and in-place rewriting, checked against scapy
+"""ctctl.kernel.packet: parsing and in-place rewriting, checked against scapy
 (which builds the frames and recomputes every checksum from scratch)."""
 
 from __future__ import annotations
@@ -8,14 +8,32 @@ import ipaddress
 import pytest
 
 pytest.importorskip("scapy.all")
-from scapy.all import (ARP, ICMP, IP, TCP, UDP, Dot1Q, Ether, ICMPv6DestUnreach,  # noqa: E402
-                       ICMPv6EchoRequest, IPOption_RR, IPv6, IPv6ExtHdrFragment,
-                       IPv6ExtHdrHopByHop, IPv6ExtHdrRouting, Raw, fragment, raw)
+from scapy.all import (  # noqa: E402
+    ARP,
+    ICMP,
+    IP,
+    TCP,
+    UDP,
+    Dot1Q,
+    Ether,
+    ICMPv6DestUnreach,
+    ICMPv6EchoRequest,
+    IPOption_RR,
+    IPv6,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+    Raw,
+    fragment,
+    raw,
+)
 from scapy.utils import checksum as inet_checksum  # noqa: E402
 
-from checksums import checksums_ok, pseudo_header_sum, with_l4_checksum  # noqa: E402
 from ctctl.abi import Reason  # noqa: E402
-from ctctl.packet import ParseError, complete_partial_checksum, fix_l4_checksum, parse  # noqa: E402
+from ctctl.kernel.csum import complete_partial_checksum, fix_l4_checksum  # noqa: E402
+from ctctl.kernel.packet import ParseError, parse  # noqa: E402
+
+from checksums import checksums_ok, pseudo_header_sum, with_l4_checksum  # noqa: E402
 
 E = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
 

@@ -1,8 +1,8 @@
 """The software pipeline, table-driven: packet + rules + ct state -> verdict.
 
 Everything here is real: the rules come from tc text, the tracker is
-ctctl.conntrack's ConnTracker on an injected clock, packets are built with
-scapy and parsed by ctctl.packet.
+ctctl.kernel.conntrack's ConnTracker on an injected clock, packets are built with
+scapy and parsed by ctctl.kernel.packet.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Ether
 
 from ctctl.abi import CtState, Done, PuntHdr
-from ctctl.conntrack import ConnTracker
-from ctctl.packet import parse
-from ctctl.pipeline import MAX_GOTO_HOPS, Pipeline, Resume
+from ctctl.kernel.conntrack import ConnTracker
+from ctctl.kernel.packet import parse
+from ctctl.kernel.pipeline import MAX_GOTO_HOPS, Pipeline, Resume
 from ctctl.rules import RuleSet, parse_filter
+
+from helpers import FakeClock
 
 CLIENT, SERVER = "10.0.0.1", "192.0.2.2"
 CLIENT6, SERVER6 = "fd00::1", "fd00:2::2"
@@ -53,17 +55,9 @@ SNAT_RULES = [
 ETH = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
 
 
-class Clock:
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 def make(rules: list[str], ports=("eth5", "eth6"), **kw) -> Pipeline:
     rs = RuleSet([parse_filter(line) for line in rules])
-    return Pipeline(rs, ConnTracker(clock=Clock()), ports, **kw)
+    return Pipeline(rs, ConnTracker(clock=FakeClock()), ports, **kw)
 
 
 def tcp(src=CLIENT, dst=SERVER, sport=40000, dport=80, flags="S", seq=1000, ack=0, payload=b""):
@@ -327,6 +321,32 @@ def test_hops_limit_is_configurable():
              "dev eth5 chain 1 flower action mirred egress redirect dev eth6"]
     assert make(rules, max_hops=0).process(tcp(), "eth5").reason == "goto_loop"
     assert make(rules, max_hops=1).process(tcp(), "eth5").kind == "output"
+
+
+def test_cached_ct_of_an_identifier_only_snat_is_snat_then_dnat():
+    """An ICMP echo SNATed to the client's own address, with only its
+    identifier changed (the identity tuple was taken): a second `ct nat` in
+    the zone (act_ct's cache) reports what the first did, the manips the
+    kernel runs for the direction: +snat one way, +dnat the other."""
+    rules = [
+        f"dev eth5 chain 0 protocol ip flower action ct zone 1 commit nat src addr {CLIENT} "
+        "action ct zone 1 nat action goto chain 1",
+        "dev eth5 chain 1 flower action mirred egress redirect dev eth6",
+        "dev eth6 chain 0 protocol ip flower action ct zone 1 nat action ct zone 1 nat "
+        "action goto chain 1",
+        "dev eth6 chain 1 flower action mirred egress redirect dev eth5",
+    ]
+    pl = make(rules)
+    # Another client holds the identity reply tuple (SERVER -> CLIENT, id 7).
+    pl.process(echo(src="10.0.0.9"), "eth5")
+    v = pl.process(echo(), "eth5")
+    conn = v.cts[0].result.conn
+    assert conn.reply.dst == conn.orig.src and conn.reply.sport != 7      # the identifier alone
+    assert [c.cached for c in v.cts] == [False, True]
+    assert [c.result.ct_state for c in v.cts] == [TRK | NEW | SNAT] * 2
+    back = pl.process(echo(src=SERVER, dst=CLIENT, type_=0, id_=conn.reply.sport), "eth6")
+    assert back.kind == "output" and back.packet.icmp_id == 7
+    assert [c.result.ct_state for c in back.cts] == [TRK | EST | RPL | DNAT] * 2
 
 
 def test_second_ct_in_same_zone_does_not_track_twice():

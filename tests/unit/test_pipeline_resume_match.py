@@ -7,8 +7,8 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
 from ctctl.abi import RESUME_MATCH, CtState
-from ctctl.conntrack import ConnTracker
-from ctctl.pipeline import Pipeline, Resume
+from ctctl.kernel.conntrack import ConnTracker
+from ctctl.kernel.pipeline import Pipeline, Resume
 from ctctl.rules import RuleSet, parse_filter
 
 RULES = [

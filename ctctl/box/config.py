@@ -1,0 +1,208 @@
+"""The box configuration (YAML), validated before anything is touched.
+
+    name: demo                 # box name: pins, socket and state file use it
+    netns: ctctl-demo-box      # the box's network namespace (must exist)
+    ports: [eth5, eth6]        # interfaces in that namespace
+    forward: {eth5: eth6, eth6: eth5}   # static port map (software switch)
+    perf_pages: 2048            # perf buffer pages per CPU
+
+Every error names the file, line and column of the offending node.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from pyroute2 import netns as pr_netns
+
+from ctctl import netns
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+KEYS = {
+    "name": "box name",
+    "netns": "namespace of the box",
+    "ports": "list of interfaces",
+    "forward": "static port map",
+    "rules": "tc filter lines",
+    "hardware": "hardware capabilities",
+    "offload": "offload policy",
+    "perf_pages": "perf buffer pages per CPU",
+}
+REQUIRED = ("name", "netns", "ports")
+
+
+class ConfigError(Exception):
+    def __init__(self, where: str, msg: str):
+        super().__init__(f"{where}: {msg}")
+
+
+@dataclass
+class BoxConfig:
+    name: str
+    netns: str
+    ports: list[str]
+    forward: dict[str, str] = field(default_factory=dict)
+    rules: list | None = None          # list[ctctl.rules.Filter] when given
+    hardware: object = None            # ctctl.nic.caps.HwCaps
+    offload: object = None             # ctctl.kernel.offload.OffloadPolicy
+    perf_pages: int = 2048
+    # key -> (key node, value node): positions for check_system's errors
+    nodes: dict = field(default_factory=dict, repr=False, compare=False)
+
+
+def _where(path: str, node) -> str:
+    m = node.start_mark
+    return f"{path}:{m.line + 1}:{m.column + 1}"
+
+
+def _scalar(path, node, kind, what):
+    if not isinstance(node, yaml.ScalarNode):
+        raise ConfigError(_where(path, node), f"{what} must be a {kind.__name__}")
+    value = yaml.safe_load(yaml.serialize(node))
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ConfigError(_where(path, node), f"{what} must be a {kind.__name__}, not {value!r}")
+    return value
+
+
+def parse(text: str, path: str = "<config>") -> BoxConfig:
+    """Syntax and schema; no system access."""
+    try:
+        root = yaml.compose(text)
+    except yaml.MarkedYAMLError as e:
+        m = e.problem_mark
+        where = f"{path}:{m.line + 1}:{m.column + 1}" if m else path
+        raise ConfigError(where, f"YAML syntax error: {e.problem}") from None
+    if root is None or not isinstance(root, yaml.MappingNode):
+        raise ConfigError(f"{path}:1:1", "expected a mapping of " + ", ".join(KEYS))
+    seen: dict[str, tuple] = {}
+    for knode, vnode in root.value:
+        key = _scalar(path, knode, str, "key")
+        if key not in KEYS:
+            raise ConfigError(_where(path, knode),
+                              f"unknown key {key!r} (expected {', '.join(KEYS)})")
+        if key in seen:
+            raise ConfigError(_where(path, knode), f"duplicate key {key!r}")
+        seen[key] = (knode, vnode)
+    for key in REQUIRED:
+        if key not in seen:
+            raise ConfigError(f"{path}:1:1", f"missing key {key!r} ({KEYS[key]})")
+
+    name = _scalar(path, seen["name"][1], str, "name")
+    if not NAME_RE.match(name):
+        raise ConfigError(_where(path, seen["name"][1]),
+                          f"name {name!r}: letters, digits, '.', '_', '-' (at most 32)")
+    netns = _scalar(path, seen["netns"][1], str, "netns")
+    pnode = seen["ports"][1]
+    if not isinstance(pnode, yaml.SequenceNode) or not pnode.value:
+        raise ConfigError(_where(path, pnode), "ports must be a non-empty list of interface names")
+    ports = []
+    for n in pnode.value:
+        p = _scalar(path, n, str, "port")
+        if p in ports:
+            raise ConfigError(_where(path, n), f"port {p!r} listed twice")
+        ports.append(p)
+    cfg = BoxConfig(name, netns, ports)
+    if "forward" in seen:
+        fnode = seen["forward"][1]
+        if not isinstance(fnode, yaml.MappingNode):
+            raise ConfigError(_where(path, fnode), "forward must map an input port to an output port")
+        for kn, vn in fnode.value:
+            src, dst = _scalar(path, kn, str, "port"), _scalar(path, vn, str, "port")
+            for p, n in ((src, kn), (dst, vn)):
+                if p not in ports:
+                    raise ConfigError(_where(path, n), f"forward: unknown port {p!r} (ports: {', '.join(ports)})")
+            cfg.forward[src] = dst
+    if "rules" in seen:
+        if "forward" in seen:
+            raise ConfigError(_where(path, seen["rules"][0]), "rules and forward exclude each other: "
+                              "the rules decide where packets go")
+        cfg.rules = _rules(path, seen["rules"][1], ports)
+    cfg.hardware = _hardware(path, seen.get("hardware", (None, None))[1])
+    cfg.offload = _offload(path, seen.get("offload", (None, None))[1])
+    if "perf_pages" in seen:
+        n = seen["perf_pages"][1]
+        pages = _scalar(path, n, int, "perf_pages")
+        if pages < 1 or pages & (pages - 1):
+            raise ConfigError(_where(path, n), f"perf_pages must be a power of two, not {pages}")
+        cfg.perf_pages = pages
+    cfg.nodes = seen
+    return cfg
+
+
+def _rules(path: str, node, ports: list[str]) -> list:
+    from ctctl.rules import MirredAction, RulesFileError, rules_from_node
+
+    try:
+        filters = rules_from_node(node, path)
+    except RulesFileError as e:
+        raise ConfigError(e.where, str(e)[len(e.where) + 2:]) from None
+    # rules_from_node keeps the order of the list: item i is filter i.
+    for item, f in zip(node.value, filters):
+        for dev, what in [(f.dev, "dev")] + [(a.dev, "mirred dev") for a in f.actions
+                                              if isinstance(a, MirredAction)]:
+            if dev not in ports:
+                raise ConfigError(_where(path, item), f"{what} {dev!r} is not a port of the box "
+                                                      f"(ports: {', '.join(ports)})")
+    return filters
+
+
+def _mapping(path: str, node, what: str) -> dict:
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError(_where(path, node), f"{what} must be a mapping")
+    return yaml.safe_load(yaml.serialize(node)) or {}
+
+
+def _hardware(path: str, node):
+    from ctctl.nic.caps import HwCaps
+
+    if node is None:
+        return HwCaps()
+    try:
+        return HwCaps.from_config(_mapping(path, node, "hardware"))
+    except ValueError as e:
+        raise ConfigError(_where(path, node), str(e)) from None
+
+
+def _offload(path: str, node):
+    from ctctl.kernel.offload import OffloadPolicy
+
+    if node is None:
+        return OffloadPolicy()
+    try:
+        return OffloadPolicy.from_config(_mapping(path, node, "offload"))
+    except ValueError as e:
+        raise ConfigError(_where(path, node), str(e)) from None
+
+
+def check_system(cfg: BoxConfig, path: str = "<config>") -> None:
+    """The namespace and the ports exist.  Still changes nothing."""
+    knodes = cfg.nodes
+
+    def where(key, i=None):
+        if key not in knodes:
+            return path
+        node = knodes[key][1]
+        if i is not None:
+            node = node.value[i]
+        return _where(path, node)
+
+    if cfg.netns not in pr_netns.listnetns():
+        raise ConfigError(where("netns"), f"netns {cfg.netns!r} does not exist (ip netns list)")
+    with netns.ipr(cfg.netns) as ipr:
+        for i, port in enumerate(cfg.ports):
+            if not ipr.link_lookup(ifname=port):
+                raise ConfigError(where("ports", i), f"unknown port {port!r}: no such interface in netns {cfg.netns!r}")
+
+
+def load(path: str | Path) -> BoxConfig:
+    path = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(path, e.strerror or str(e)) from None
+    cfg = parse(text, path)
+    check_system(cfg, path)
+    return cfg

@@ -1,0 +1,226 @@
+"""The controller of one box: it wires the NIC side (program, driver,
+punts, transmit) to the kernel side (pipeline, tracker, flowtable) and
+runs the per-packet loop: read every punt, continue it where the program
+stopped, transmit the result on the output port.  A box configured with a
+static port map instead is a plain software switch.
+
+It also serves the control socket (ctctl.box.requests answers) and keeps
+the state file that lets `ctctl unload` clean up after it.  Leaving run()
+-- normally, on an error, or on SIGINT/SIGTERM -- detaches and unpins
+everything it set up.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections import Counter as Tally, deque
+from dataclasses import asdict
+
+from ctctl import abi
+from ctctl.box import control, requests, state
+from ctctl.box.config import BoxConfig
+from ctctl.kernel.conntrack import ConnTracker, format_event
+from ctctl.kernel.csum import complete_partial_checksum
+from ctctl.kernel.offload import OffloadManager
+from ctctl.kernel.packet import ParseError, parse
+from ctctl.kernel.pipeline import Pipeline, Resume
+from ctctl.nic import loader
+from ctctl.nic.driver import Device
+from ctctl.nic.loader import Datapath, LoadError
+from ctctl.nic.punts import Punt, PuntReader
+from ctctl.nic.transmit import Transmitter
+from ctctl.rules import RuleSet
+
+POLL_MS = 100
+# Punts that carry a resume point; the others (parse failures, a port
+# without rules) start at chain 0.
+RESUMABLE = {abi.Reason.CT_MISS, abi.Reason.CT_FLAGS, abi.Reason.TRAP, abi.Reason.NO_MATCH}
+SWEEP_EVERY_S = 1.0   # conntrack's periodic sweep, besides lazy expiry on lookup
+
+
+class Controller:
+    def __init__(self, cfg: BoxConfig, clock=time.monotonic, ktime=time.monotonic_ns):
+        self.cfg = cfg
+        self.clock = clock         # the tracker's and the flowtable's (seconds)
+        self.ktime = ktime         # the program's (bpf_ktime_get_ns: CLOCK_MONOTONIC, ns)
+        self.stop_requested = False
+        self.dp: Datapath | None = None
+        self.transmitter: Transmitter | None = None
+        self.reader: PuntReader | None = None
+        self.port_by_ifindex: dict[int, str] = {}
+        self.started = clock()
+        # Software's own counters, next to the program's.
+        self.rx = Tally()          # punts received, per ingress port
+        self.rx_bytes = Tally()
+        self.tx_pkts = Tally()     # transmitted, per output port
+        self.tx_bytes = Tally()
+        self.drops = Tally()       # software drops, per cause
+        self.reasons = Tally()     # punts received, per abi.Reason value
+        self.csum_completed = 0    # checksums a sender left to its NIC (kernel/csum.py)
+        self.tracker = ConnTracker(clock=clock)
+        self.ruleset = RuleSet(cfg.rules) if cfg.rules is not None else None
+        self.pipeline = Pipeline(self.ruleset, self.tracker, cfg.ports) if self.ruleset is not None else None
+        self.device: Device | None = None
+        self.offload: OffloadManager | None = None
+        # The last events, conntrack -E style, with the offload decisions
+        # between them: a connection's life as `ctctl events` shows it.
+        self.events: deque[str] = deque(maxlen=4096)
+        self.tracker.subscribe(lambda ev, conn: self.events.append(format_event(ev, conn, self.clock())))
+        # The control thread changes rules while the data path runs them.
+        self.lock = threading.Lock()
+
+    # -- the data path ----------------------------------------------------
+    def handle(self, punt: Punt) -> None:
+        """One punted packet: decide and transmit.  Never raises: a packet
+        software cannot handle is dropped and counted."""
+        in_port = self.port_by_ifindex.get(punt.hdr.ifindex)
+        self.reasons[punt.hdr.reason] += 1   # named when stats are asked for
+        if in_port is None:
+            self.drops["unknown_port"] += 1
+            return
+        self.rx[in_port] += 1
+        self.rx_bytes[in_port] += len(punt.frame)
+        try:
+            pkt = parse(punt.frame)
+            if complete_partial_checksum(pkt):
+                self.csum_completed += 1
+        except ParseError:
+            pkt = None    # the pipeline counts it; a static port map forwards it
+        except Exception as e:
+            self._bug(e)
+            return
+        if self.pipeline is None:
+            out = self.cfg.forward.get(in_port)
+            frame = pkt.data if pkt is not None else punt.frame
+            if out is None:
+                self.drops["no_route"] += 1
+                return
+        else:
+            # Continue where the hardware stopped, with what it restored;
+            # a packet it could not parse starts from the beginning.
+            resume = Resume.from_punt(punt.hdr) if punt.hdr.reason in RESUMABLE else None
+            try:
+                with self.lock:
+                    v = self.pipeline.process(pkt if pkt is not None else punt.frame, in_port, resume)
+                    if self.offload is not None and v.cts:
+                        self.offload.after_packet([c.result.conn for c in v.cts if c.result])
+            except Exception as e:
+                self._bug(e)
+                return
+            if v.kind != "output":
+                self.drops[v.reason or v.kind] += 1
+                return
+            out, frame = v.output, v.packet.data
+        try:
+            self.transmitter.send(out, frame)
+        except OSError as e:
+            self.drops["tx_" + (errno.errorcode.get(e.errno, str(e.errno)).lower())] += 1
+            return
+        self.tx_pkts[out] += 1
+        self.tx_bytes[out] += len(frame)
+
+    def _bug(self, e: Exception) -> None:
+        """A bug must cost one packet, not the box: count the drop by the
+        exception's type, and log the first of each type."""
+        key = "error_" + type(e).__name__
+        if not self.drops[key]:
+            traceback.print_exc(file=sys.stderr)
+        self.drops[key] += 1
+
+    # -- control ----------------------------------------------------------
+    def dispatch(self, req: dict) -> dict:
+        return requests.dispatch(self, req)
+
+    # -- life cycle -------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    def run(self, on_ready=None) -> None:
+        name = self.cfg.name
+        old = state.read_state(name)
+        if old and state.pid_alive(old.get("pid")):
+            raise LoadError(f"box {name!r} is already loaded by pid {old['pid']}")
+        if old:
+            raise LoadError(f"box {name!r} left state behind (pid {old.get('pid')} is gone): "
+                            f"run `ctctl unload --name {name}` first")
+        check_ports_free(name, self.cfg.netns, self.cfg.ports)
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        server = None
+        try:
+            with Datapath(name, self.cfg.netns, self.cfg.ports, self.cfg.hardware.table_size) as dp:
+                self.dp = dp
+                # Reader and sockets first: the first packet after attach
+                # already finds someone listening.
+                self.reader = PuntReader(dp.bpf, self.handle, page_cnt=self.cfg.perf_pages)
+                self.transmitter = Transmitter(self.cfg.netns, self.cfg.ports)
+                if self.ruleset is not None:
+                    # The rules are in the hardware before its first packet.
+                    self.device = Device(dp.maps, dp.ifindexes(), self.cfg.hardware)
+                    self.device.set_caps()
+                    self.device.install(self.ruleset)
+                    self.offload = OffloadManager(self.tracker, self.device, self.cfg.offload,
+                                                  clock=self.clock, ktime=self.ktime,
+                                                  notify=lambda t: self.events.append(f"   [HW] {t}"))
+                try:
+                    dp.attach()
+                finally:
+                    # Also after a partial attach: unload must find it.
+                    state.write_state(name, {
+                        "pid": os.getpid(), "netns": self.cfg.netns,
+                        "attached": [asdict(a) for a in dp.attached],
+                        "pin_dir": str(dp.pin_dir),
+                    })
+                self.port_by_ifindex = {a.ifindex: a.ifname for a in dp.attached}
+                server = control.Server(name, self.dispatch)
+                server.start()
+                if on_ready:
+                    on_ready()
+                next_sweep = self.clock() + SWEEP_EVERY_S
+                while not self.stop_requested:
+                    self.reader.poll(POLL_MS)
+                    if self.clock() >= next_sweep:
+                        with self.lock:
+                            if self.offload:
+                                self.offload.sync()   # hardware last-used first: no early expiry
+                            self.tracker.sweep()
+                        next_sweep = self.clock() + SWEEP_EVERY_S
+        finally:
+            if server:
+                server.close()
+            if getattr(self, "transmitter", None):
+                self.transmitter.close()
+            self.dp = None
+            state.remove_state(name)
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def check_ports_free(name: str, netns_name: str, ports: list[str]) -> None:
+    """Refuse, before anything is compiled or attached, to load a box on a
+    port that already runs a ctctl program: a port runs one box, and the
+    clean-up of a refused load must not touch the running one."""
+    try:
+        busy = loader.programs_on(netns_name, ports)
+    except FileNotFoundError as e:    # netns.NoSuchNetns
+        raise LoadError(str(e)) from None
+    for port, handles in busy.items():
+        owner = state.port_owner(netns_name, port)
+        if owner is not None:
+            other, st = owner
+            pid = st.get("pid")
+            how = (f"controller pid {pid}" if state.pid_alive(pid)
+                   else f"its controller, pid {pid}, is gone")
+            raise LoadError(f"port {port!r} of netns {netns_name!r} already runs box {other!r} "
+                            f"({how}): a port runs one box; `ctctl unload --name {other}` first, "
+                            f"or give box {name!r} other ports")
+        hs = ", ".join(f"{h:#x}" for h in handles)
+        raise LoadError(f"port {port!r} of netns {netns_name!r} already has a ctctl program "
+                        f"(tc filter prio {loader.FILTER_PRIO} handle {hs}) that no loaded box claims; "
+                        f"remove it with `ip netns exec {netns_name} tc filter del dev {port} ingress "
+                        f"prio {loader.FILTER_PRIO}`")

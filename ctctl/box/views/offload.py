@@ -1,0 +1,24 @@
+"""`ctctl offload` as text: the hardware's entries, one line per direction,
+and the pending list."""
+
+from __future__ import annotations
+
+from ctctl.protocols import proto_name
+
+
+def format_offload(reply: dict) -> str:
+    """The hardware table, one line per direction."""
+    flows = reply["flows"]
+    out = []
+    for f in sorted(flows, key=lambda f: (f["conn_id"], f["dir"] != "original")):
+        nat = "".join(f" {k}={f[k]}" for k in ("nat_src", "nat_dst") if k in f)
+        if "type" in f:
+            l4 = f"type={f['type']} code={f['code']} id={f['id']}"
+        else:
+            l4 = f"sport={f['sport']} dport={f['dport']}"
+        out.append(f"{proto_name(f['proto']):<7} zone={f['zone']} src={f['src']} dst={f['dst']} "
+                   f"{l4} {f['dir']:<8} conn={f['conn_id']} "
+                   f"packets={f['packets']} bytes={f['bytes']}{nat}")
+    out.append(f"{len(flows)} hardware entries ({len(flows) // 2} connections), "
+               f"{len(reply['pending'])} pending")
+    return "\n".join(out)

@@ -1,0 +1,35 @@
+"""`ctctl stats` as text: the program's counters, software's, the ports'."""
+
+from __future__ import annotations
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def format_stats(s: dict) -> str:
+    prog = s["program"]
+    head = f"box {s['box']}, up {s['uptime_s']:.1f} s" if "uptime_s" in s else \
+        f"box {s['box']}, controller not running (pinned counters)"
+    out = [head,
+           f"program:  rx {prog['rx_packets']} packets ({human_bytes(prog['rx_bytes'])}), "
+           f"punted {prog['punted']}, perf_lost {prog['perf_lost']}, too_big {prog['too_big']}"]
+    if prog["punts_by_reason"]:
+        out.append("punts by reason:")
+        width = max(len(r) for r in prog["punts_by_reason"])
+        out += [f"  {r:<{width}}  {n}" for r, n in sorted(prog["punts_by_reason"].items(), key=lambda x: -x[1])]
+    sw = s.get("software")
+    if sw is None:
+        return "\n".join(out)
+    out.append(f"software: received {sw['received']}, ring_lost {sw['ring_lost']}, "
+               f"drops {sum(sw['drops'].values())}"
+               + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(sw['drops'].items())) + ")" if sw["drops"] else "")
+               + (f", checksums completed {sw['csum_completed']}" if sw.get("csum_completed") else ""))
+    out.append(f"{'port':<10}{'rx_packets':>12}{'rx_bytes':>14}{'tx_packets':>12}{'tx_bytes':>14}")
+    for p, c in s["ports"].items():
+        out.append(f"{p:<10}{c['rx_packets']:>12}{c['rx_bytes']:>14}{c['tx_packets']:>12}{c['tx_bytes']:>14}")
+    return "\n".join(out)

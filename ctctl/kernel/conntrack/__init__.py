@@ -1,0 +1,13 @@
+"""Connection tracking faithful to nf_conntrack (see docs/conntrack.md for
+where it is not): ``ConnTracker.ct`` is the tc ``ct`` action."""
+
+from .conn import DEFAULT_TIMEOUTS, Conn, CtConfig, CtResult, Status
+from .format import format_conntrack, format_event
+from .nat import NatSpec, nat_ct_state
+from .tracker import ConnTracker
+from .tuples import Tuple, tuple_of
+
+__all__ = [
+    "ConnTracker", "CtConfig", "CtResult", "Conn", "NatSpec", "Status", "Tuple",
+    "tuple_of", "format_conntrack", "format_event", "DEFAULT_TIMEOUTS", "nat_ct_state",
+]

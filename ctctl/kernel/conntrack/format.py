@@ -1,0 +1,63 @@
+"""Entries as ``conntrack -L`` and ``conntrack -E`` print them
+(libnetfilter_conntrack's default output with accounting on)."""
+
+from __future__ import annotations
+
+import math
+
+from ctctl.protocols import IP_PROTO_NAMES
+
+from .conn import Conn, Status
+
+_EVENT_TAGS = {"NEW": "[NEW]", "UPDATE": "[UPDATE]", "DESTROY": "[DESTROY]"}
+
+
+def format_conntrack(conn: Conn, now: float, flags: list[str] | tuple[str, ...] = (),
+                     *, extended: bool = False, with_timeout: bool = True) -> str:
+    """One ``conntrack -L`` line.  ``flags`` are extra bracketed flags such
+    as "OFFLOAD" or "HW_OFFLOAD"; OFFLOAD/HW_OFFLOAD status bits add them
+    too.  ``extended`` prefixes the L3 family as ``-o extended`` does."""
+    proto = conn.proto
+    parts = []
+    if extended:
+        parts.append(f"{'ipv4' if conn.l3 == 4 else 'ipv6':<8} {2 if conn.l3 == 4 else 10}")
+    parts.append(f"{IP_PROTO_NAMES.get(proto, 'unknown'):<8} {proto}")
+    if with_timeout:
+        parts.append(str(max(0, math.floor(conn.timeout_at - now))))
+    extra = [f.strip("[]").upper() for f in flags]
+    offloaded = conn.status & (Status.OFFLOAD | Status.HW_OFFLOAD) or "OFFLOAD" in extra or "HW_OFFLOAD" in extra
+    if conn.state is not None and not offloaded:
+        # The kernel prints no TCP state for an offloaded entry.
+        parts.append(conn.state)
+    parts.append(conn.orig.fields())
+    parts.append(f"packets={conn.packets[0]} bytes={conn.bytes[0]}")
+    if not conn.status & Status.SEEN_REPLY:
+        parts.append("[UNREPLIED]")
+    parts.append(conn.reply.fields())
+    parts.append(f"packets={conn.packets[1]} bytes={conn.bytes[1]}")
+    if conn.status & Status.HW_OFFLOAD and "HW_OFFLOAD" not in extra:
+        extra.insert(0, "HW_OFFLOAD")
+    elif conn.status & Status.OFFLOAD and "OFFLOAD" not in extra:
+        extra.insert(0, "OFFLOAD")
+    for f in extra:
+        parts.append(f"[{f}]")
+    if conn.status & Status.ASSURED:
+        parts.append("[ASSURED]")
+    parts.append(f"mark={conn.mark}")
+    if conn.label:
+        parts.append(f"labels=0x{conn.label:x}")
+    if conn.zone:
+        parts.append(f"zone={conn.zone}")
+    parts.append("use=1")
+    return " ".join(parts)
+
+
+def format_event(event: str, conn: Conn, now: float, flags=()) -> str:
+    """One ``conntrack -E`` line: the tag right-aligned as the tool does,
+    no timeout on DESTROY."""
+    tag = _EVENT_TAGS.get(event)
+    if tag is None:
+        raise ValueError(f"unknown conntrack event {event!r}")
+    body = format_conntrack(conn, now, flags, with_timeout=event != "DESTROY")
+    body = body.replace(" use=1", "")
+    return f"{tag:>9} {body}"

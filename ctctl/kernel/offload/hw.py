@@ -1,0 +1,51 @@
+"""The hardware as the flowtable sees it: what the offload manager asks of
+a device, and how a device says no.
+
+The manager knows connections, not map layouts (OVS keeps its dpif apart
+from ofproto the same way): it hands the device a connection and a
+direction and gets back an opaque key; it reads back only what the
+hardware counted.  ctctl.nic.driver.Device implements this on the
+program's maps; a unit test can put an in-memory table behind the same
+four calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Hashable, Protocol
+
+
+class DeviceError(Exception):
+    """The device refused an operation (the message says which and why)."""
+
+
+class TableFull(DeviceError):
+    """The offload table has no room for another entry."""
+
+
+class FlowExists(DeviceError):
+    """An entry for that key is already in the table."""
+
+
+@dataclass(frozen=True)
+class EntryStats:
+    """What the hardware counted in one entry since it was written."""
+
+    packets: int = 0
+    bytes: int = 0
+    last_used_ns: int = 0     # the device's clock (bpf_ktime_get_ns: CLOCK_MONOTONIC), 0 = never
+
+
+class FlowDevice(Protocol):
+    """The calls the offload manager makes (nf_flow_table_offload.c's
+    add, delete and stats, done synchronously here)."""
+
+    def add_flow(self, conn, direction: int, replace: bool = False) -> Hashable:
+        """Write one direction of `conn`; the entry's key.  TableFull or
+        FlowExists (without replace) when it cannot."""
+
+    def remove_flow(self, key: Hashable) -> EntryStats | None:
+        """Take an entry out; what it counted, None when it was not there."""
+
+    def read_flows(self) -> dict[Hashable, EntryStats]:
+        """Every entry's counters, by key."""

@@ -1,0 +1,105 @@
+"""What qualifies a connection for the hardware, what takes it out, and
+the timeouts it lives by there (act_ct's decisions, and the proposal's
+suggested offload timeouts).
+
+- TCP once ESTABLISHED and ASSURED, UDP once ASSURED (act_ct's policy);
+  never with a helper.  ICMP echo, which act_ct never offloads, once it has
+  seen a reply (the tool's choice, so that ping can be measured; set
+  `icmp: never` for act_ct's behaviour).
+- Termination is software's: a FIN or RST reaches software, and the
+  connection leaves the hardware at once.  With `closing` (the kernel's
+  behaviour since 2025) a FIN leaves the flow in hardware until TIME_WAIT
+  or CLOSE.
+- Offloaded connections get the offload timeouts (3600 s TCP, 180 s
+  UDP/ICMP by default); back in software they get their state's timeout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ctctl.kernel.conntrack import Conn, Status
+from ctctl.protocols import ICMPS, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
+
+TERMINAL_STATES = ("TIME_WAIT", "CLOSE")
+
+
+class PolicyError(ValueError):
+    pass
+
+
+@dataclass
+class OffloadPolicy:
+    tcp: str = "established"      # established | never
+    udp: str = "assured"          # assured | replied | never
+    icmp: str = "replied"         # replied | never
+    closing: bool = False         # keep FIN'd TCP flows in hardware until TIME_WAIT/CLOSE
+    tcp_timeout: float = 3600.0   # the proposal's suggested offload timeouts
+    udp_timeout: float = 180.0
+    icmp_timeout: float = 180.0
+
+    CHOICES = {"tcp": ("established", "never"), "udp": ("assured", "replied", "never"),
+               "icmp": ("replied", "never")}
+
+    @classmethod
+    def from_config(cls, d: dict) -> "OffloadPolicy":
+        p = cls()
+        for k, v in d.items():
+            if k not in cls.__dataclass_fields__:
+                raise PolicyError(f"unknown offload key {k!r} (expected {', '.join(cls.__dataclass_fields__)})")
+            if k in cls.CHOICES and v not in cls.CHOICES[k]:
+                raise PolicyError(f"offload {k}: {v!r} is not one of {', '.join(cls.CHOICES[k])}")
+            if k == "closing" and not isinstance(v, bool):
+                raise PolicyError(f"offload closing must be true or false, not {v!r}")
+            if k.endswith("_timeout") and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0):
+                raise PolicyError(f"offload {k} must be a number of seconds > 0, not {v!r}")
+            setattr(p, k, v)
+        return p
+
+    # -- decisions ------------------------------------------------------------
+    def eligible(self, conn: Conn) -> bool:
+        """Does the connection qualify for the hardware now?"""
+        st = conn.status
+        if not st & Status.CONFIRMED or st & (Status.HELPER | Status.DYING):
+            return False
+        if conn.proto == IPPROTO_TCP:
+            return self.tcp == "established" and conn.state == "ESTABLISHED" and bool(st & Status.ASSURED)
+        if conn.proto == IPPROTO_UDP:
+            if self.udp == "assured":
+                return bool(st & Status.ASSURED)
+            return self.udp == "replied" and bool(st & Status.SEEN_REPLY)
+        if conn.proto in ICMPS:
+            return self.icmp == "replied" and bool(st & Status.SEEN_REPLY)
+        return False
+
+    def leaving(self, conn: Conn) -> str | None:
+        """Why an offloaded connection must leave the hardware now ("fin",
+        "rst"), None while it may stay."""
+        if conn.proto != IPPROTO_TCP:
+            return None
+        state = conn.state
+        if state == "ESTABLISHED":
+            return None
+        if state == "CLOSE":
+            return "rst"
+        if self.closing and state not in TERMINAL_STATES:
+            return None
+        return "fin"
+
+    def timeout_for(self, conn: Conn) -> float:
+        """The offload timeout of a connection in hardware."""
+        if conn.proto == IPPROTO_TCP:
+            return self.tcp_timeout
+        if conn.proto == IPPROTO_UDP:
+            return self.udp_timeout
+        return self.icmp_timeout
+
+
+def state_timeout(conn: Conn, timeouts: dict) -> float:
+    """The timeout the tracker gives a connection in its state (what it
+    gets back when it leaves the hardware, as nf_flowtable does)."""
+    if conn.proto == IPPROTO_TCP:
+        return timeouts[conn.state]
+    if conn.proto == IPPROTO_UDP:
+        return timeouts["udp_stream"] if conn.status & Status.ASSURED else timeouts["udp"]
+    return timeouts["icmpv6" if conn.proto == IPPROTO_ICMPV6 else "icmp"]

@@ -1,0 +1,214 @@
+"""Real traffic between hosts of a topology, made by real programs: ping,
+nc (netcat-openbsd) for TCP, and a small UDP echo pair run as its own
+process (`python -m ctctl.lab.traffic`).  Used by the demo, the tests and the
+benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+from ctctl.lab.topology import ns_exec, ns_popen
+from ctctl.lab.waiting import wait_until
+
+
+@dataclass
+class PingResult:
+    sent: int
+    received: int
+
+    @property
+    def ok(self) -> bool:
+        return self.sent > 0 and self.received == self.sent
+
+
+def ping(ns: str, addr: str, count: int = 5, timeout: float = 30, interval: float = 0.2) -> PingResult:
+    r = ns_exec(ns, "ping", "-c", str(count), "-i", str(interval), "-W", "5", addr,
+                capture_output=True, text=True, timeout=timeout)
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", r.stdout)
+    return PingResult(int(m[1]), int(m[2])) if m else PingResult(count, 0)
+
+
+@dataclass
+class TransferResult:
+    size: int
+    sent_sha256: str
+    received_sha256: str
+    received_size: int
+    seconds: float
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error and self.sent_sha256 == self.received_sha256 and self.received_size == self.size
+
+
+def listening(ns: str, proto: str, port: int) -> bool:
+    flag = "-ltnH" if proto == "tcp" else "-lunH"
+    r = ns_exec(ns, "ss", flag, f"sport = :{port}", capture_output=True, text=True)
+    return bool(r.stdout.strip())
+
+
+def tcp_transfer(client_ns: str, server_ns: str, server_addr: str, size: int,
+                 port: int = 5001, timeout: float = 120) -> TransferResult:
+    """Send `size` random bytes with nc from client to server; compare
+    SHA-256 of what was sent and what arrived.  IPv6 when `server_addr`
+    is an IPv6 address (nc listens on IPv4 only unless told)."""
+    family = ["-6"] if ":" in server_addr else []
+    with tempfile.TemporaryDirectory(prefix="ctctl-tcp-") as d:
+        src, dst = os.path.join(d, "sent"), os.path.join(d, "received")
+        with open(src, "wb") as f:
+            f.write(os.urandom(size))
+        with open(dst, "wb") as out:
+            server = ns_popen(server_ns, "nc", "-l", "-n", *family, str(port), stdout=out,
+                              stderr=subprocess.PIPE)
+        try:
+            wait_until(lambda: listening(server_ns, "tcp", port) or server.poll() is not None,
+                       30, f"nc to listen on {server_ns}:{port}")
+            t0 = time.monotonic()
+            with open(src, "rb") as inp:
+                client = ns_exec(client_ns, "nc", "-N", "-n", "-w", "10", server_addr, str(port),
+                                 stdin=inp, capture_output=True, timeout=timeout)
+            server.wait(timeout=timeout)
+            secs = time.monotonic() - t0
+            err = ""
+            if client.returncode:
+                err = f"nc client exited {client.returncode}: {client.stderr.decode().strip()}"
+        except subprocess.TimeoutExpired as e:
+            secs, err = timeout, f"timed out: {e}"
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+        return TransferResult(size, _sha(src), _sha(dst), os.path.getsize(dst), secs, err)
+
+
+def tcp_connect_blocked(client_ns: str, server_ns: str, server_addr: str, port: int = 5003,
+                        wait: float = 3) -> bool:
+    """True when a TCP connection from client_ns to a listening nc on
+    server_ns does not get through within `wait` seconds: a firewall's
+    drop, told apart from "nobody listens" by the listener being there."""
+    server = ns_popen(server_ns, "nc", "-l", "-n", str(port), stdout=subprocess.DEVNULL,
+                      stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: listening(server_ns, "tcp", port), 30, f"nc to listen on {server_ns}:{port}")
+        r = ns_exec(client_ns, "nc", "-z", "-n", "-w", str(int(wait)), server_addr, str(port),
+                    capture_output=True, timeout=wait + 30)
+        return r.returncode != 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
+
+
+def _sha(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class UdpResult:
+    sent: int
+    echoed: int
+
+    @property
+    def ok(self) -> bool:
+        return self.sent > 0 and self.echoed == self.sent
+
+
+def udp_exchange(client_ns: str, server_ns: str, server_addr: str, count: int = 20,
+                 port: int = 5002, timeout: float = 60, interval: float = 0.0,
+                 paced: int | None = None) -> UdpResult:
+    """`count` datagrams from client to a UDP echo server, each echoed back
+    and checked; each one is retried if lost (a lost punt would show in the
+    counters, not as a failed exchange)."""
+    me = [sys.executable, "-m", "ctctl.lab.traffic"]
+    server = ns_popen(server_ns, *me, "udp-echo-server", "--port", str(port), "--count", str(count),
+                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: listening(server_ns, "udp", port) or server.poll() is not None,
+                   30, f"the UDP echo server on {server_ns}:{port}")
+        r = ns_exec(client_ns, *me, "udp-echo-client", server_addr, "--port", str(port),
+                    "--count", str(count), "--interval", str(interval),
+                    "--paced", str(count if paced is None else paced),
+                    capture_output=True, text=True, timeout=timeout)
+        m = re.search(r"echoed (\d+)/(\d+)", r.stdout)
+        return UdpResult(int(m[2]), int(m[1])) if m else UdpResult(count, 0)
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
+
+
+# -- the UDP echo programs themselves ---------------------------------------
+
+def _udp_server(port: int, count: int) -> int:
+    fam = socket.AF_INET6
+    with socket.socket(fam, socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind(("::", port))
+        s.settimeout(60)
+        seen = set()
+        while len(seen) < count:
+            data, peer = s.recvfrom(65535)
+            s.sendto(data, peer)
+            seen.add(data)
+    return 0
+
+
+def _udp_client(addr: str, port: int, count: int, interval: float = 0.0, paced: int | None = None) -> int:
+    fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    echoed = 0
+    with socket.socket(fam, socket.SOCK_DGRAM) as s:
+        s.connect((addr, port))
+        s.settimeout(1.0)
+        for i in range(count):
+            if interval and 0 < i < (count if paced is None else paced):
+                # The traffic's own pacing (a flow that lasts), not a wait.
+                time.sleep(interval)
+            msg = f"ctctl-udp-{i}-".encode() + os.urandom(16).hex().encode()
+            for _attempt in range(5):
+                s.send(msg)
+                try:
+                    while s.recv(65535) != msg:
+                        pass
+                    echoed += 1
+                    break
+                except (socket.timeout, ConnectionRefusedError):
+                    continue
+    print(f"echoed {echoed}/{count}")
+    return 0 if echoed == count else 1
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ctctl.lab.traffic")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("udp-echo-server")
+    s.add_argument("--port", type=int, default=5002)
+    s.add_argument("--count", type=int, default=20)
+    c = sub.add_parser("udp-echo-client")
+    c.add_argument("addr")
+    c.add_argument("--port", type=int, default=5002)
+    c.add_argument("--count", type=int, default=20)
+    c.add_argument("--interval", type=float, default=0.0, help="seconds between datagrams")
+    c.add_argument("--paced", type=int, default=None, help="pace only the first N datagrams, then burst")
+    a = p.parse_args(argv)
+    if a.cmd == "udp-echo-server":
+        return _udp_server(a.port, a.count)
+    return _udp_client(a.addr, a.port, a.count, a.interval, a.paced)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The declared capabilities of the "NIC": what the hardware can run, so
+that the same box can be modelled as different devices.
+
+    hardware:                 # box config; every key optional
+      flow_counters: true     # per-entry packets/bytes/last-used in hardware
+      ct: true                # the ct action in hardware (offload table lookups)
+      nat: true               # NAT rewrite on a ct hit
+      ct_label_match: true    # matching on ct_label
+      port_range_match: true  # port ranges (a single port always works)
+      max_rules_per_chain: 64 # <= ctctl.abi.MAX_RULES
+      max_hops: 8             # <= ctctl.abi.MAX_HOPS
+      table_size: 65536       # entries of the offload table (flows map)
+      insert_rate: 0          # flows/s the table accepts, 0 = unlimited
+      hw_aging: true          # the hardware ages entries itself
+
+The defaults are a device that supports everything.  ctctl.nic.device turns
+whatever the declared device cannot run into a trap to software; the
+program itself only honours `flow_counters` at run time (hw_config), and
+`table_size` is a compile-time size (cflags()).  insert_rate and hw_aging
+are carried for the offload manager.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+from ctctl import abi
+
+MAX_TABLE_SIZE = 1 << 24  # a bound far beyond any NIC's table, for typos
+
+
+class CapsError(ValueError):
+    """A hardware description that cannot be. ``where`` names the place
+    the description came from (file:line:column); the message does not
+    repeat it, so a caller that prefixes its own position (ctctl.box.config)
+    does not print it twice."""
+
+    def __init__(self, msg: str, where: str | None = None):
+        super().__init__(msg)
+        self.where = where
+
+
+# key -> (type, lowest, highest, what it means); bounds None for bools.
+_SPEC: dict[str, tuple[type, int | None, int | None, str]] = {
+    "flow_counters": (bool, None, None, "per-entry counters"),
+    "ct": (bool, None, None, "ct action in hardware"),
+    "nat": (bool, None, None, "NAT in hardware"),
+    "ct_label_match": (bool, None, None, "ct_label matches"),
+    "port_range_match": (bool, None, None, "port range matches"),
+    "max_rules_per_chain": (int, 1, abi.MAX_RULES, "rules per chain"),
+    "max_hops": (int, 0, abi.MAX_HOPS, "goto hops per packet"),
+    "table_size": (int, 1, MAX_TABLE_SIZE, "offload table entries"),
+    "insert_rate": (float, 0, None, "flows per second, 0 = unlimited"),
+    "hw_aging": (bool, None, None, "hardware aging"),
+}
+
+
+@dataclass(frozen=True)
+class HwCaps:
+    flow_counters: bool = True
+    ct: bool = True
+    nat: bool = True
+    ct_label_match: bool = True
+    port_range_match: bool = True
+    max_rules_per_chain: int = abi.MAX_RULES
+    max_hops: int = abi.MAX_HOPS
+    table_size: int = 65536
+    insert_rate: float = 0
+    hw_aging: bool = True
+
+    def __post_init__(self):
+        for f in fields(self):
+            _check(f.name, getattr(self, f.name))
+
+    @classmethod
+    def from_config(cls, mapping, where: str | None = None) -> "HwCaps":
+        """From the `hardware:` mapping of a box config (None or {} gives the
+        defaults).  Raises CapsError naming the key: unknown keys, wrong
+        types (a bool is not a number, a number is not a bool) and values
+        out of range are refused, never coerced."""
+        if mapping is None:
+            return cls()
+        if not isinstance(mapping, dict):
+            raise CapsError(f"hardware must be a mapping of {', '.join(_SPEC)}, "
+                            f"not {type(mapping).__name__}", where)
+        for key, value in mapping.items():
+            if key not in _SPEC:
+                raise CapsError(f"hardware: unknown key {key!r} (expected {', '.join(_SPEC)})",
+                                where)
+            try:
+                _check(key, value)
+            except CapsError as e:
+                raise CapsError(str(e), where) from None
+        return cls(**mapping)
+
+    @property
+    def program_caps(self) -> int:
+        """enum ctctl_cap bits for hw_config."""
+        return int(abi.Cap.FLOW_COUNTERS) if self.flow_counters else 0
+
+    def cflags(self) -> list[str]:
+        """Compile flags that size the program's maps as declared."""
+        return [f"-DCTCTL_FLOW_TABLE_SIZE={self.table_size}"]
+
+
+def _check(key: str, value) -> None:
+    kind, lo, hi, what = _SPEC[key]
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise CapsError(f"hardware: {key} ({what}) must be true or false, not {value!r}")
+        return
+    ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    if not ok:
+        name = "a number" if kind is float else "an integer"
+        raise CapsError(f"hardware: {key} ({what}) must be {name}, not {value!r}")
+    if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
+        rng = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
+        raise CapsError(f"hardware: {key} ({what}) must be {rng}, not {value!r}")

@@ -1,0 +1,167 @@
+"""The driver of the "NIC" behind one box (the proposal's ndo_setup_tc):
+it writes the box's tc rules into the program's chains, gives each counted
+filter a hardware counter slot, writes and takes out the offloaded
+connection directions the flowtable hands it, and reads back what the
+hardware counted.
+
+What it writes is encoded by ctctl.nic.encode within the declared
+capabilities; every map access goes through ctctl.nic.maps.  Towards the
+flowtable it is a ctctl.kernel.offload.hw.FlowDevice: connections in,
+opaque keys and counters out.
+"""
+
+from __future__ import annotations
+
+from ctctl import abi
+from ctctl.kernel.conntrack import Conn
+from ctctl.kernel.offload.hw import DeviceError, EntryStats
+from ctctl.nic.caps import HwCaps
+from ctctl.nic.encode import SCRATCH_ID, encode_chain, entry_record, flow_entry, hardware_filters, key_tuple
+from ctctl.nic.maps import Maps
+from ctctl.rules import Filter, GotoAction, RuleSet
+
+
+def entry_stats(flow: abi.Flow) -> EntryStats:
+    return EntryStats(flow.packets, flow.bytes, flow.last_used_ns)
+
+
+class Device:
+    """The device: its maps (None for one that only plans), the ports'
+    ifindexes and what it can do."""
+
+    def __init__(self, maps: Maps | None, ifindex_by_port: dict[str, int], caps: HwCaps | None = None):
+        self.maps = maps
+        self.ifindex_by_port = dict(ifindex_by_port)
+        self.caps = caps or HwCaps()
+        self._ids: dict[Filter, int] = {}
+        self._written: dict[tuple[int, int], bytes] = {}
+        self.not_installed: list[str] = []   # devices of the last install without an ifindex
+
+    def _maps(self) -> Maps:
+        if self.maps is None:
+            raise DeviceError("this Device has no program (built with maps=None): planning only")
+        return self.maps
+
+    # -- capabilities ---------------------------------------------------------
+    def set_caps(self) -> None:
+        """Write the run-time capabilities (hw_config) the program honours."""
+        self._maps().write_hw_config(self.caps.program_caps)
+
+    # -- rules ----------------------------------------------------------------
+    def rule_id(self, f: Filter) -> int | None:
+        """The filter's hardware rule id (None: not counted in hardware)."""
+        return self._ids.get(f)
+
+    def rule_ids(self) -> dict[Filter, int]:
+        """Every counted filter's rule id."""
+        return dict(self._ids)
+
+    def assign_ids(self, counted: list[Filter]) -> list[int]:
+        """Keep the ids of filters still present, free the others, give new
+        filters the lowest free ids.  Returns the newly taken ids (their
+        counter slots must be zeroed before a rule uses them)."""
+        keep = set(counted)
+        self._ids = {f: i for f, i in self._ids.items() if f in keep}
+        used = set(self._ids.values())
+        free = (i for i in range(SCRATCH_ID + 1, abi.MAX_RULE_IDS) if i not in used)
+        new = []
+        for f in counted:
+            if f in self._ids:
+                continue
+            i = next(free, None)
+            if i is None:
+                raise DeviceError(f"more than {abi.MAX_RULE_IDS - 1} filters to count in hardware")
+            self._ids[f] = i
+            new.append(i)
+        return new
+
+    def plan(self, ruleset: RuleSet) -> dict[tuple[int, int], list[Filter]]:
+        """(ifindex, chain) -> the chain's filters, for every chain install()
+        writes: every chain of every device that is a port, plus an empty
+        chain for every goto target the device has no filter in (so that a
+        packet sent there ends as "no rule matched", exactly as in software,
+        rather than on a chain the program does not know)."""
+        out: dict[tuple[int, int], list[Filter]] = {}
+        self.not_installed = []
+        for dev in ruleset.devices():
+            ifindex = self.ifindex_by_port.get(dev)
+            if ifindex is None:
+                self.not_installed.append(dev)
+                continue
+            chains = ruleset.chains(dev)
+            targets = {a.chain for f in ruleset.filters(dev) for a in f.actions
+                       if isinstance(a, GotoAction)}
+            for n in sorted(set(chains) | targets):
+                out[(ifindex, n)] = ruleset.chain(dev, n)
+        return out
+
+    def install(self, ruleset: RuleSet) -> None:
+        """ndo_setup_tc: make the chains map hold exactly the ruleset's
+        chains, in software's order.  Filters keep their rule ids (and
+        counters) across installs for as long as they exist; a new filter's
+        counter slot is zeroed before any rule points at it.  Chains that
+        did not change are not rewritten; chains that no longer exist are
+        deleted (also ones a previous controller left in pinned maps)."""
+        plan = self.plan(ruleset)
+        maps = self._maps()
+        counted = [f for filters in plan.values() for f in hardware_filters(filters, self.caps)]
+        for i in self.assign_ids(counted):
+            maps.zero_rule_stats(i)
+        for (ifindex, n), filters in plan.items():
+            enc = bytes(encode_chain(filters, self._ids, self.caps, self.ifindex_by_port))
+            if self._written.get((ifindex, n)) == enc:
+                continue
+            maps.write_chain(ifindex, n, enc)
+            self._written[(ifindex, n)] = enc
+        for key in maps.chain_keys():
+            if key not in plan:
+                maps.delete_chain(*key)
+                self._written.pop(key, None)
+
+    def uninstall(self) -> None:
+        """Remove every chain: every port becomes forward-only again."""
+        maps = self._maps()
+        for key in maps.chain_keys():
+            maps.delete_chain(*key)
+        self._written.clear()
+        self._ids.clear()
+
+    def rule_counters(self) -> dict[Filter, tuple[int, int]]:
+        """(packets, bytes) the hardware counted per filter, summed over
+        CPUs, for every installed filter whose match the hardware evaluates
+        (the others are counted by software when it matches them)."""
+        maps = self._maps()
+        return {f: maps.rule_stats(i) for f, i in self._ids.items()}
+
+    # -- flows: the flowtable's device (kernel.offload.hw.FlowDevice) ----------
+    def add_flow(self, conn: Conn, direction: int, replace: bool = False) -> bytes:
+        """Write one direction of `conn`; its key (the entry's key bytes)."""
+        key, flow = flow_entry(conn, direction)
+        self._maps().insert_flow(key, flow, replace=replace)
+        return bytes(key)
+
+    def remove_flow(self, key: bytes) -> EntryStats | None:
+        flow = self._maps().take_flow(abi.Tuple.from_buffer_copy(key))
+        return None if flow is None else entry_stats(flow)
+
+    def read_flows(self) -> dict[bytes, EntryStats]:
+        return {bytes(k): entry_stats(f) for k, f in self._maps().flows()}
+
+    def flush_flows(self) -> list[tuple[bytes, EntryStats]]:
+        """Take every entry out; each with its final counters."""
+        out = []
+        maps = self._maps()
+        for k, _ in maps.flows():
+            flow = maps.take_flow(k)
+            if flow is not None:
+                out.append((bytes(k), entry_stats(flow)))
+        return out
+
+    def entries(self) -> list[dict]:
+        """Every entry decoded (ctctl.nic.encode.entry_record), for listings."""
+        return [entry_record(k, f) for k, f in self._maps().flows()]
+
+    @staticmethod
+    def describe_key(key: bytes) -> str:
+        """A key as conntrack prints a tuple, for messages."""
+        return key_tuple(abi.Tuple.from_buffer_copy(key)).fields()

@@ -1,0 +1,262 @@
+"""The one owner of every access to the program's maps (bpf/maps.h): reads
+and writes of a loaded program's tables, batch walks, pinning, and the
+pinned counters of a program whose controller is gone.
+
+Names, keys and values are ctctl.abi's (MAPS).  BCC builds its own ctypes
+types for keys and values from the C source, so every value crosses as
+bytes (from_buffer_copy), after a size check against ctctl.abi at first
+use.  Calls go to libbcc directly where BCC 0.26's Python binding cannot
+say why a call failed (a full table, an existing key) or gets the batch
+API wrong.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from pathlib import Path
+
+from ctctl import abi
+from ctctl.kernel.offload.hw import DeviceError, FlowExists, TableFull
+
+BPF_ANY, BPF_NOEXIST = 0, 1
+ENOTSUPP = 524  # the kernel's internal "operation not supported" (not in errno)
+_UNSUPPORTED = (errno.EINVAL, ENOTSUPP, errno.EOPNOTSUPP)
+
+
+def _errno(res: int) -> int:
+    """libbcc returns -1 with errno set, or (through libbpf 1.x) -errno."""
+    return -res if res < -1 else (ctypes.get_errno() or errno.EIO)
+
+
+def _lib():
+    from bcc import libbcc  # imported late: unit tests run without BCC
+
+    return libbcc.lib
+
+
+class _NoBatch(Exception):
+    pass
+
+
+class Maps:
+    """The maps of one compiled program (a bcc.BPF)."""
+
+    def __init__(self, bpf):
+        if bpf is None:
+            raise DeviceError("no program: maps need a compiled program (bcc.BPF)")
+        self.bpf = bpf
+        self._tables: dict[str, object] = {}
+
+    def _table(self, name: str):
+        t = self._tables.get(name)
+        if t is not None:
+            return t
+        spec = abi.MAPS[name]
+        try:
+            t = self.bpf[name.encode()]
+        except KeyError:
+            raise DeviceError(f"the program has no map {name!r} (bpf/maps.h)") from None
+        leaf = getattr(t, "sLeaf", t.Leaf)  # per-CPU tables: one CPU's value
+        if spec.key is not None and (ctypes.sizeof(t.Key) != ctypes.sizeof(spec.key)
+                                     or ctypes.sizeof(leaf) != ctypes.sizeof(spec.value)):
+            raise DeviceError(
+                f"map {name}: key/value {ctypes.sizeof(t.Key)}/{ctypes.sizeof(leaf)} bytes, "
+                f"ctctl.abi says {ctypes.sizeof(spec.key)}/{ctypes.sizeof(spec.value)}")
+        self._tables[name] = t
+        return t
+
+    @staticmethod
+    def _cast(ctype, value):
+        return ctype.from_buffer_copy(bytes(value))
+
+    # -- the program as a whole -------------------------------------------------
+    def pin(self, pin_dir: Path) -> None:
+        """Pin every map abi.MAPS marks pinned under pin_dir (which exists)."""
+        for name in abi.PINNED_MAPS:
+            path = pin_dir / name
+            if _lib().bpf_obj_pin(self._table(name).map_fd, str(path).encode()) != 0:
+                err = ctypes.get_errno() or 1
+                raise DeviceError(f"cannot pin {path}: {os.strerror(err)}")
+
+    def counters(self) -> list[int]:
+        """The program's counter slots, summed over CPUs."""
+        t = self._table("counters")
+        return [int(sum(t[t.Key(i)])) for i in range(abi.COUNTER_MAX)]
+
+    def table_size(self) -> int:
+        """Entries the offload table holds (its max_entries)."""
+        return int(self._table("flows").max_entries)
+
+    # -- hw_config ---------------------------------------------------------------
+    def write_hw_config(self, caps: int) -> None:
+        t = self._table("hw_config")
+        t[t.Key(0)] = self._cast(t.Leaf, abi.HwConfig(caps=caps))
+
+    # -- chains ------------------------------------------------------------------
+    def write_chain(self, ifindex: int, chain: int, encoded: abi.Chain | bytes) -> None:
+        t = self._table("chains")
+        t[t.Key(ifindex, chain)] = t.Leaf.from_buffer_copy(bytes(encoded))
+
+    def delete_chain(self, ifindex: int, chain: int) -> bool:
+        t = self._table("chains")
+        try:
+            del t[t.Key(ifindex, chain)]
+        except KeyError:
+            return False
+        return True
+
+    def chain_keys(self) -> list[tuple[int, int]]:
+        return [(k.ifindex, k.chain) for k in self._table("chains").keys()]
+
+    # -- rule_stats --------------------------------------------------------------
+    def zero_rule_stats(self, rule_id: int) -> None:
+        t = self._table("rule_stats")
+        t.clearitem(t.Key(rule_id))
+
+    def rule_stats(self, rule_id: int) -> tuple[int, int]:
+        """(packets, bytes) of one rule id, summed over CPUs."""
+        t = self._table("rule_stats")
+        per_cpu = t.getvalue(t.Key(rule_id))
+        return sum(s.packets for s in per_cpu), sum(s.bytes for s in per_cpu)
+
+    # -- flows (the offload table) ----------------------------------------------
+    def insert_flow(self, key: abi.Tuple, flow: abi.Flow, replace: bool = False) -> None:
+        """Raises TableFull when the table has no room (the kernel's E2BIG
+        for a full preallocated hash, ENOMEM otherwise), FlowExists when
+        the key is there and replace is False."""
+        t = self._table("flows")
+        k, v = self._cast(t.Key, key), self._cast(t.Leaf, flow)
+        res = _lib().bpf_update_elem(t.map_fd, ctypes.byref(k), ctypes.byref(v),
+                                     BPF_ANY if replace else BPF_NOEXIST)
+        if res < 0:
+            err = _errno(res)
+            if err in (errno.E2BIG, errno.ENOMEM):
+                raise TableFull(f"offload table full ({t.max_entries} entries)")
+            if err == errno.EEXIST:
+                raise FlowExists("offload table already holds that key")
+            raise DeviceError(f"cannot add a flow entry: {os.strerror(err)}")
+
+    def take_flow(self, key: abi.Tuple) -> abi.Flow | None:
+        """Take one entry out; the entry as it was (its final counters),
+        None when it was not there.  Lookup and delete are one syscall
+        (BPF_MAP_LOOKUP_AND_DELETE_ELEM), so no hit between reading and
+        deleting is lost.  (A program run that found the entry just before
+        may still add to it after the copy: the usual BPF map race, at
+        most the packets in flight on other CPUs.)"""
+        t = self._table("flows")
+        k, v = self._cast(t.Key, key), t.Leaf()
+        res = _lib().bpf_lookup_and_delete(t.map_fd, ctypes.byref(k), ctypes.byref(v))
+        if res < 0:
+            err = _errno(res)
+            if err == errno.ENOENT:
+                return None
+            if err not in _UNSUPPORTED:
+                raise DeviceError(f"cannot remove a flow entry: {os.strerror(err)}")
+            # Kernels before 5.14 have no lookup-and-delete for hash maps.
+            try:
+                v = t[k]
+            except KeyError:
+                return None
+            try:
+                del t[k]
+            except KeyError:
+                pass
+        return self._cast(abi.Flow, v)
+
+    def flows(self) -> list[tuple[abi.Tuple, abi.Flow]]:
+        """Every entry of the offload table, with its counters.  Batched
+        (BPF_MAP_LOOKUP_BATCH, 5.6+) where the kernel has it, one lookup per
+        key otherwise.  A batch walk under concurrent inserts may miss an
+        entry added meanwhile, never return a deleted one twice."""
+        t = self._table("flows")
+        try:
+            pairs = self._lookup_batch(t)
+        except _NoBatch:
+            pairs = []
+            for k in list(t.keys()):
+                try:
+                    pairs.append((k, t[k]))
+                except KeyError:
+                    pass
+        return [(self._cast(abi.Tuple, k), self._cast(abi.Flow, v)) for k, v in pairs]
+
+    @staticmethod
+    def _lookup_batch(t, chunk: int = 1024):
+        """BCC 0.26's items_lookup_batch passes one variable as both the
+        batch cursor and the count (and allocates max_entries of both), so
+        the walk is done here with libbcc's bpf_lookup_batch directly."""
+        lib = _lib()
+        out = []
+        cursor_in, cursor_out, count = ctypes.c_uint32(0), ctypes.c_uint32(0), ctypes.c_uint32(0)
+        first = True
+        while True:
+            keys, vals = (t.Key * chunk)(), (t.Leaf * chunk)()
+            count.value = chunk
+            res = lib.bpf_lookup_batch(t.map_fd, None if first else ctypes.byref(cursor_in),
+                                       ctypes.byref(cursor_out), ctypes.byref(keys),
+                                       ctypes.byref(vals), ctypes.byref(count))
+            err = _errno(res) if res < 0 else 0
+            if err == errno.ENOSPC and count.value == 0:
+                chunk *= 2  # one bucket holds more entries than the buffer
+                continue
+            if err and err != errno.ENOENT:
+                if first and err in _UNSUPPORTED:
+                    raise _NoBatch()
+                raise DeviceError(f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
+            out.extend((keys[i], vals[i]) for i in range(count.value))
+            if err == errno.ENOENT:
+                return out
+            cursor_in.value = cursor_out.value
+            first = False
+
+
+def _possible_cpus() -> int:
+    # Per-CPU map values are laid out for every possible CPU, not online.
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n += int(hi or lo) - int(lo) + 1
+    return n
+
+
+def read_pinned_counters(pin_dir: Path) -> list[int]:
+    """The program's counters, summed over CPUs, from its pinned map: what
+    `ctctl stats` shows when only the data path is left."""
+    lib = _lib()
+    path = pin_dir / "counters"
+    fd = lib.bpf_obj_get(str(path).encode())
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), f"cannot open pinned map {path}")
+    try:
+        values = (ctypes.c_uint64 * _possible_cpus())()
+        out = []
+        for slot in range(abi.COUNTER_MAX):
+            key = ctypes.c_uint32(slot)
+            if lib.bpf_lookup_elem(fd, ctypes.byref(key), ctypes.byref(values)) != 0:
+                raise OSError(ctypes.get_errno(), f"lookup of slot {slot} in {path} failed")
+            out.append(sum(values))
+        return out
+    finally:
+        os.close(fd)
+
+
+def program_stats(counters: list[int]) -> dict:
+    """The program's counter slots as the stats report names them."""
+    c = abi.Counter
+    return {
+        "rx_packets": counters[c.RX],
+        "rx_bytes": counters[c.RX_BYTES],
+        "punted": counters[c.PUNT],
+        "perf_lost": counters[c.PERF_LOST],
+        "too_big": counters[c.TOO_BIG],
+        "ct_hits": counters[c.CT_HIT],
+        "redirected": counters[c.REDIRECT],
+        "dropped": counters[c.DROP],
+        "passed": counters[c.PASS],
+        "goto_loop": counters[c.GOTO_LOOP],
+        "nat": counters[c.NAT],
+        "punts_by_reason": {r.label: counters[r] for r in abi.Reason if r and counters[r]},
+    }

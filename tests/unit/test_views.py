@@ -1,0 +1,89 @@
+"""The views, from plain data to the text a user reads: dump-flows in
+ovs-dpctl's layout, the offload listing, the stats report."""
+
+from __future__ import annotations
+
+from ctctl.box.views.dumpflows import dump_flows
+from ctctl.box.views.offload import format_offload
+from ctctl.box.views.stats import format_stats
+from ctctl.kernel.conntrack import ConnTracker, NatSpec
+from ctctl.nic.encode import entry_record, flow_entry
+from ctctl.rules import FilterStats, parse_filter
+
+from helpers import FakeClock, pkt, tcp_seg
+
+
+def snat_connection():
+    tr = ConnTracker(clock=FakeClock())
+    conn = tr.ct(pkt(tcp_seg("o", "S", 1000)), commit=True,
+                 nat=NatSpec.parse("src addr 192.0.2.100 port 2000")).conn
+    rep = conn.reply
+    tr.ct(pkt(tcp_seg("r", "SA", 5000, 1001, client=str(rep.dst), cport=rep.dport)), commit=True, nat=NatSpec())
+    return conn
+
+
+def test_dump_flows_rules_then_entries():
+    rules = [
+        (parse_filter("dev eth5 protocol ip chain 0 prio 1 flower ct_state -trk action ct action goto chain 9"),
+         (20, 1960), FilterStats(1, 98)),
+        (parse_filter("dev eth5 protocol ip chain 9 prio 2 flower ct_state +trk+new ip_proto tcp dst_port 80 "
+                      "action ct commit nat src addr 192.0.2.100 action mirred egress redirect dev eth6"),
+         (0, 0), FilterStats(3, 258)),
+    ]
+    conn = snat_connection()
+    entries = []
+    for d in (1, 0):          # out of order: the listing sorts by connection, original first
+        key, flow = flow_entry(conn, d)
+        flow.packets, flow.bytes, flow.last_used_ns = 7, 700, 9_000_000_000
+        entries.append(entry_record(key, flow))
+    lines = dump_flows(rules, entries, now_ns=10_500_000_000)
+    assert lines == [
+        "recirc_id(0x0),in_port(eth5),ct_state(-trk),eth_type(0x0800), packets:20, bytes:1960, "
+        "sw_packets:1, sw_bytes:98, actions:ct,recirc(0x9)",
+        "recirc_id(0x9),in_port(eth5),ct_state(+new+trk),eth_type(0x0800),ipv4(proto=6),tcp(dst=80), "
+        "packets:0, bytes:0, sw_packets:3, sw_bytes:258, actions:ct(commit,nat(src)),eth6",
+        f"ct(zone=0),tcp(src=10.1.0.1,dst=10.2.0.1,sport=40000,dport=80),dir=original,conn={conn.id}, "
+        "packets:7, bytes:700, used:1.500s, actions:ct_state(+est+trk+snat),nat_src=192.0.2.100:2000",
+        f"ct(zone=0),tcp(src=10.2.0.1,dst=192.0.2.100,sport=80,dport=2000),dir=reply,conn={conn.id}, "
+        "packets:7, bytes:700, used:1.500s, actions:ct_state(+est+rpl+trk+dnat),nat_dst=10.1.0.1:40000",
+    ]
+
+
+def test_dump_flows_never_used_entry():
+    conn = snat_connection()
+    key, flow = flow_entry(conn, 0)
+    (line,) = dump_flows([], [entry_record(key, flow)], now_ns=1)
+    assert ", used:never, " in line
+
+
+def test_offload_listing():
+    conn = snat_connection()
+    flows = [entry_record(*flow_entry(conn, d)) for d in (0, 1)]
+    text = format_offload({"flows": flows, "pending": [9]})
+    assert text.splitlines() == [
+        f"tcp     zone=0 src=10.1.0.1 dst=10.2.0.1 sport=40000 dport=80 original conn={conn.id} "
+        "packets=0 bytes=0 nat_src=192.0.2.100:2000",
+        f"tcp     zone=0 src=10.2.0.1 dst=192.0.2.100 sport=80 dport=2000 reply    conn={conn.id} "
+        "packets=0 bytes=0 nat_dst=10.1.0.1:40000",
+        "2 hardware entries (1 connections), 1 pending",
+    ]
+
+
+def test_stats_text_names_what_it_counts():
+    stats = {
+        "box": "lab", "uptime_s": 3.61,
+        "program": {"rx_packets": 42, "rx_bytes": 4012, "punted": 4, "perf_lost": 0, "too_big": 0,
+                    "punts_by_reason": {"ct_miss": 2, "unknown_ethertype": 2}},
+        "software": {"received": 4, "ring_lost": 0, "drops": {"no_match": 1}, "csum_completed": 0},
+        "ports": {"eth5": {"rx_packets": 2, "rx_bytes": 140, "tx_packets": 2, "tx_bytes": 140}},
+    }
+    assert format_stats(stats).splitlines() == [
+        "box lab, up 3.6 s",
+        "program:  rx 42 packets (4.0 KB), punted 4, perf_lost 0, too_big 0",
+        "punts by reason:",
+        "  ct_miss            2",
+        "  unknown_ethertype  2",
+        "software: received 4, ring_lost 0, drops 1 (no_match 1)",
+        "port        rx_packets      rx_bytes  tx_packets      tx_bytes",
+        "eth5                 2           140           2           140",
+    ]
