@@ -13,6 +13,7 @@ import socketserver
 import threading
 from typing import Callable
 
+from . import state
 from .state import RUN_DIR, sock_path
 
 
@@ -68,6 +69,21 @@ class Server:
             pass
 
 
+def _why_no_answer(name: str, path, e: OSError) -> str:
+    """What a user needs to hear when nobody listens on a box's socket:
+    not loaded, or loaded by a controller that has died (its program may
+    still run on the ports, and its state file says what to clean up)."""
+    st = state.read_state(name)
+    if st is None:
+        return f"box {name!r} is not loaded (no {path})"
+    pid = st.get("pid")
+    if state.pid_alive(pid):
+        return (f"box {name!r}: controller pid {pid} runs but does not answer on {path} "
+                f"({e.strerror or e})")
+    return (f"box {name!r}: its controller (pid {pid}) is gone; its program may still run on the ports. "
+            f"`ctctl unload --name {name}` cleans up, then `ctctl load` starts it again")
+
+
 def request(name: str, op: str, timeout: float = 10.0, **args) -> dict:
     """One request to the box `name`; raises ControlError when the box does
     not answer or answers with an error."""
@@ -83,8 +99,8 @@ def request(name: str, op: str, timeout: float = 10.0, **args) -> dict:
                 if not chunk:
                     break
                 buf += chunk
-    except FileNotFoundError:
-        raise ControlError(f"box {name!r} is not loaded (no {path})") from None
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        raise ControlError(_why_no_answer(name, path, e)) from None
     except OSError as e:
         raise ControlError(f"box {name!r} does not answer on {path}: {e.strerror or e}") from None
     if not buf:

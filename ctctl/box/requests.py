@@ -15,7 +15,7 @@ from typing import Callable
 from ctctl import abi
 from ctctl.box.control import ControlError
 from ctctl.box.views.dumpflows import dump_flows
-from ctctl.kernel.conntrack import format_conntrack
+from ctctl.kernel.conntrack import ConnFilter, conntrack_record, format_conntrack, select
 from ctctl.nic.maps import program_stats
 from ctctl.rules import AddCommand, MirredAction, RuleSyntaxError, execute, format_filter, parse_command
 
@@ -56,14 +56,40 @@ def stop(ctl, req: dict) -> dict:
 
 
 def conntrack(ctl, req: dict) -> dict:
-    """The connection table, as `conntrack -L` prints it, with each
-    entry's id."""
+    """conntrack(8) on the box's table: list (-L), delete (-D), flush (-F),
+    count (-C) or the tracker's statistics (-S); a filter selects the
+    entries.  Deleted entries leave the hardware first, their counters
+    folded; listed ones are read after a sync, so they include what the
+    hardware counted."""
+    action = req.get("action", "list")
+    if action not in ("list", "delete", "flush", "count", "stats"):
+        raise ControlError(f"conntrack: unknown action {action!r} (list, delete, flush, count, stats)")
+    flt = ConnFilter.from_dict(req.get("filter"))       # QueryError is the caller's mistake
     with ctl.lock:
+        if action == "stats":
+            return {"stats": dict(ctl.tracker.stats)}
         if ctl.offload:
             ctl.offload.sync()
         now = ctl.clock()
-        conns = ctl.tracker.entries()
-        return {"lines": [format_conntrack(c, now) for c in conns], "ids": [c.id for c in conns]}
+        if action == "flush":
+            n = len(ctl.tracker)
+            for conn in ctl.tracker.entries():
+                if ctl.offload:
+                    ctl.offload.remove(conn, "flushed", back_to_software=False)
+            ctl.tracker.flush()
+            return {"flushed": n}
+        conns = select(ctl.tracker.entries(), flt)
+        if action == "count":
+            return {"count": len(conns)}
+        out = {"lines": [format_conntrack(c, now, extended=bool(req.get("extended"))) for c in conns],
+               "ids": [c.id for c in conns],
+               "records": [conntrack_record(c, now) for c in conns]}
+        if action == "delete":
+            for conn in conns:
+                if ctl.offload:
+                    ctl.offload.remove(conn, "deleted", back_to_software=False)
+                ctl.tracker.delete(conn)
+        return out
 
 
 def events(ctl, req: dict) -> dict:
@@ -89,13 +115,22 @@ def offload(ctl, req: dict) -> dict:
     if ctl.offload is None:
         raise ControlError(f"box {ctl.cfg.name!r} has no offload (it runs `forward:`)")
     action = req.get("action", "list")
+    cid = req.get("id")
     with ctl.lock:
         if action == "list":
             ctl.offload.sync()
-            return {"flows": ctl.device.entries(), "pending": [c.id for c in ctl.offload.pending]}
-        conn = next((c for c in ctl.tracker.entries() if c.id == req.get("id")), None)
+            flows = ctl.device.entries()
+            if cid is not None:
+                flows = [f for f in flows if f["conn_id"] == cid]
+                if not flows:
+                    where = "pending" if any(c.id == cid for c in ctl.offload.pending) else "not in hardware"
+                    raise ControlError(f"connection {cid} is {where} "
+                                       "(`ctctl conntrack -L -o id` lists the connections and their ids)")
+            return {"flows": flows, "pending": [c.id for c in ctl.offload.pending]}
+        conn = next((c for c in ctl.tracker.entries() if c.id == cid), None)
         if conn is None:
-            raise ControlError(f"no connection with id {req.get('id')!r} (ctctl conntrack -L)")
+            raise ControlError(f"no connection with id {cid!r} "
+                               "(`ctctl conntrack -L -o id` lists the connections and their ids)")
         if action == "add":
             if conn.id in ctl.offload.hw:
                 raise ControlError(f"connection {conn.id} is already in hardware")
@@ -126,7 +161,8 @@ def filter_request(ctl, req: dict) -> dict:
                 raise RuleSyntaxError(f"dev {dev!r} is not a port of box {ctl.cfg.name!r} "
                                       f"(ports: {', '.join(ctl.cfg.ports)})", col, dev)
     with ctl.lock:
-        out = execute(ctl.ruleset, line)
+        hw = ctl.device.rule_counters() if ctl.device is not None else {}
+        out = execute(ctl.ruleset, line, hw_stats=hw)
         if out.verb != "show" and ctl.device is not None:
             ctl.device.install(ctl.ruleset)   # ndo_setup_tc
     return {"verb": out.verb, "lines": out.lines,

@@ -44,7 +44,8 @@ def remove_state(name: str) -> None:
 
 
 def pid_alive(pid) -> bool:
-    """Does the process the state file names still run?"""
+    """Does the process the state file names still run?  A zombie (killed,
+    not yet reaped by its parent) does not."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -53,7 +54,12 @@ def pid_alive(pid) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        # /proc/PID/stat: "pid (comm) state ..."; comm may hold spaces.
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] not in "ZX"
+    except (OSError, ValueError, IndexError):
+        return True
 
 
 def boxes() -> list[str]:

@@ -27,7 +27,8 @@ def unload(name: str, timeout: float = 10.0) -> list[str]:
         try:
             control.request(name, "stop", timeout=timeout)
         except control.ControlError as e:
-            raise control.ControlError(f"box {name!r}: controller pid {pid} runs but does not answer ({e})")
+            raise control.ControlError(f"{e}; end it (kill {pid}), then `ctctl unload --name {name}` "
+                                       "cleans up after it") from None
         deadline = time.monotonic() + timeout
         while boxstate.pid_alive(pid) and boxstate.read_state(name) is not None:
             if time.monotonic() > deadline:

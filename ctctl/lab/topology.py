@@ -85,6 +85,14 @@ def build(tag: str | None = None, port_names: list[str] | tuple[str, ...] = ("p0
     host_names = list(host_names or [f"h{i}" for i in range(len(port_names))])
     if len(host_names) != len(port_names):
         raise TopologyError("one host name per port")
+    wanted = [f"{tag}-box"] + [f"{tag}-{h}" for h in host_names]
+    taken = [ns for ns in wanted if ctns.exists(ns)]
+    if taken:
+        if _record(tag).exists():
+            raise TopologyError(f"topology {tag!r} exists ({', '.join(json.loads(_record(tag).read_text()))}): "
+                                f"`ctctl topo destroy --tag {tag}` removes it, or choose another --tag")
+        raise TopologyError(f"netns {', '.join(taken)} exists and was not made by `ctctl topo create`: "
+                            "choose another --tag")
     topo = Topology(box=f"{tag}-box")
     created: list[str] = []
     try:

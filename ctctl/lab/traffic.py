@@ -59,18 +59,30 @@ def listening(ns: str, proto: str, port: int) -> bool:
 
 
 def tcp_transfer(client_ns: str, server_ns: str, server_addr: str, size: int,
-                 port: int = 5001, timeout: float = 120) -> TransferResult:
+                 port: int = 5001, timeout: float = 120,
+                 server_half_close: int | None = None) -> TransferResult:
     """Send `size` random bytes with nc from client to server; compare
     SHA-256 of what was sent and what arrived.  IPv6 when `server_addr`
-    is an IPv6 address (nc listens on IPv4 only unless told)."""
+    is an IPv6 address (nc listens on IPv4 only unless told).  With
+    `server_half_close=N` the server shuts its side down (a FIN) once N
+    bytes have arrived, as servers with nothing to say do (`nc -l -N` does
+    it when it notices its empty input, somewhere in the transfer), and the
+    rest of the client's data follows that FIN: `python -m
+    ctctl.lab.traffic tcp-sink --half-close-after N` is that server."""
     family = ["-6"] if ":" in server_addr else []
     with tempfile.TemporaryDirectory(prefix="ctctl-tcp-") as d:
         src, dst = os.path.join(d, "sent"), os.path.join(d, "received")
         with open(src, "wb") as f:
             f.write(os.urandom(size))
         with open(dst, "wb") as out:
-            server = ns_popen(server_ns, "nc", "-l", "-n", *family, str(port), stdout=out,
-                              stderr=subprocess.PIPE)
+            if server_half_close is not None:
+                server = ns_popen(server_ns, sys.executable, "-m", "ctctl.lab.traffic", "tcp-sink",
+                                  "--port", str(port), "--half-close-after", str(server_half_close),
+                                  *family, stdout=out,
+                                  stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            else:
+                server = ns_popen(server_ns, "nc", "-l", "-n", *family, str(port), stdout=out,
+                                  stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             wait_until(lambda: listening(server_ns, "tcp", port) or server.poll() is not None,
                        30, f"nc to listen on {server_ns}:{port}")
@@ -152,7 +164,30 @@ def udp_exchange(client_ns: str, server_ns: str, server_addr: str, count: int = 
         server.wait()
 
 
-# -- the UDP echo programs themselves ---------------------------------------
+# -- the programs themselves --------------------------------------------------
+
+def _tcp_sink(port: int, half_close_after: int | None, v6: bool) -> int:
+    """Accept one connection and write what arrives to stdout; send our FIN
+    once `half_close_after` bytes have arrived (0: before reading any)."""
+    with socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("::" if v6 else "0.0.0.0", port))
+        s.listen(1)
+        conn, _ = s.accept()
+        with conn:
+            out, got = sys.stdout.buffer, 0
+            while True:
+                if half_close_after is not None and got >= half_close_after:
+                    conn.shutdown(socket.SHUT_WR)
+                    half_close_after = None
+                data = conn.recv(1 << 16)
+                if not data:
+                    break
+                got += len(data)
+                out.write(data)
+            out.flush()
+    return 0
+
 
 def _udp_server(port: int, count: int) -> int:
     fam = socket.AF_INET6
@@ -204,7 +239,14 @@ def main(argv=None) -> int:
     c.add_argument("--count", type=int, default=20)
     c.add_argument("--interval", type=float, default=0.0, help="seconds between datagrams")
     c.add_argument("--paced", type=int, default=None, help="pace only the first N datagrams, then burst")
+    t = sub.add_parser("tcp-sink", help="accept one TCP connection, copy it to stdout")
+    t.add_argument("--port", type=int, default=5001)
+    t.add_argument("--half-close-after", type=int, default=None, metavar="BYTES",
+                   help="send our FIN once BYTES have arrived (0: at once), and read on")
+    t.add_argument("-6", dest="v6", action="store_true", help="IPv6")
     a = p.parse_args(argv)
+    if a.cmd == "tcp-sink":
+        return _tcp_sink(a.port, a.half_close_after, a.v6)
     if a.cmd == "udp-echo-server":
         return _udp_server(a.port, a.count)
     return _udp_client(a.addr, a.port, a.count, a.interval, a.paced)

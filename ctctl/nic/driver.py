@@ -158,8 +158,10 @@ class Device:
         return out
 
     def entries(self) -> list[dict]:
-        """Every entry decoded (ctctl.nic.encode.entry_record), for listings."""
-        return [entry_record(k, f) for k, f in self._maps().flows()]
+        """Every entry decoded (ctctl.nic.encode.entry_record), for
+        listings: by connection, the original direction first."""
+        return sorted((entry_record(k, f) for k, f in self._maps().flows()),
+                      key=lambda r: (r["conn_id"], r["dir"] != "original"))
 
     @staticmethod
     def describe_key(key: bytes) -> str:

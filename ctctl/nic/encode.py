@@ -22,7 +22,7 @@ from ctctl.kernel.conntrack.tuples import Tuple as CtTuple
 from ctctl.kernel.offload.hw import DeviceError
 from ctctl.kernel.packet import Packet
 from ctctl.nic.caps import HwCaps
-from ctctl.protocols import ICMPS
+from ctctl.protocols import ICMPS, proto_name
 from ctctl.rules import (
     ETH_P_ALL, ETH_P_IP, ETH_P_IPV6, CtAction, DropAction, Filter, GotoAction, MirredAction,
     PassAction, TrapAction,
@@ -395,17 +395,21 @@ def flow_entry(conn: Conn, direction: int, conn_id: int | None = None) -> tuple[
 
 
 def entry_record(key: abi.Tuple, flow: abi.Flow) -> dict:
-    """One offload table entry as plain data (`ctctl offload --json`, the
-    listings): the key's tuple, the direction, the counters and the NAT."""
+    """One offload table entry as named fields (`ctctl offload --json`, the
+    listings): the key's tuple (ports, or type/code/id for ICMP echo), the
+    direction, the counters, ct_state as flag names, and the NAT."""
     n = 4 if key.l3 == 4 else 16
     addr = (lambda b: str(ipaddress.ip_address(bytes(b)[:n])))
-    rec = {"zone": key.zone, "l3": key.l3, "proto": key.proto, "src": addr(key.src), "dst": addr(key.dst),
-           "sport": from_be16(key.sport), "dport": from_be16(key.dport),
-           "dir": "reply" if flow.dir else "original", "conn_id": flow.conn_id,
-           "packets": flow.packets, "bytes": flow.bytes, "last_used_ns": flow.last_used_ns,
-           "ct_state": int(flow.ct_state), "mark": flow.mark}
+    rec = {"conn_id": flow.conn_id, "dir": "reply" if flow.dir else "original", "zone": key.zone,
+           "family": "ipv4" if key.l3 == 4 else "ipv6", "proto": proto_name(key.proto),
+           "protonum": key.proto, "src": addr(key.src), "dst": addr(key.dst)}
+    sport, dport = from_be16(key.sport), from_be16(key.dport)
     if key.proto in ICMPS:   # the key carries the echo id and the (type, code) bytes
-        rec.update(id=rec["sport"], type=rec["dport"] >> 8, code=rec["dport"] & 0xFF)
+        rec.update(type=dport >> 8, code=dport & 0xFF, id=sport)
+    else:
+        rec.update(sport=sport, dport=dport)
+    rec.update(packets=flow.packets, bytes=flow.bytes, last_used_ns=flow.last_used_ns,
+               ct_state=[s.name.lower() for s in CtState if flow.ct_state & s], mark=flow.mark)
     if flow.nat & Nat.SRC:
         rec["nat_src"] = f"{addr(flow.nat_src)}:{from_be16(flow.nat_sport)}"
     if flow.nat & Nat.DST:

@@ -17,9 +17,10 @@ class Outcome:
     lines: list[str] = field(default_factory=list)  # what to print
 
 
-def execute(rs: RuleSet, text: str) -> Outcome:
+def execute(rs: RuleSet, text: str, hw_stats: dict | None = None) -> Outcome:
     """Parse and apply; a refused line raises RuleSyntaxError and leaves
-    the set unchanged."""
+    the set unchanged.  `hw_stats` (Filter -> (packets, bytes)) are what
+    the hardware counted, for `show -s`."""
     cmd = parse_command(text)
     if isinstance(cmd, AddCommand):
         f = rs.add(cmd.filter)
@@ -28,4 +29,4 @@ def execute(rs: RuleSet, text: str) -> Outcome:
         removed = rs.delete(cmd.dev, chain=cmd.chain, prio=cmd.prio, handle=cmd.handle,
                             protocol=cmd.protocol)
         return Outcome("del", removed, [])
-    return Outcome("show", [], rs.show(cmd.dev, chain=cmd.chain, stats=cmd.stats))
+    return Outcome("show", [], rs.show(cmd.dev, chain=cmd.chain, stats=cmd.stats, hw_stats=hw_stats))

@@ -146,17 +146,23 @@ class RuleSet:
         st.bytes += nbytes
 
     def show(self, dev: str | None = None, chain: int | None = None,
-             stats: bool = False) -> list[str]:
+             stats: bool = False, hw_stats: dict | None = None) -> list[str]:
         """The filters as `filter add` lines (the round trip of the CLI's
-        `filter show`); with stats, each entry gets a second line with its
-        counters, as `tc -s filter show` does."""
+        `filter show`).  With stats, each entry gets its counters in the
+        layout of `tc -s filter show` for a filter offloaded to a NIC: the
+        total, then what software and what the hardware counted (hw_stats:
+        Filter -> (packets, bytes))."""
+        hw_stats = hw_stats or {}
         out = []
         for f in self.filters(dev):
             if chain is not None and f.chain != chain:
                 continue
             line = format_filter(f)
             if stats:
-                st = self._entry(f).stats
-                line += f"\n\tSent {st.bytes} bytes {st.packets} pkt"
+                sw = self._entry(f).stats
+                hp, hb = hw_stats.get(f, (0, 0))
+                line += (f"\n\tSent {sw.bytes + hb} bytes {sw.packets + hp} pkt"
+                         f"\n\tSent software {sw.bytes} bytes {sw.packets} pkt"
+                         f"\n\tSent hardware {hb} bytes {hp} pkt")
             out.append(line)
         return out

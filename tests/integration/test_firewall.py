@@ -19,10 +19,12 @@ def chain9_hits(b, dev):
     lines = b.request("filter", line=f"-s filter show dev {dev} chain 9")["lines"]
     hits = {}
     for entry in lines:
-        rule, stat = entry.split("\n")
+        rule, total, software, hardware = entry.split("\n")
         state = rule.split("ct_state ")[1].split()[0]
         proto = rule.split("protocol ")[1].split()[0]
-        hits[(proto, state)] = int(stat.split()[3])  # "Sent B bytes P pkt"
+        # "Sent B bytes P pkt", then software's and the hardware's shares
+        assert int(total.split()[3]) == int(software.split()[4]) + int(hardware.split()[4]), entry
+        hits[(proto, state)] = int(total.split()[3])
     return hits
 
 

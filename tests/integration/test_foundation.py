@@ -128,7 +128,7 @@ def test_unload_cleans_up_after_a_killed_controller(topo):
         client, server = topo.ports[0].host, topo.ports[1].host
         assert not traffic.ping(client.netns, server.addr4, count=2).ok
         r = subprocess.run(CTCTL + ["stats", "--name", cfg["name"], "--json"], capture_output=True, text=True)
-        assert r.returncode == 0 and "controller is gone" in r.stderr, r.stderr
+        assert r.returncode == 0 and f"its controller (pid {b.proc.pid}) is gone" in r.stderr, r.stderr
         prog = json.loads(r.stdout)["program"]
         assert prog["perf_lost"] >= 2 and prog["rx_packets"] == prog["punted"] + prog["perf_lost"], prog
         r = subprocess.run(CTCTL + ["unload", "--name", cfg["name"]], capture_output=True, text=True)

@@ -74,5 +74,5 @@ def test_ping_is_offloaded_after_its_first_reply(fwbox):
     after = b.stats()["program"]["punts_by_reason"]
     ip_punts = sum(after.get(k, 0) - before.get(k, 0) for k in ("ct_miss", "ct_flags"))
     assert 2 <= ip_punts <= 10, (before, after)
-    flows = [f for f in b.request("offload")["flows"] if f["proto"] == 1]
+    flows = [f for f in b.request("offload")["flows"] if f["proto"] == "icmp"]
     assert len(flows) == 2 and all(f["packets"] >= 40 for f in flows), flows

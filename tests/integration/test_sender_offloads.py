@@ -5,7 +5,7 @@ topology may not.  A sender with `tx` on writes only the pseudo-header sum
 into the TCP/UDP checksum field (CHECKSUM_PARTIAL).  Offloaded packets keep
 that state across the redirect and are fine; punted ones reach software as
 bytes, and the controller must finish the checksum
-(ctctl.kernel.packet.complete_partial_checksum), or the tracker finds the
+(ctctl.kernel.csum.complete_partial_checksum), or the tracker finds the
 handshake invalid, the firewall drops it and no connection is made."""
 
 import subprocess

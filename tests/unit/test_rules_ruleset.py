@@ -217,7 +217,8 @@ def test_execute_add_show_del():
     with pytest.raises(RuleSyntaxError):
         execute(rs, "tc filter add dev eth6 flower ct_state +est action drop")
     assert execute(rs, "tc filter show").lines == shown
-    assert execute(rs, "tc -s filter show dev eth6").lines[0].endswith("Sent 0 bytes 0 pkt")
+    assert execute(rs, "tc -s filter show dev eth6").lines[0].splitlines()[1:] == [
+        "\tSent 0 bytes 0 pkt", "\tSent software 0 bytes 0 pkt", "\tSent hardware 0 bytes 0 pkt"]
     gone = execute(rs, "tc filter del dev eth6 chain 0").filters
     assert [format_filter(f) for f in gone] == shown
     assert execute(rs, "tc filter show").lines == []

@@ -87,3 +87,36 @@ def test_stats_text_names_what_it_counts():
         "port        rx_packets      rx_bytes  tx_packets      tx_bytes",
         "eth5                 2           140           2           140",
     ]
+
+
+def test_stats_text_says_why_connections_left_the_hardware():
+    stats = {
+        "box": "lab", "uptime_s": 1.0,
+        "program": {"rx_packets": 0, "rx_bytes": 0, "punted": 0, "perf_lost": 0, "too_big": 0,
+                    "punts_by_reason": {}},
+        "software": {"received": 0, "ring_lost": 0, "drops": {}},
+        "offload": {"hardware": 1, "pending": 2, "offloaded": 5, "table_full": 3, "from_pending": 1,
+                    "removed_fin": 2, "punted_after_fin": 1234, "removed_rst": 1, "removed_by_hand": 1,
+                    "syncs": 9},
+        "ports": {},
+    }
+    lines = format_stats(stats).splitlines()
+    assert lines[3:5] == [
+        "offload:  1 connections in hardware, 2 pending; offloaded 5, table full 3 (from pending 1)",
+        "removed:  fin 2 (1234 packets through software after it), rst 1, by hand 1",
+    ]
+
+
+def test_offload_records_name_their_fields():
+    """ICMP echo keys carry type, code and id (not ports); ct_state is a
+    list of flag names."""
+    from scapy.layers.inet import ICMP, IP
+
+    tr = ConnTracker(clock=FakeClock())
+    conn = tr.ct(pkt(IP(src="10.1.0.1", dst="10.2.0.1") / ICMP(type=8, id=77)), commit=True).conn
+    tr.ct(pkt(IP(src="10.2.0.1", dst="10.1.0.1") / ICMP(type=0, id=77)), commit=True)
+    orig, reply = (entry_record(*flow_entry(conn, d)) for d in (0, 1))
+    assert orig == {"conn_id": conn.id, "dir": "original", "zone": 0, "family": "ipv4", "proto": "icmp",
+                    "protonum": 1, "src": "10.1.0.1", "dst": "10.2.0.1", "type": 8, "code": 0, "id": 77,
+                    "packets": 0, "bytes": 0, "last_used_ns": 0, "ct_state": ["est", "trk"], "mark": 0}
+    assert reply["type"] == 0 and reply["ct_state"] == ["est", "rpl", "trk"] and "sport" not in reply

@@ -13,17 +13,15 @@ from ctctl.abi import CtState
 from ctctl.protocols import ETH_P_ALL, ETH_P_IPV6, proto_name
 from ctctl.rules import CtAction, DropAction, GotoAction, MirredAction, PassAction, TrapAction
 
-FLAG_ORDER = ("new", "est", "rel", "rpl", "inv", "trk", "snat", "dnat")
-
-
 def ct_state_text(set_bits: int, clear_bits: int = 0) -> str:
+    """+flag/-flag in OVS's order, which is the bits' (new est rel rpl inv
+    trk snat dnat)."""
     out = ""
-    for name in FLAG_ORDER:
-        bit = CtState[name.upper()]
+    for bit in CtState:
         if set_bits & bit:
-            out += "+" + name
+            out += "+" + bit.name.lower()
         elif clear_bits & bit:
-            out += "-" + name
+            out += "-" + bit.name.lower()
     return out
 
 
@@ -63,7 +61,7 @@ def _matches(f) -> list[str]:
     return out
 
 
-def _actions(f) -> str:
+def _action_list(f) -> str:
     out = []
     for a in f.actions:
         if isinstance(a, CtAction):
@@ -104,16 +102,16 @@ def dump_flows(rules, entries: list[dict], now_ns: int) -> list[str]:
     for f, (packets, nbytes), sw in rules:
         head = ",".join([f"recirc_id({f.chain:#x})", f"in_port({f.dev})"] + _matches(f))
         lines.append(f"{head}, packets:{packets}, bytes:{nbytes}, sw_packets:{sw.packets}, "
-                     f"sw_bytes:{sw.bytes}, actions:{_actions(f)}")
+                     f"sw_bytes:{sw.bytes}, actions:{_action_list(f)}")
     for r in sorted(entries, key=lambda r: (r["conn_id"], r["dir"] != "original")):
         nat = "".join(f",{k}={r[k]}" for k in ("nat_src", "nat_dst") if k in r)
         if "type" in r:
             l4 = f"id={r['id']},type={r['type']},code={r['code']}"
         else:
             l4 = f"sport={r['sport']},dport={r['dport']}"
-        lines.append(f"ct(zone={r['zone']}),{proto_name(r['proto'])}(src={r['src']},"
+        lines.append(f"ct(zone={r['zone']}),{r['proto']}(src={r['src']},"
                      f"dst={r['dst']},{l4}),dir={r['dir']},"
                      f"conn={r['conn_id']}, packets:{r['packets']}, bytes:{r['bytes']}, "
                      f"used:{_used(r['last_used_ns'], now_ns)}, "
-                     f"actions:ct_state({ct_state_text(r['ct_state'])}){nat}")
+                     f"actions:ct_state({''.join('+' + f for f in r['ct_state'])}){nat}")
     return lines

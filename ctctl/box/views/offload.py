@@ -3,9 +3,6 @@ and the pending list."""
 
 from __future__ import annotations
 
-from ctctl.protocols import proto_name
-
-
 def format_offload(reply: dict) -> str:
     """The hardware table, one line per direction."""
     flows = reply["flows"]
@@ -16,7 +13,7 @@ def format_offload(reply: dict) -> str:
             l4 = f"type={f['type']} code={f['code']} id={f['id']}"
         else:
             l4 = f"sport={f['sport']} dport={f['dport']}"
-        out.append(f"{proto_name(f['proto']):<7} zone={f['zone']} src={f['src']} dst={f['dst']} "
+        out.append(f"{f['proto']:<7} zone={f['zone']} src={f['src']} dst={f['dst']} "
                    f"{l4} {f['dir']:<8} conn={f['conn_id']} "
                    f"packets={f['packets']} bytes={f['bytes']}{nat}")
     out.append(f"{len(flows)} hardware entries ({len(flows) // 2} connections), "

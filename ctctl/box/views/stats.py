@@ -1,4 +1,6 @@
-"""`ctctl stats` as text: the program's counters, software's, the ports'."""
+"""`ctctl stats` as text: the program's counters, software's, the
+flowtable's (what went into hardware, what took it out and why), the
+ports'."""
 
 from __future__ import annotations
 
@@ -29,7 +31,35 @@ def format_stats(s: dict) -> str:
                f"drops {sum(sw['drops'].values())}"
                + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(sw['drops'].items())) + ")" if sw["drops"] else "")
                + (f", checksums completed {sw['csum_completed']}" if sw.get("csum_completed") else ""))
+    out += _offload(s.get("offload"))
     out.append(f"{'port':<10}{'rx_packets':>12}{'rx_bytes':>14}{'tx_packets':>12}{'tx_bytes':>14}")
     for p, c in s["ports"].items():
         out.append(f"{p:<10}{c['rx_packets']:>12}{c['rx_bytes']:>14}{c['tx_packets']:>12}{c['tx_bytes']:>14}")
     return "\n".join(out)
+
+
+REMOVED = ("fin", "rst", "expired", "by_hand", "deleted", "flushed")
+
+
+def _offload(o: dict | None) -> list[str]:
+    """The flowtable's line, and what took connections out of hardware.  A
+    FIN takes a flow out at once; what the connection still sends then
+    crosses software, which the count after `fin` shows (a server that
+    half-closes early, as `nc -N` does, sends most of a transfer that way)."""
+    if o is None:
+        return []
+    out = [f"offload:  {o['hardware']} connections in hardware, {o['pending']} pending; "
+           f"offloaded {o.get('offloaded', 0)}, table full {o.get('table_full', 0)} "
+           f"(from pending {o.get('from_pending', 0)})"]
+    removed = []
+    for why in REMOVED:
+        n = o.get(f"removed_{why}", 0)
+        if not n:
+            continue
+        text = f"{why.replace('_', ' ')} {n}"
+        if why == "fin":
+            text += f" ({o.get('punted_after_fin', 0)} packets through software after it)"
+        removed.append(text)
+    if removed:
+        out.append("removed:  " + ", ".join(removed))
+    return out

@@ -1,11 +1,12 @@
 """Entries as ``conntrack -L`` and ``conntrack -E`` print them
-(libnetfilter_conntrack's default output with accounting on)."""
+(libnetfilter_conntrack's default output with accounting on), and as
+named fields for scripts."""
 
 from __future__ import annotations
 
 import math
 
-from ctctl.protocols import IP_PROTO_NAMES
+from ctctl.protocols import IP_PROTO_NAMES, PORTED
 
 from .conn import Conn, Status
 
@@ -61,3 +62,40 @@ def format_event(event: str, conn: Conn, now: float, flags=()) -> str:
     body = format_conntrack(conn, now, flags, with_timeout=event != "DESTROY")
     body = body.replace(" use=1", "")
     return f"{tag:>9} {body}"
+
+
+def _side(t, packets: int, nbytes: int) -> dict:
+    if t.is_icmp:
+        d = {"src": str(t.src), "dst": str(t.dst), "type": t.dport, "code": t.code, "id": t.sport}
+    elif t.proto in PORTED:
+        d = {"src": str(t.src), "dst": str(t.dst), "sport": t.sport, "dport": t.dport}
+    else:
+        d = {"src": str(t.src), "dst": str(t.dst)}
+    d.update(packets=packets, bytes=nbytes)
+    return d
+
+
+def conntrack_record(conn: Conn, now: float) -> dict:
+    """One entry as named fields (`ctctl conntrack --json`): what the
+    ``conntrack -L`` line says, in the names of conntrack's own XML output
+    (original/reply, family, protonum)."""
+    flags = [f for f, bit in (("HW_OFFLOAD", Status.HW_OFFLOAD), ("OFFLOAD", Status.OFFLOAD))
+             if conn.status & bit][:1]
+    if not conn.status & Status.SEEN_REPLY:
+        flags.append("UNREPLIED")
+    if conn.status & Status.ASSURED:
+        flags.append("ASSURED")
+    return {
+        "id": conn.id,
+        "family": "ipv4" if conn.l3 == 4 else "ipv6",
+        "proto": IP_PROTO_NAMES.get(conn.proto, "unknown"),
+        "protonum": conn.proto,
+        "timeout": max(0, math.floor(conn.timeout_at - now)),
+        "state": conn.state,
+        "original": _side(conn.orig, conn.packets[0], conn.bytes[0]),
+        "reply": _side(conn.reply, conn.packets[1], conn.bytes[1]),
+        "flags": flags,
+        "mark": conn.mark,
+        "labels": f"0x{conn.label:x}" if conn.label else None,
+        "zone": conn.zone,
+    }

@@ -60,6 +60,10 @@ class OffloadManager:
         self.hw: dict[int, HwConn] = {}           # the hardware list, by connection id
         self.pending: deque[Conn] = deque()        # failed to offload: table full
         self.counters = Tally()
+        # Connections a FIN took out of hardware, whose later packets
+        # software handles (counted: a server that half-closes early
+        # sends the rest of a transfer that way).
+        self.after_fin: set[int] = set()
         tracker.subscribe(self._on_event)
 
     # -- after each packet software handled ----------------------------------
@@ -67,9 +71,13 @@ class OffloadManager:
         """The connections a packet touched in software (each ct action's
         result): offload the ones that now qualify, take out the ones that
         are terminating."""
+        seen = set()
         for conn in conns:
-            if conn is None:
+            if conn is None or conn.id in seen:
                 continue
+            seen.add(conn.id)
+            if conn.id in self.after_fin:
+                self.counters["punted_after_fin"] += 1
             if conn.id in self.hw:
                 why = self.policy.leaving(conn)
                 if why:
@@ -101,7 +109,10 @@ class OffloadManager:
         self.notify(f"conn {conn.id}: offloaded, both directions in hardware")
         return True
 
-    def remove(self, conn: Conn, why: str) -> None:
+    def remove(self, conn: Conn, why: str, back_to_software: bool = True) -> None:
+        """Take a connection out of hardware, its counters folded.  It goes
+        back to software with its state's timeout, unless it is about to
+        die anyway (back_to_software=False: deleted, flushed)."""
         hc = self.hw.pop(conn.id, None)
         if hc is None:
             return
@@ -109,7 +120,9 @@ class OffloadManager:
             stats = self.device.remove_flow(key)
             if stats is not None:
                 self._fold(hc, d, stats)
-        if conn.status & Status.CONFIRMED and not conn.status & Status.DYING:
+        if why == "fin":
+            self.after_fin.add(conn.id)
+        if back_to_software and conn.status & Status.CONFIRMED and not conn.status & Status.DYING:
             self.tracker.set_status(conn, HW, on=False)
             # Back to software: the state's own timeout, as nf_flowtable does.
             self.tracker.set_timeout(conn, state_timeout(conn, self.tracker.config.timeouts))
@@ -132,6 +145,7 @@ class OffloadManager:
         if event == "UPDATE" and hc is not None and hc.written != (conn.mark, conn.label):
             self._rewrite(hc)
         if event == "DESTROY":
+            self.after_fin.discard(conn.id)
             if conn.id in self.hw:
                 self.remove(conn, "expired")
             try:

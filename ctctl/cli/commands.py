@@ -1,0 +1,297 @@
+"""What each ctctl command does: ask the box over its control socket (or
+set up the lab), and print the answer as text, or as JSON for scripts."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from ctctl.box import control, state
+
+
+def die(msg: str, code: int = 1) -> int:
+    print(f"ctctl: {msg}", file=sys.stderr)
+    return code
+
+
+def _box_name(args) -> str:
+    if getattr(args, "name", None):
+        return args.name
+    names = state.boxes()
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise control.ControlError("no box is loaded")
+    raise control.ControlError(f"several boxes are loaded ({', '.join(names)}): say which with --name")
+
+
+def _print_json(data) -> None:
+    json.dump(data, sys.stdout, indent=2)
+    print()
+
+
+# -- load / unload ------------------------------------------------------------
+
+def cmd_load(args) -> int:
+    from ctctl.box import config
+    from ctctl.box.controller import Controller
+    from ctctl.nic import loader
+
+    if args.ebpf:
+        print(loader.source_text())
+        return 0
+    if not args.config:
+        return die("load needs --config FILE (see ctctl load --help)", 2)
+    try:
+        cfg = config.load(args.config)
+    except config.ConfigError as e:
+        return die(str(e))
+
+    def ready():
+        print(f"ctctl: box {cfg.name} loaded on {cfg.netns} ports {', '.join(cfg.ports)} "
+              f"(pid {os.getpid()}); Ctrl-C or `ctctl unload --name {cfg.name}` to stop", flush=True)
+
+    try:
+        Controller(cfg).run(on_ready=ready)
+    except loader.LoadError as e:
+        return die(str(e))
+    print(f"ctctl: box {cfg.name} unloaded", flush=True)
+    return 0
+
+
+def cmd_unload(args) -> int:
+    from ctctl.box import unload
+
+    try:
+        name = _box_name(args)
+        for line in unload.unload(name, timeout=args.timeout):
+            print(f"ctctl: {line}")
+    except control.ControlError as e:
+        return die(str(e))
+    return 0
+
+
+# -- reading a box ------------------------------------------------------------
+
+def cmd_stats(args) -> int:
+    from ctctl.box.views.stats import format_stats
+
+    try:
+        name = _box_name(args)
+        stats = control.request(name, "stats")["stats"]
+    except control.ControlError as e:
+        stats = _stats_from_pins(args.name)
+        if stats is None:
+            return die(str(e))
+        print(f"ctctl: {e}; showing the data path's pinned counters", file=sys.stderr)
+    if args.json:
+        _print_json(stats)
+    else:
+        print(format_stats(stats))
+    return 0
+
+
+def _stats_from_pins(name: str | None) -> dict | None:
+    from ctctl.nic import loader, maps
+
+    if not name or not (loader.PIN_ROOT / name / "counters").exists():
+        return None
+    return {"box": name, "controller": None,
+            "program": maps.program_stats(maps.read_pinned_counters(loader.PIN_ROOT / name))}
+
+
+STAT_FLAGS = ("-s", "-stats", "-statistics")
+
+
+def _take_name(words: list[str]) -> tuple[str | None, list[str]]:
+    """--name NAME / --name=NAME / -n NAME anywhere among tc's words (they
+    are no tc word): the box, and the words without it."""
+    name, out, i = None, [], 0
+    while i < len(words):
+        w = words[i]
+        if w in ("--name", "-n") and i + 1 < len(words):
+            name, i = words[i + 1], i + 2
+            continue
+        if w.startswith("--name="):
+            name, i = w.split("=", 1)[1], i + 1
+            continue
+        out.append(w)
+        i += 1
+    return name, out
+
+
+def cmd_filter(args) -> int:
+    name, words = _take_name(args.words)
+    args.name = name or args.name
+    stats = args.stats or any(w in STAT_FLAGS for w in words)
+    words = [w for w in words if w not in STAT_FLAGS]
+    if words[:1] == ["filter"]:          # `ctctl filter filter show`: the tc word typed twice
+        words = words[1:]
+    if words[:1] == ["list"]:            # tc's synonym
+        words = ["show"] + words[1:]
+    if not words:
+        return die("filter needs add, del or show (see ctctl filter --help)", 2)
+    line = " ".join((["-s"] if stats else []) + ["filter"] + words)
+    try:
+        reply = control.request(_box_name(args), "filter", line=line)
+    except control.ControlError as e:
+        msg = str(e)
+        if e.column:
+            # Point at the token in the line as the box read it.
+            msg += f"\n  {line}\n  {' ' * (e.column - 1)}^"
+        return die(msg)
+    for out in reply["lines"]:
+        print(out)
+    if reply["verb"] == "del" and not reply["filters"]:
+        return die("no filter matched")
+    return 0
+
+
+def conntrack_filter(args):
+    """conntrack(8)'s filter options as a ConnFilter (QueryError, ValueError:
+    the user's mistake)."""
+    from ctctl.kernel.conntrack import ConnFilter
+    from ctctl.protocols import proto_number
+
+    mark = None
+    if args.mark is not None:
+        v, _, m = args.mark.partition("/")
+        mark = (int(v, 0), int(m, 0) if m else 0xFFFFFFFF)
+    return ConnFilter(
+        family={"ipv4": 4, "ipv6": 6}.get(args.family), proto=proto_number(args.proto) if args.proto else None,
+        orig_src=args.src, orig_dst=args.dst, reply_src=args.reply_src, reply_dst=args.reply_dst,
+        orig_sport=args.sport, orig_dport=args.dport, reply_sport=args.reply_port_src,
+        reply_dport=args.reply_port_dst, icmp_type=args.icmp_type, icmp_code=args.icmp_code,
+        icmp_id=args.icmp_id, state=args.state.upper() if args.state else None,
+        status=tuple(s.strip().upper() for s in args.status.split(",")) if args.status else (),
+        mark=mark, zone=args.zone, src_nat=args.src_nat, dst_nat=args.dst_nat, any_nat=args.any_nat)
+
+
+OUTPUTS = ("extended", "id", "labels")
+# conntrack -S's fields on a 6.x kernel, in its order (clash_resolve and
+# chaintoolong are not modelled: always 0).
+STATS_KEYS = ("found", "invalid", "insert", "insert_failed", "drop", "early_drop", "error",
+              "search_restart", "clash_resolve", "chaintoolong")
+
+
+def cmd_conntrack(args) -> int:
+    from ctctl.kernel.conntrack import QueryError
+
+    action = args.command_ct or "list"
+    outputs = [o.strip() for o in (args.output or "").split(",") if o.strip()]
+    bad = [o for o in outputs if o not in OUTPUTS]
+    if bad:
+        return die(f"conntrack: -o {bad[0]} is not supported (supported: {', '.join(OUTPUTS)})", 2)
+    try:
+        flt = conntrack_filter(args)
+    except (QueryError, ValueError) as e:
+        return die(f"conntrack: {e}", 2)
+    try:
+        reply = control.request(_box_name(args), "conntrack", action=action, filter=flt.to_dict(),
+                                extended="extended" in outputs)
+    except control.ControlError as e:
+        return die(str(e))
+    if action == "stats":
+        if args.json:
+            _print_json(reply["stats"])
+        else:
+            # One line, as conntrack -S prints per CPU: the tracker is one.
+            st = reply["stats"]
+            print("cpu=0   \t" + " ".join(f"{k}={st.get(k, 0)}" for k in STATS_KEYS) + " ")
+        return 0
+    if action == "count":
+        print(json.dumps({"count": reply["count"]}) if args.json else reply["count"])
+        return 0
+    if action == "flush":
+        if args.json:
+            _print_json({"flushed": reply["flushed"]})
+        print("ctctl conntrack: connection tracking table has been emptied.", file=sys.stderr)
+        return 0
+    if args.json:
+        _print_json(reply["records"])
+    else:
+        lines = reply["lines"]
+        if "id" in outputs:
+            # As `conntrack -L -o id`: the id `ctctl offload add|del` takes.
+            lines = [f"{line} id={i}" for line, i in zip(lines, reply["ids"])]
+        for line in lines:
+            print(line)
+    n = len(reply["lines"])
+    # conntrack(8) prints its summary on stderr, so scripts can read stdout.
+    verb = "deleted" if action == "delete" else "shown"
+    print(f"ctctl conntrack: {n} flow entries have been {verb}.", file=sys.stderr)
+    return 1 if action == "delete" and n == 0 else 0
+
+
+def cmd_offload(args) -> int:
+    from ctctl.box.views.offload import format_offload
+
+    if args.action in ("add", "del") and args.id is None:
+        return die(f"offload {args.action} needs a connection id (`ctctl conntrack -L -o id` lists them)", 2)
+    try:
+        reply = control.request(_box_name(args), "offload", action=args.action, id=args.id)
+    except control.ControlError as e:
+        return die(str(e))
+    if args.action != "list":
+        print(f"ctctl: connection {args.id} {'offloaded' if args.action == 'add' else 'back in software'}")
+        return 0
+    if args.json:
+        _print_json(reply)
+    else:
+        print(format_offload(reply))
+    return 0
+
+
+def _print_lines(args, op: str) -> int:
+    try:
+        lines = control.request(_box_name(args), op)["lines"]
+    except control.ControlError as e:
+        return die(str(e))
+    for line in lines:
+        print(line)
+    return 0
+
+
+def cmd_events(args) -> int:
+    return _print_lines(args, "events")
+
+
+def cmd_dump_flows(args) -> int:
+    return _print_lines(args, "dump-flows")
+
+
+# -- the lab ------------------------------------------------------------------
+
+def cmd_topo(args) -> int:
+    from ctctl.lab import topology
+
+    if args.action == "create":
+        ports = [p for p in args.ports.split(",") if p]
+        hosts = [h for h in args.hosts.split(",") if h] if args.hosts else None
+        try:
+            t = topology.build(args.tag, ports, hosts)
+        except (topology.TopologyError, OSError) as e:
+            return die(str(e))
+        tag = t.box.removesuffix("-box")
+        topology.remember(tag, t)
+        print(f"box netns: {t.box}")
+        for p in t.ports:
+            print(f"  port {p.name} <-> {p.host.netns} {p.host.ifname} {p.host.addr4} {p.host.addr6}")
+        print(f"destroy with: ctctl topo destroy --tag {tag}")
+        return 0
+    if not args.tag:
+        return die("topo destroy needs --tag", 2)
+    try:
+        gone = topology.forget(args.tag, unload_boxes=args.unload,
+                               say=lambda line: print(f"ctctl: {line}"))
+    except (topology.TopologyError, control.ControlError) as e:
+        return die(str(e))
+    print("removed " + " ".join(gone))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ctctl.lab import demo
+
+    return demo.run(size_mb=args.size, as_json=args.json)

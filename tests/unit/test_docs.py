@@ -1,0 +1,40 @@
+"""The docs say what the code does: every option of every ctctl command is
+in docs/cli.md, and every command's --help ends with examples."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from ctctl.cli.parser import build_parser
+
+CLI_MD = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    top = build_parser()
+    sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def test_every_top_level_option_is_documented():
+    for action in build_parser()._actions:
+        for flag in action.option_strings:
+            if flag not in ("-h", "--help"):
+                assert f"`{flag}" in CLI_MD or f" {flag}" in CLI_MD, flag
+
+
+@pytest.mark.parametrize("name", sorted(_commands()))
+def test_every_option_of_every_command_is_documented(name):
+    parser = _commands()[name]
+    assert f"## {name}" in CLI_MD
+    section = CLI_MD.split(f"## {name}", 1)[1].split("\n## ", 1)[0]
+    for action in parser._actions:
+        for flag in action.option_strings:
+            if flag not in ("-h", "--help"):
+                assert flag in section, f"{name}: {flag} is not in docs/cli.md"
+        for choice in action.choices or ():
+            assert choice in section, f"{name}: {choice} is not in docs/cli.md"
+    assert "examples" in (parser.epilog or ""), f"{name} --help has no examples"
