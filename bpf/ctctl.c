@@ -138,3 +138,80 @@ int ctctl_ingress(struct __sk_buff *skb)
 		return punt(skb, st);
 	return r;
 }
+
+/*
+ * The hardware's own aging: the driver's firmware timer runs this with
+ * BPF_PROG_TEST_RUN and `repeat` = the number of slots, after setting the
+ * cursor to 0; each run looks at the next connection context.  A
+ * connection whose entries have not been hit for its class's timeout is
+ * removed from the offload table here, and reported with its entries'
+ * final counters in the `expiries` ring: software never reads the table
+ * for aging.  When the ring is full the connection stays until the next
+ * pass (counted).  A hit on another CPU between reading an entry and
+ * deleting it is lost from the counters: the usual map race, as when
+ * software takes an entry out.
+ */
+static __always_inline __u64 entry_last_use(struct ctctl_flow *f, __u64 last)
+{
+	return f && f->last_used_ns > last ? f->last_used_ns : last;
+}
+
+int ctctl_age(struct __sk_buff *skb)
+{
+	struct ctctl_aging_config *cfg;
+	struct ctctl_aging_slot *slot;
+	struct ctctl_flow *f0, *f1;
+	struct ctctl_expiry *ev;
+	__u64 now, last, timeout;
+	__u32 zero = 0, i, class;
+	__u64 id;
+
+	cfg = aging_config.lookup(&zero);
+	if (!cfg)
+		return 0;
+	i = cfg->cursor++;		/* only the firmware runs this, on one CPU */
+	slot = aging_slots.lookup(&i);
+	if (!slot)
+		return 0;
+	id = slot->conn_id;
+	if (!id)
+		return 0;
+	f0 = flows.lookup(&slot->key[0]);
+	f1 = flows.lookup(&slot->key[1]);
+	/* Its last hit, either direction; never hit: its offload time. */
+	last = entry_last_use(f1, entry_last_use(f0, 0));
+	if (!last)
+		last = slot->since_ns;
+	class = slot->key[0].proto == IPPROTO_TCP ? 0 : slot->key[0].proto == IPPROTO_UDP ? 1 : 2;
+	timeout = cfg->timeout_ns[class];
+	now = bpf_ktime_get_ns();
+	if (now - last < timeout)
+		return 0;
+	ev = expiries.ringbuf_reserve(sizeof(*ev));
+	if (!ev) {
+		count(CTCTL_C_AGING_LOST, 1);
+		return 0;
+	}
+	__builtin_memset(ev, 0, sizeof(*ev));
+	ev->conn_id = id;
+	ev->at_ns = now;
+	ev->last_used_ns = last;
+	if (f0) {
+		ev->present[0] = 1;
+		ev->packets[0] = f0->packets;
+		ev->bytes[0] = f0->bytes;
+		flows.delete(&slot->key[0]);
+	}
+	if (f1) {
+		ev->present[1] = 1;
+		ev->packets[1] = f1->packets;
+		ev->bytes[1] = f1->bytes;
+		flows.delete(&slot->key[1]);
+	}
+	/* Free the slot unless the driver already gave it to another
+	 * connection meanwhile. */
+	__sync_val_compare_and_swap(&slot->conn_id, id, 0);
+	expiries.ringbuf_submit(ev, 0);
+	count(CTCTL_C_AGED, 1);
+	return 1;
+}

@@ -51,6 +51,8 @@ enum ctctl_counter {
 	CTCTL_C_PASS,			/* pass action, or the end of a rule's actions */
 	CTCTL_C_GOTO_LOOP,		/* more than CTCTL_MAX_HOPS gotos: dropped */
 	CTCTL_C_NAT,			/* packets rewritten by NAT in the program */
+	CTCTL_C_AGED,			/* connections the hardware's own aging removed */
+	CTCTL_C_AGING_LOST,		/* ... that it kept a pass longer: the expiry ring was full */
 	CTCTL_C_MAX,
 };
 
@@ -160,6 +162,7 @@ struct ctctl_flow {
 /* Hardware capabilities the program honours at run time (ctctl_hw_config.caps). */
 enum ctctl_cap {
 	CTCTL_CAP_FLOW_COUNTERS = 0x01,	/* count packets/bytes per offloaded entry */
+	CTCTL_CAP_HW_AGING = 0x02,	/* keep last-used times for the hardware's own aging */
 };
 
 struct ctctl_hw_config {
@@ -237,6 +240,36 @@ struct ctctl_chain {
 struct ctctl_rule_stats {
 	__u64 packets;
 	__u64 bytes;
+};
+
+/*
+ * The hardware's own aging (bpf/ctctl.c ctctl_age, run by the driver's
+ * firmware timer): a connection context per offloaded connection, the
+ * timeouts it ages them by, and what it reports when it removes one.
+ */
+#define CTCTL_AGING_CLASSES 3		/* timeouts: TCP, UDP, the rest (ICMP) */
+
+struct ctctl_aging_slot {
+	__u64 conn_id;			/* 0: a free slot (64 bits: freed with a cmpxchg) */
+	__u64 since_ns;			/* when it was offloaded: its last use until a hit */
+	struct ctctl_tuple key[2];	/* its entries in the offload table: original, reply */
+};
+
+struct ctctl_aging_config {
+	__u64 timeout_ns[CTCTL_AGING_CLASSES];
+	__u32 cursor;			/* the slot the next run looks at */
+	__u32 pad;
+};
+
+/* One connection the hardware aged out: the "callback into netfilter". */
+struct ctctl_expiry {
+	__u32 conn_id;
+	__u8 present[2];		/* which entries were there to remove */
+	__u8 pad[2];
+	__u64 at_ns;			/* when it removed them */
+	__u64 last_used_ns;
+	__u64 packets[2];		/* the entries' final counters: original, reply */
+	__u64 bytes[2];
 };
 
 #endif /* CTCTL_ABI_H */

@@ -36,6 +36,22 @@ BPF_PERCPU_ARRAY(rule_stats, struct ctctl_rule_stats, CTCTL_MAX_RULE_IDS);
 /* Run-time capabilities of the "hardware" (enum ctctl_cap). */
 BPF_ARRAY(hw_config, struct ctctl_hw_config, 1);
 
+/*
+ * The hardware's own aging: one connection context per offloaded
+ * connection (sized by the controller when the NIC ages, 1 otherwise),
+ * the timeouts and the cursor of its pass, and the ring its expiry
+ * events go to.
+ */
+#ifndef CTCTL_AGING_SLOTS
+#define CTCTL_AGING_SLOTS 1
+#endif
+#ifndef CTCTL_EXPIRY_PAGES
+#define CTCTL_EXPIRY_PAGES 64
+#endif
+BPF_ARRAY(aging_config, struct ctctl_aging_config, 1);
+BPF_ARRAY(aging_slots, struct ctctl_aging_slot, CTCTL_AGING_SLOTS);
+BPF_RINGBUF_OUTPUT(expiries, CTCTL_EXPIRY_PAGES);
+
 /* The interpreter's per-packet state (bpf/key.h says why it is not on the stack). */
 BPF_PERCPU_ARRAY(scratch, struct ctctl_state, 1);
 

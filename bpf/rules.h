@@ -74,6 +74,7 @@ static __always_inline int do_ct(struct __sk_buff *skb, struct ctctl_state *st,
 				 const struct ctctl_action *act, __u32 rule, __u32 a)
 {
 	struct ctctl_flow *f;
+	__u32 caps;
 
 	if ((st->done & CTCTL_DONE_CT) && (st->key.ct_state & CTCTL_CS_TRK) &&
 	    st->key.ct_zone == act->zone) {
@@ -103,13 +104,17 @@ static __always_inline int do_ct(struct __sk_buff *skb, struct ctctl_state *st,
 		return stop(st, CTCTL_R_CT_MISS, rule, a);
 
 	count(CTCTL_C_CT_HIT, 1);
-	if (hw_caps() & CTCTL_CAP_FLOW_COUNTERS) {
+	caps = hw_caps();
+	if (caps & CTCTL_CAP_FLOW_COUNTERS) {
 		__sync_fetch_and_add(&f->packets, 1);
 		/* IP bytes, as nf_conntrack accounts them: the counters fold into
 		 * the connection's, which software counts the same way. */
 		__sync_fetch_and_add(&f->bytes, st->l3_len);
-		f->last_used_ns = bpf_ktime_get_ns();
 	}
+	/* A NIC that ages its own entries keeps their last use, counters
+	 * or not. */
+	if (caps & (CTCTL_CAP_FLOW_COUNTERS | CTCTL_CAP_HW_AGING))
+		f->last_used_ns = bpf_ktime_get_ns();
 	/* The cache: what a later ct of this zone needs (not the counters). */
 	__builtin_memcpy(&st->ct_flow.ct_state, &f->ct_state,
 			 sizeof(*f) - __builtin_offsetof(struct ctctl_flow, ct_state));

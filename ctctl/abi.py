@@ -64,9 +64,11 @@ class Counter(enum.IntEnum):
     PASS = REASON_MAX + 8
     GOTO_LOOP = REASON_MAX + 9
     NAT = REASON_MAX + 10
+    AGED = REASON_MAX + 11
+    AGING_LOST = REASON_MAX + 12
 
 
-COUNTER_MAX = REASON_MAX + 11
+COUNTER_MAX = REASON_MAX + 13
 
 
 class CtState(enum.IntFlag):
@@ -108,6 +110,7 @@ class Nat(enum.IntFlag):
 
 class Cap(enum.IntFlag):
     FLOW_COUNTERS = 0x01
+    HW_AGING = 0x02
 
 
 class ActionKind(enum.IntEnum):
@@ -249,6 +252,41 @@ class RuleStats(ctypes.Structure):
     _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
 
 
+AGING_CLASSES = 3       # TCP, UDP, the rest
+
+
+class AgingSlot(ctypes.Structure):
+    """struct ctctl_aging_slot: one connection the hardware ages."""
+
+    _fields_ = [
+        ("conn_id", ctypes.c_uint64),
+        ("since_ns", ctypes.c_uint64),
+        ("key", Tuple * 2),
+    ]
+
+
+class AgingConfig(ctypes.Structure):
+    _fields_ = [
+        ("timeout_ns", ctypes.c_uint64 * AGING_CLASSES),
+        ("cursor", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class Expiry(ctypes.Structure):
+    """struct ctctl_expiry: a connection the hardware aged out."""
+
+    _fields_ = [
+        ("conn_id", ctypes.c_uint32),
+        ("present", ctypes.c_uint8 * 2),
+        ("pad", ctypes.c_uint8 * 2),
+        ("at_ns", ctypes.c_uint64),
+        ("last_used_ns", ctypes.c_uint64),
+        ("packets", ctypes.c_uint64 * 2),
+        ("bytes", ctypes.c_uint64 * 2),
+    ]
+
+
 # Every enum of the header, by its C prefix, for the agreement test.
 C_ENUMS = {
     "CTCTL_R_": Reason,
@@ -271,6 +309,7 @@ C_CONSTANTS = {
     "CTCTL_RESUME_MATCH": RESUME_MATCH,
     "CTCTL_TRAP_AT_ACTION": TRAP_AT_ACTION,
     "CTCTL_TRAP_REMATCH": TRAP_REMATCH,
+    "CTCTL_AGING_CLASSES": AGING_CLASSES,
 }
 C_STRUCTS = {
     "ctctl_punt_hdr": PuntHdr,
@@ -283,6 +322,9 @@ C_STRUCTS = {
     "ctctl_chain_key": ChainKey,
     "ctctl_chain": Chain,
     "ctctl_rule_stats": RuleStats,
+    "ctctl_aging_slot": AgingSlot,
+    "ctctl_aging_config": AgingConfig,
+    "ctctl_expiry": Expiry,
 }
 
 
@@ -306,6 +348,10 @@ MAPS = {
     "flows": MapSpec("BPF_HASH", Tuple, Flow, True),
     "rule_stats": MapSpec("BPF_PERCPU_ARRAY", ctypes.c_uint32, RuleStats, True),
     "hw_config": MapSpec("BPF_ARRAY", ctypes.c_uint32, HwConfig, True),
+    "aging_config": MapSpec("BPF_ARRAY", ctypes.c_uint32, AgingConfig, True),
+    "aging_slots": MapSpec("BPF_ARRAY", ctypes.c_uint32, AgingSlot, True),
+    # The hardware's expiry events (ctctl_expiry), read by the driver.
+    "expiries": MapSpec("BPF_RINGBUF_OUTPUT", None, None, False),
     # The interpreter's per-packet state: internal to the program.
     "scratch": MapSpec("BPF_PERCPU_ARRAY", ctypes.c_uint32, None, False),
 }

@@ -1,7 +1,8 @@
 """Helpers the test tiers import by name (pytest puts tests/ on the path):
-one fake clock for everything that takes time, and packet builders -- the
+one fake clock for everything that takes time, packet builders -- the
 topology's client and server headers for hand-made frames, and scapy
-packets parsed by ctctl for the tracker's tests."""
+packets parsed by ctctl for the tracker's tests -- and an in-memory flow
+table for the flowtable's tests without root."""
 
 from __future__ import annotations
 
@@ -71,3 +72,97 @@ def tcp_seg(d, flags, seq, ack=0, win=64240, data=0, opts=None, v=4, cport=40000
     p = ip / TCP(sport=sp, dport=dp, flags=flags, seq=seq & 0xFFFFFFFF, ack=ack & 0xFFFFFFFF,
                  window=win, options=opts or [])
     return p / Raw(b"x" * data) if data else p
+
+
+# -- a flow table in memory -------------------------------------------------------
+
+class MemoryTable:
+    """Stands in for the program's flow table where the real one cannot run
+    (no root, no compiled program): the calls the flowtable makes
+    (ctctl.kernel.offload.hw.FlowDevice), keyed (connection id, direction),
+    `size` entries at most.  `hit()` counts a packet into an entry as the
+    program does on a ct hit; `age()` does what a NIC with its own aging
+    does: removes the connections idle past their timeout and reports
+    each, with its final counters.  The bpf tier runs the same flowtable
+    against the real maps."""
+
+    def __init__(self, size: int, clock: FakeClock):
+        from ctctl.kernel.offload.hw import DeviceIO
+
+        self.size, self.clock = size, clock
+        self.entries: dict[tuple[int, int], list[int]] = {}   # key -> [packets, bytes, last_used_ns]
+        self.writes = 0
+        self.io = DeviceIO()
+        self.events = []
+
+    def add_flow(self, conn, direction, replace=False):
+        from ctctl.kernel.offload.hw import FlowExists, TableFull
+
+        key = (conn.id, direction)
+        if key in self.entries and not replace:
+            raise FlowExists(f"{key} exists")
+        if key not in self.entries and len(self.entries) >= self.size:
+            raise TableFull(f"offload table full ({self.size} entries)")
+        self.entries[key] = [0, 0, 0]
+        self.writes += 1
+        return key
+
+    def _stats(self, e):
+        from ctctl.kernel.offload.hw import EntryStats
+
+        return None if e is None else EntryStats(*e)
+
+    def remove_flow(self, key):
+        self.io.syscalls += 1
+        e = self.entries.pop(key, None)
+        self.io.entries_read += e is not None
+        return self._stats(e)
+
+    def read_flow(self, key):
+        self.io.syscalls += 1
+        e = self.entries.get(key)
+        self.io.entries_read += e is not None
+        return self._stats(e)
+
+    def read_flows(self):
+        self.io.syscalls += 1 + len(self.entries) // 1024
+        self.io.entries_read += len(self.entries)
+        return {k: self._stats(e) for k, e in self.entries.items()}
+
+    def expired(self):
+        out, self.events = self.events, []
+        return out
+
+    # The NIC's own aging is age(), called by the test: nothing runs beside.
+    def start_aging(self, interval_s, timeouts_s):
+        self.aging = (interval_s, dict(timeouts_s))
+
+    def set_aging_timeouts(self, timeouts_s):
+        self.aging = (self.aging[0], dict(timeouts_s))
+
+    def stop_aging(self):
+        self.aging = None
+
+    def hit(self, conn, direction, nbytes=100, times=1):
+        e = self.entries[(conn.id, direction)]
+        e[0] += times
+        e[1] += times * nbytes
+        e[2] = self.clock.ns()
+
+    def age(self, timeout_s) -> int:
+        """The NIC's aging pass: `timeout_s(conn_id)` is each connection's
+        offload timeout.  Returns how many connections it removed."""
+        from ctctl.kernel.offload.hw import Expired
+
+        by_conn: dict[int, dict[int, list[int]]] = {}
+        for (cid, d), e in self.entries.items():
+            by_conn.setdefault(cid, {})[d] = e
+        now = self.clock.ns()
+        removed = 0
+        for cid, dirs in by_conn.items():
+            last = max(e[2] for e in dirs.values())
+            if now - last >= timeout_s(cid) * 1e9:
+                stats = tuple(self._stats(self.entries.pop((cid, d), None)) for d in (0, 1))
+                self.events.append(Expired(cid, stats, now))
+                removed += 1
+        return removed

@@ -5,6 +5,7 @@
     ports: [eth5, eth6]        # interfaces in that namespace
     forward: {eth5: eth6, eth6: eth5}   # static port map (software switch)
     perf_pages: 2048            # perf buffer pages per CPU
+    aging: {mode: full}         # how offloaded connections die: full | sample | hardware
 
 Every error names the file, line and column of the offending node.
 """
@@ -30,6 +31,7 @@ KEYS = {
     "hardware": "hardware capabilities",
     "offload": "offload policy",
     "perf_pages": "perf buffer pages per CPU",
+    "aging": "expiry of offloaded connections",
 }
 REQUIRED = ("name", "netns", "ports")
 
@@ -48,6 +50,7 @@ class BoxConfig:
     rules: list | None = None          # list[ctctl.rules.Filter] when given
     hardware: object = None            # ctctl.nic.caps.HwCaps
     offload: object = None             # ctctl.kernel.offload.OffloadPolicy
+    aging: object = None               # ctctl.kernel.offload.aging.AgingConfig
     perf_pages: int = 2048
     # key -> (key node, value node): positions for check_system's errors
     nodes: dict = field(default_factory=dict, repr=False, compare=False)
@@ -122,6 +125,7 @@ def parse(text: str, path: str = "<config>") -> BoxConfig:
         cfg.rules = _rules(path, seen["rules"][1], ports)
     cfg.hardware = _hardware(path, seen.get("hardware", (None, None))[1])
     cfg.offload = _offload(path, seen.get("offload", (None, None))[1])
+    cfg.aging = _aging(path, seen.get("aging", (None, None))[1], cfg.hardware)
     if "perf_pages" in seen:
         n = seen["perf_pages"][1]
         pages = _scalar(path, n, int, "perf_pages")
@@ -175,6 +179,21 @@ def _offload(path: str, node):
         return OffloadPolicy.from_config(_mapping(path, node, "offload"))
     except ValueError as e:
         raise ConfigError(_where(path, node), str(e)) from None
+
+
+def _aging(path: str, node, hardware):
+    from ctctl.kernel.offload.aging import AgingConfig
+
+    if node is None:
+        return AgingConfig()
+    try:
+        aging = AgingConfig.from_config(_mapping(path, node, "aging"))
+    except ValueError as e:
+        raise ConfigError(_where(path, node), str(e)) from None
+    if aging.mode == "hardware" and not hardware.hw_aging:
+        raise ConfigError(_where(path, node), "aging mode hardware needs a NIC that ages its own entries "
+                                              "(hardware: {hw_aging: true})")
+    return aging
 
 
 def check_system(cfg: BoxConfig, path: str = "<config>") -> None:

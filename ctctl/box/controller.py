@@ -153,7 +153,7 @@ class Controller:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         server = None
         try:
-            with Datapath(name, self.cfg.netns, self.cfg.ports, self.cfg.hardware.table_size) as dp:
+            with Datapath(name, self.cfg.netns, self.cfg.ports, self.cfg.hardware.cflags()) as dp:
                 self.dp = dp
                 # Reader and sockets first: the first packet after attach
                 # already finds someone listening.
@@ -161,12 +161,13 @@ class Controller:
                 self.transmitter = Transmitter(self.cfg.netns, self.cfg.ports)
                 if self.ruleset is not None:
                     # The rules are in the hardware before its first packet.
-                    self.device = Device(dp.maps, dp.ifindexes(), self.cfg.hardware)
+                    self.device = Device(dp.maps, dp.ifindexes(), self.cfg.hardware, ktime=self.ktime)
                     self.device.set_caps()
                     self.device.install(self.ruleset)
                     self.offload = OffloadManager(self.tracker, self.device, self.cfg.offload,
                                                   clock=self.clock, ktime=self.ktime,
-                                                  notify=lambda t: self.events.append(f"   [HW] {t}"))
+                                                  notify=lambda t: self.events.append(f"   [HW] {t}"),
+                                                  aging=self.cfg.aging)
                 try:
                     dp.attach()
                 finally:
@@ -184,13 +185,15 @@ class Controller:
                 next_sweep = self.clock() + SWEEP_EVERY_S
                 while not self.stop_requested:
                     self.reader.poll(POLL_MS)
-                    if self.clock() >= next_sweep:
-                        with self.lock:
-                            if self.offload:
-                                self.offload.sync()   # hardware last-used first: no early expiry
-                            self.tracker.sweep()
-                        next_sweep = self.clock() + SWEEP_EVERY_S
+                    with self.lock:
+                        if self.offload:
+                            self.offload.tick()      # the aging mode looks at what is due
+                        if self.clock() >= next_sweep:
+                            self.tracker.sweep()     # what is not in hardware
+                            next_sweep = self.clock() + SWEEP_EVERY_S
         finally:
+            if self.offload:
+                self.offload.close()                 # the NIC's aging timer, before its program goes
             if server:
                 server.close()
             if getattr(self, "transmitter", None):

@@ -97,11 +97,18 @@ class HwCaps:
     @property
     def program_caps(self) -> int:
         """enum ctctl_cap bits for hw_config."""
-        return int(abi.Cap.FLOW_COUNTERS) if self.flow_counters else 0
+        return ((int(abi.Cap.FLOW_COUNTERS) if self.flow_counters else 0)
+                | (int(abi.Cap.HW_AGING) if self.hw_aging else 0))
+
+    @property
+    def aging_slots(self) -> int:
+        """Connection contexts for the NIC's own aging: one per connection
+        the table can hold (two entries each), none without the capability."""
+        return self.table_size // 2 + 1 if self.hw_aging else 1
 
     def cflags(self) -> list[str]:
         """Compile flags that size the program's maps as declared."""
-        return [f"-DCTCTL_FLOW_TABLE_SIZE={self.table_size}"]
+        return [f"-DCTCTL_FLOW_TABLE_SIZE={self.table_size}", f"-DCTCTL_AGING_SLOTS={self.aging_slots}"]
 
 
 def _check(key: str, value) -> None:

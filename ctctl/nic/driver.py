@@ -12,9 +12,11 @@ opaque keys and counters out.
 
 from __future__ import annotations
 
+import time
+
 from ctctl import abi
 from ctctl.kernel.conntrack import Conn
-from ctctl.kernel.offload.hw import DeviceError, EntryStats
+from ctctl.kernel.offload.hw import DeviceError, DeviceIO, EntryStats, Expired
 from ctctl.nic.caps import HwCaps
 from ctctl.nic.encode import SCRATCH_ID, encode_chain, entry_record, flow_entry, hardware_filters, key_tuple
 from ctctl.nic.maps import Maps
@@ -29,13 +31,19 @@ class Device:
     """The device: its maps (None for one that only plans), the ports'
     ifindexes and what it can do."""
 
-    def __init__(self, maps: Maps | None, ifindex_by_port: dict[str, int], caps: HwCaps | None = None):
+    def __init__(self, maps: Maps | None, ifindex_by_port: dict[str, int], caps: HwCaps | None = None,
+                 ktime=time.monotonic_ns):
         self.maps = maps
         self.ifindex_by_port = dict(ifindex_by_port)
         self.caps = caps or HwCaps()
+        self.ktime = ktime                   # the NIC's clock (bpf_ktime_get_ns)
+        self._keys: dict[int, list] = {}     # conn id -> [original key, reply key] in the table
+        self._conn_of: dict[bytes, int] = {}  # an entry's key -> its conn id
         self._ids: dict[Filter, int] = {}
         self._written: dict[tuple[int, int], bytes] = {}
         self.not_installed: list[str] = []   # devices of the last install without an ifindex
+        self.ager = None                     # the NIC's own aging (ctctl.nic.aging), once started
+        self.aging_on = False
 
     def _maps(self) -> Maps:
         if self.maps is None:
@@ -135,17 +143,88 @@ class Device:
 
     # -- flows: the flowtable's device (kernel.offload.hw.FlowDevice) ----------
     def add_flow(self, conn: Conn, direction: int, replace: bool = False) -> bytes:
-        """Write one direction of `conn`; its key (the entry's key bytes)."""
+        """Write one direction of `conn`; its key (the entry's key bytes).
+        Once both are in, a NIC that ages its own entries gets the
+        connection's context."""
         key, flow = flow_entry(conn, direction)
         self._maps().insert_flow(key, flow, replace=replace)
-        return bytes(key)
+        kb = bytes(key)
+        keys = self._keys.setdefault(conn.id, [None, None])
+        keys[direction] = key
+        self._conn_of[kb] = conn.id
+        if self.aging_on and all(k is not None for k in keys):
+            self.ager.track(conn.id, keys[0], keys[1], self.ktime())
+        return kb
 
     def remove_flow(self, key: bytes) -> EntryStats | None:
         flow = self._maps().take_flow(abi.Tuple.from_buffer_copy(key))
+        self._forget(key)
+        return None if flow is None else entry_stats(flow)
+
+    def _forget(self, key: bytes) -> None:
+        cid = self._conn_of.pop(key, None)
+        if cid is None:
+            return
+        keys = self._keys.get(cid)
+        if keys is not None:
+            keys[:] = [k if k is None or bytes(k) != key else None for k in keys]
+            if all(k is None for k in keys):
+                del self._keys[cid]
+        if self.aging_on:
+            self.ager.untrack(cid)
+
+    # -- the NIC's own aging ---------------------------------------------------------
+    def start_aging(self, interval_s: float, timeouts_s: dict[str, float]) -> None:
+        """The NIC ages its own entries from now on: every connection in
+        the table gets a context, the timer runs every `interval_s`."""
+        if not self.caps.hw_aging:
+            raise DeviceError("this NIC does not age its own entries (hardware: {hw_aging: false})")
+        if self.ager is None:
+            from ctctl.nic.aging import NicAger
+
+            self.ager = NicAger(self._maps().bpf, self._maps(), self._maps().aging_slots())
+        self.ager.set_timeouts(timeouts_s)
+        self.aging_on = True
+        now = self.ktime()
+        for cid, keys in self._keys.items():
+            if all(k is not None for k in keys):
+                self.ager.track(cid, keys[0], keys[1], now)
+        self.ager.start(interval_s)
+
+    def set_aging_timeouts(self, timeouts_s: dict[str, float]) -> None:
+        if self.ager is not None:
+            self.ager.set_timeouts(timeouts_s)
+
+    def stop_aging(self) -> None:
+        if self.ager is None or not self.aging_on:
+            return
+        self.ager.stop()
+        for cid in list(self._keys):
+            self.ager.untrack(cid)
+        self.aging_on = False
+
+    def read_flow(self, key: bytes) -> EntryStats | None:
+        flow = self._maps().read_flow(abi.Tuple.from_buffer_copy(key))
         return None if flow is None else entry_stats(flow)
 
     def read_flows(self) -> dict[bytes, EntryStats]:
         return {bytes(k): entry_stats(f) for k, f in self._maps().flows()}
+
+    @property
+    def io(self) -> DeviceIO:
+        return self._maps().io
+
+    def expired(self) -> list[Expired]:
+        """What the NIC aged out (hardware aging, ctctl.nic.aging); []
+        while it does not age."""
+        if self.ager is None:
+            return []
+        events = self.ager.drain()
+        for ev in events:       # its entries are gone from the table
+            for k in self._keys.pop(ev.conn_id, ()):
+                if k is not None:
+                    self._conn_of.pop(bytes(k), None)
+        return events
 
     def flush_flows(self) -> list[tuple[bytes, EntryStats]]:
         """Take every entry out; each with its final counters."""
@@ -153,6 +232,7 @@ class Device:
         maps = self._maps()
         for k, _ in maps.flows():
             flow = maps.take_flow(k)
+            self._forget(bytes(k))
             if flow is not None:
                 out.append((bytes(k), entry_stats(flow)))
         return out

@@ -112,10 +112,9 @@ def source_text() -> str:
 class Datapath:
     """The program attached to clsact ingress of `ports` inside `netns`."""
 
-    def __init__(self, name: str, netns_name: str, ports: list[str],
-                 flow_table_size: int | None = None):
+    def __init__(self, name: str, netns_name: str, ports: list[str], cflags: list[str] | None = None):
         self.name = name
-        self.flow_table_size = flow_table_size
+        self.cflags = list(cflags or [])     # the sizes of the maps (HwCaps.cflags())
         self.netns = netns_name
         self.handle = filter_handle(name)
         self.ports = list(ports)
@@ -144,7 +143,7 @@ class Datapath:
             raise LoadError(
                 f"{self.pin_dir} exists: a box named {self.name!r} is loaded "
                 f"(or was not unloaded: `ctctl unload --name {self.name}`)")
-        self.bpf = compile_program(flow_table_cflags(self.flow_table_size))
+        self.bpf = compile_program(self.cflags)
         self.maps = Maps(self.bpf)
         self.pin_dir.mkdir(parents=True, exist_ok=False)
         self._pinned = True

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from ctctl import abi
-from ctctl.kernel.offload.hw import DeviceError, FlowExists, TableFull
+from ctctl.kernel.offload.hw import DeviceError, DeviceIO, FlowExists, TableFull
 
 BPF_ANY, BPF_NOEXIST = 0, 1
 ENOTSUPP = 524  # the kernel's internal "operation not supported" (not in errno)
@@ -48,6 +48,7 @@ class Maps:
             raise DeviceError("no program: maps need a compiled program (bcc.BPF)")
         self.bpf = bpf
         self._tables: dict[str, object] = {}
+        self.io = DeviceIO()     # what reading the offload table has cost
 
     def _table(self, name: str):
         t = self._tables.get(name)
@@ -94,6 +95,18 @@ class Maps:
         t = self._table("hw_config")
         t[t.Key(0)] = self._cast(t.Leaf, abi.HwConfig(caps=caps))
 
+    # -- the hardware's own aging ----------------------------------------------
+    def write_aging_config(self, cfg: abi.AgingConfig) -> None:
+        t = self._table("aging_config")
+        t[t.Key(0)] = self._cast(t.Leaf, cfg)
+
+    def write_aging_slot(self, i: int, slot: abi.AgingSlot) -> None:
+        t = self._table("aging_slots")
+        t[t.Key(i)] = self._cast(t.Leaf, slot)
+
+    def aging_slots(self) -> int:
+        return int(self._table("aging_slots").max_entries)
+
     # -- chains ------------------------------------------------------------------
     def write_chain(self, ifindex: int, chain: int, encoded: abi.Chain | bytes) -> None:
         t = self._table("chains")
@@ -128,6 +141,7 @@ class Maps:
         the key is there and replace is False."""
         t = self._table("flows")
         k, v = self._cast(t.Key, key), self._cast(t.Leaf, flow)
+        self.io.syscalls += 1
         res = _lib().bpf_update_elem(t.map_fd, ctypes.byref(k), ctypes.byref(v),
                                      BPF_ANY if replace else BPF_NOEXIST)
         if res < 0:
@@ -147,6 +161,7 @@ class Maps:
         most the packets in flight on other CPUs.)"""
         t = self._table("flows")
         k, v = self._cast(t.Key, key), t.Leaf()
+        self.io.syscalls += 1
         res = _lib().bpf_lookup_and_delete(t.map_fd, ctypes.byref(k), ctypes.byref(v))
         if res < 0:
             err = _errno(res)
@@ -163,6 +178,21 @@ class Maps:
                 del t[k]
             except KeyError:
                 pass
+        self.io.entries_read += 1
+        return self._cast(abi.Flow, v)
+
+    def read_flow(self, key: abi.Tuple) -> abi.Flow | None:
+        """One entry of the offload table (one lookup), None when absent."""
+        t = self._table("flows")
+        k, v = self._cast(t.Key, key), t.Leaf()
+        self.io.syscalls += 1
+        res = _lib().bpf_lookup_elem(t.map_fd, ctypes.byref(k), ctypes.byref(v))
+        if res < 0:
+            err = _errno(res)
+            if err == errno.ENOENT:
+                return None
+            raise DeviceError(f"cannot read a flow entry: {os.strerror(err)}")
+        self.io.entries_read += 1
         return self._cast(abi.Flow, v)
 
     def flows(self) -> list[tuple[abi.Tuple, abi.Flow]]:
@@ -176,14 +206,15 @@ class Maps:
         except _NoBatch:
             pairs = []
             for k in list(t.keys()):
+                self.io.syscalls += 2
                 try:
                     pairs.append((k, t[k]))
                 except KeyError:
                     pass
+        self.io.entries_read += len(pairs)
         return [(self._cast(abi.Tuple, k), self._cast(abi.Flow, v)) for k, v in pairs]
 
-    @staticmethod
-    def _lookup_batch(t, chunk: int = 1024):
+    def _lookup_batch(self, t, chunk: int = 1024):
         """BCC 0.26's items_lookup_batch passes one variable as both the
         batch cursor and the count (and allocates max_entries of both), so
         the walk is done here with libbcc's bpf_lookup_batch directly."""
@@ -194,6 +225,7 @@ class Maps:
         while True:
             keys, vals = (t.Key * chunk)(), (t.Leaf * chunk)()
             count.value = chunk
+            self.io.syscalls += 1
             res = lib.bpf_lookup_batch(t.map_fd, None if first else ctypes.byref(cursor_in),
                                        ctypes.byref(cursor_out), ctypes.byref(keys),
                                        ctypes.byref(vals), ctypes.byref(count))

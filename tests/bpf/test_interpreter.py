@@ -46,19 +46,11 @@ class Bench(Harness):
         super().__init__(bpf, fn)
         self.repeat = 1
         self.data_out = b""
-        inner = self._run
 
-        def run_keeping_output(fd, opts_ref):
-            opts = opts_ref._obj
-            out = ctypes.create_string_buffer(MAX_FRAME + 64)
-            opts.data_out = ctypes.cast(out, ctypes.c_void_p)
-            opts.data_size_out = len(out)
-            opts.repeat = self.repeat
-            rc = inner(fd, opts_ref)
-            self.data_out = out.raw[:opts.data_size_out]
-            return rc
-
-        self._run = run_keeping_output
+    def prog_test_run(self, frame, ifindex=None, out_size=0, repeat=1):
+        opts, self.data_out = super().prog_test_run(frame, ifindex, out_size=MAX_FRAME + 64,
+                                                    repeat=self.repeat)
+        return opts, self.data_out
 
     def table(self, name: str):
         return self.bpf[name.encode()]

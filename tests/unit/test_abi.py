@@ -104,7 +104,8 @@ def test_maps_match_maps_h():
     for name, spec in abi.MAPS.items():
         macro, args = declared[name]
         assert macro == spec.kind, name
-        if macro == "BPF_PERF_OUTPUT":
+        if macro in ("BPF_PERF_OUTPUT", "BPF_RINGBUF_OUTPUT"):
+            assert spec.key is None and spec.value is None and not spec.pinned, name
             continue
         # BPF_HASH(name, key, value, size); the arrays' keys are u32 indexes.
         key, value = (args[0], args[1]) if macro == "BPF_HASH" else ("__u32", args[0])
@@ -113,4 +114,5 @@ def test_maps_match_maps_h():
             assert name == "scratch" and not spec.pinned   # program-internal state
         else:
             assert _c_type(value) is spec.value, name
-    assert abi.PINNED_MAPS == ("counters", "chains", "flows", "rule_stats", "hw_config")
+    assert abi.PINNED_MAPS == ("counters", "chains", "flows", "rule_stats", "hw_config", "aging_config",
+                               "aging_slots")

@@ -557,11 +557,14 @@ def test_flow_refused_without_reply():
 def test_caps_defaults_and_flags():
     c = HwCaps()
     assert c.max_rules_per_chain == abi.MAX_RULES and c.max_hops == abi.MAX_HOPS
-    assert c.table_size == 65536 and c.program_caps == abi.Cap.FLOW_COUNTERS
-    assert HwCaps(flow_counters=False).program_caps == 0
+    assert c.table_size == 65536 and c.program_caps == abi.Cap.FLOW_COUNTERS | abi.Cap.HW_AGING
+    assert HwCaps(flow_counters=False).program_caps == abi.Cap.HW_AGING
+    assert HwCaps(flow_counters=False, hw_aging=False).program_caps == 0
     assert HwCaps.from_config(None) == c == HwCaps.from_config({})
+    # A NIC that ages its own entries has a connection context per connection.
     assert HwCaps.from_config({"nat": False, "table_size": 16, "insert_rate": 2.5}).cflags() == \
-        ["-DCTCTL_FLOW_TABLE_SIZE=16"]
+        ["-DCTCTL_FLOW_TABLE_SIZE=16", "-DCTCTL_AGING_SLOTS=9"]
+    assert HwCaps(table_size=16, hw_aging=False).cflags()[1] == "-DCTCTL_AGING_SLOTS=1"
 
 
 @pytest.mark.parametrize("mapping,msg", [

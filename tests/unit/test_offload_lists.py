@@ -1,54 +1,22 @@
 """The flowtable's logic without root: which connections go in, the
-pending list, counters folded exactly, timeouts refreshed from the
-hardware's last-used times, removals by FIN, RST, expiry and by hand.
+pending list, counters folded exactly, deadlines read from the hardware's
+last-used times, removals by FIN, RST, by hand and when software kills a
+connection.
 
 The device here is an in-memory table behind the calls the manager makes
-(ctctl.kernel.offload.hw.FlowDevice): the real table needs root and a
-compiled program, and tests/bpf/test_offload_manager.py runs the same
-manager against it.  `hit()` counts a packet into an entry the way the
-program does on a ct hit.  Connections are made by the real tracker on
-one fake clock, which also stands for the device's clock."""
+(helpers.MemoryTable): the real table needs root and a compiled program,
+and tests/bpf/test_offload_manager.py runs the same manager against it.
+Connections are made by the real tracker on one fake clock, which also
+stands for the device's clock.  Aging is tests/unit/test_aging.py's."""
 
 from __future__ import annotations
 
 import pytest
 
 from ctctl.kernel.conntrack import ConnTracker, Status
-from ctctl.kernel.offload import EntryStats, FlowExists, OffloadManager, OffloadPolicy, TableFull
+from ctctl.kernel.offload import OffloadManager, OffloadPolicy
 
-from helpers import FakeClock, pkt, tcp_seg
-
-
-class MemoryTable:
-    """A flow table of `size` entries, keyed (connection id, direction)."""
-
-    def __init__(self, size: int, clock: FakeClock):
-        self.size, self.clock = size, clock
-        self.entries: dict[tuple[int, int], list[int]] = {}   # key -> [packets, bytes, last_used_ns]
-        self.writes = 0
-
-    def add_flow(self, conn, direction, replace=False):
-        key = (conn.id, direction)
-        if key in self.entries and not replace:
-            raise FlowExists(f"{key} exists")
-        if key not in self.entries and len(self.entries) >= self.size:
-            raise TableFull(f"offload table full ({self.size} entries)")
-        self.entries[key] = [0, 0, 0]
-        self.writes += 1
-        return key
-
-    def remove_flow(self, key):
-        e = self.entries.pop(key, None)
-        return None if e is None else EntryStats(*e)
-
-    def read_flows(self):
-        return {k: EntryStats(*e) for k, e in self.entries.items()}
-
-    def hit(self, conn, direction, nbytes=100, times=1):
-        e = self.entries[(conn.id, direction)]
-        e[0] += times
-        e[1] += times * nbytes
-        e[2] = self.clock.ns()
+from helpers import FakeClock, MemoryTable, pkt, tcp_seg
 
 
 @pytest.fixture
@@ -127,24 +95,6 @@ def test_a_pending_connection_that_no_longer_qualifies_is_skipped(world):
     assert second.id not in mgr.hw and third.id in mgr.hw
 
 
-def test_an_active_flow_is_refreshed_an_idle_one_expires(world):
-    clock, tracker, table, mgr, log = world
-    active = handshake(tracker, mgr, 40000)
-    mgr.policy.tcp_timeout = 60.0
-    for _ in range(5):
-        clock.advance(30)
-        table.hit(active, 0)
-        mgr.sync()
-        tracker.sweep()
-    assert active.id in mgr.hw and active.timeout_at - clock() == 60.0
-    clock.advance(61)
-    mgr.sync()                  # nothing new: the timeout is not refreshed
-    tracker.sweep()
-    assert active.id not in mgr.hw and table.entries == {}
-    assert mgr.stats()["removed_expired"] == 1
-    assert active.packets[0] == 2 + 5       # the handshake's, then the hardware's
-
-
 def test_sync_carries_the_age_of_the_last_hit(world):
     """The device's clock and the tracker's are read apart: a hit 20 s
     before the sync leaves 20 s less of the offload timeout."""
@@ -216,4 +166,4 @@ def test_a_connection_that_dies_leaves_hardware_and_the_pending_list(world):
     tracker.delete(second)
     assert second not in mgr.pending
     tracker.delete(first)
-    assert table.entries == {} and mgr.stats()["removed_expired"] == 1
+    assert table.entries == {} and mgr.stats()["removed_destroyed"] == 1

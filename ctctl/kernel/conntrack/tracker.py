@@ -70,7 +70,10 @@ class ConnTracker:
         return len(self._conns)
 
     def _expired(self, conn: Conn, now: float) -> bool:
-        return now >= conn.timeout_at
+        # An entry in hardware lives as long as the flowtable keeps it (the
+        # kernel's GC skips IPS_OFFLOAD entries and nf_ct_offload_timeout
+        # keeps them alive); its aging decides, and then calls expire().
+        return now >= conn.timeout_at and not conn.bits & Bits.HW_OFFLOAD
 
     def _find(self, t: Tuple, now: float):
         hit = self._table.get(t)
@@ -101,6 +104,15 @@ class ConnTracker:
         if self._conns.get(conn.id) is not conn:
             return False
         self._destroy(conn)
+        return True
+
+    def expire(self, conn: Conn) -> bool:
+        """The entry's time is up, as the flowtable's aging decided (the
+        tracker leaves entries in hardware to it): DESTROY, counted as an
+        expiry."""
+        if self._conns.get(conn.id) is not conn:
+            return False
+        self._destroy(conn, expired=True)
         return True
 
     def flush(self) -> int:

@@ -6,7 +6,7 @@ from ofproto the same way): it hands the device a connection and a
 direction and gets back an opaque key; it reads back only what the
 hardware counted.  ctctl.nic.driver.Device implements this on the
 program's maps; a unit test can put an in-memory table behind the same
-four calls.
+calls.
 """
 
 from __future__ import annotations
@@ -36,9 +36,30 @@ class EntryStats:
     last_used_ns: int = 0     # the device's clock (bpf_ktime_get_ns: CLOCK_MONOTONIC), 0 = never
 
 
+@dataclass(frozen=True)
+class Expired:
+    """The hardware aged a connection out by itself (its "callback into
+    netfilter"): both its entries are gone, and this is what they held."""
+
+    conn_id: int
+    stats: tuple[EntryStats | None, EntryStats | None]   # original, reply
+    at_ns: int                                            # when the hardware removed them (device clock)
+
+
+@dataclass
+class DeviceIO:
+    """What reading the table has cost so far: syscalls made and entries
+    copied out.  The aging modes are compared by the growth of these."""
+
+    syscalls: int = 0
+    entries_read: int = 0
+
+
 class FlowDevice(Protocol):
     """The calls the offload manager makes (nf_flow_table_offload.c's
     add, delete and stats, done synchronously here)."""
+
+    io: DeviceIO
 
     def add_flow(self, conn, direction: int, replace: bool = False) -> Hashable:
         """Write one direction of `conn`; the entry's key.  TableFull or
@@ -47,5 +68,22 @@ class FlowDevice(Protocol):
     def remove_flow(self, key: Hashable) -> EntryStats | None:
         """Take an entry out; what it counted, None when it was not there."""
 
+    def read_flow(self, key: Hashable) -> EntryStats | None:
+        """One entry's counters (one lookup)."""
+
     def read_flows(self) -> dict[Hashable, EntryStats]:
-        """Every entry's counters, by key."""
+        """Every entry's counters, by key (a walk of the whole table)."""
+
+    def expired(self) -> list[Expired]:
+        """What the hardware aged out since the last call (hardware aging
+        only; a device without it returns [])."""
+
+    def start_aging(self, interval_s: float, timeouts_s: dict[str, float]) -> None:
+        """Age the entries in the hardware from now on (DeviceError where
+        the device cannot)."""
+
+    def set_aging_timeouts(self, timeouts_s: dict[str, float]) -> None:
+        """New offload timeouts for the hardware's own aging."""
+
+    def stop_aging(self) -> None:
+        """Stop the hardware's own aging."""

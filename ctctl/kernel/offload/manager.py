@@ -7,10 +7,14 @@ software handled, and the counters the hardware keeps for them.
   connection "failed to offload" and queues it; when a hardware entry
   leaves, the oldest queued connection that still qualifies takes its
   place.
-- The hardware counters are folded into the connection's counters on every
-  sync and when the entry leaves: nothing counted in hardware is lost.
-- A connection the hardware saw traffic for has its offload timeout
-  refreshed from the entries' last-used time on every sync.
+- The hardware counters are folded into the connection's counters
+  whenever the entries are read and when they leave: nothing counted in
+  hardware is lost.
+- A connection in hardware lives as long as the flowtable keeps it (the
+  tracker leaves it alone, as the kernel's conntrack GC skips offloaded
+  entries): the aging mode (ctctl.kernel.offload.aging) looks at it, and
+  `look()` decides: refresh its deadline (last use + offload timeout), or
+  take it out of hardware and the tracker.
 
 Which connections qualify and which timeouts apply is the policy's
 (ctctl.kernel.offload.policy); the device is anything with the calls of
@@ -28,7 +32,9 @@ from typing import Callable, Hashable
 
 from ctctl.kernel.conntrack import Conn, ConnTracker, Status
 
-from .hw import EntryStats, FlowDevice, TableFull
+from . import aging as agingmod
+from .aging import AgingConfig
+from .hw import EntryStats, Expired, FlowDevice, TableFull
 from .policy import OffloadPolicy, state_timeout
 
 HW = Status.OFFLOAD | Status.HW_OFFLOAD
@@ -42,7 +48,7 @@ class HwConn:
     conn: Conn
     keys: tuple[Hashable, Hashable]   # (original, reply), as the device gave them
     folded: list = field(default_factory=lambda: [[0, 0], [0, 0]])  # [dir][packets, bytes]
-    last_used_ns: int = 0
+    last_used_ns: int = 0        # the latest use either entry showed, or the offload (device clock)
     written: tuple = (0, 0)      # the (mark, label) the entries carry
 
 
@@ -50,7 +56,8 @@ class OffloadManager:
     def __init__(self, tracker: ConnTracker, device: FlowDevice, policy: OffloadPolicy | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  ktime: Callable[[], int] = time.monotonic_ns,
-                 notify: Callable[[str], None] | None = None):
+                 notify: Callable[[str], None] | None = None,
+                 aging: AgingConfig | None = None):
         self.tracker = tracker
         self.notify = notify or (lambda text: None)   # one line per decision, for event logs
         self.device = device
@@ -64,6 +71,9 @@ class OffloadManager:
         # software handles (counted: a server that half-closes early
         # sends the rest of a transfer that way).
         self.after_fin: set[int] = set()
+        self.aging = agingmod.make(aging or AgingConfig(), clock)
+        self._device_ages = False
+        self._start_device_aging()
         tracker.subscribe(self._on_event)
 
     # -- after each packet software handled ----------------------------------
@@ -101,7 +111,9 @@ class OffloadManager:
                 self.notify(f"conn {conn.id}: hardware table full, failed to offload: pending "
                             f"({len(self.pending)} queued)")
             return False
-        self.hw[conn.id] = HwConn(conn, (keys[0], keys[1]), written=(conn.mark, conn.label))
+        hc = HwConn(conn, (keys[0], keys[1]), last_used_ns=self.ktime(), written=(conn.mark, conn.label))
+        self.hw[conn.id] = hc
+        self.aging.added(hc)
         self.tracker.set_liberal(conn)
         self.tracker.set_status(conn, HW)
         self.tracker.set_timeout(conn, self.policy.timeout_for(conn))
@@ -116,6 +128,7 @@ class OffloadManager:
         hc = self.hw.pop(conn.id, None)
         if hc is None:
             return
+        self.aging.removed(hc)
         for d, key in enumerate(hc.keys):
             stats = self.device.remove_flow(key)
             if stats is not None:
@@ -146,8 +159,8 @@ class OffloadManager:
             self._rewrite(hc)
         if event == "DESTROY":
             self.after_fin.discard(conn.id)
-            if conn.id in self.hw:
-                self.remove(conn, "expired")
+            if conn.id in self.hw:     # killed in software (ct force, a delete): take it out
+                self.remove(conn, "destroyed", back_to_software=False)
             try:
                 self.pending.remove(conn)
             except ValueError:
@@ -176,26 +189,106 @@ class OffloadManager:
             hc.folded[d] = [stats.packets, stats.bytes]
 
     def sync(self) -> None:
-        """Read every hardware entry: fold counters, and refresh the offload
-        timeout of connections the hardware saw traffic for."""
+        """Read every hardware entry to fold its counters and show its
+        deadline (for listings: `conntrack -L`, `offload`); expires nothing,
+        whatever the aging mode."""
         by_key = self.device.read_flows()
         now_ns = self.ktime()
         for hc in list(self.hw.values()):
-            used = 0
-            for d, key in enumerate(hc.keys):
-                stats = by_key.get(key)
-                if stats is None:
-                    continue
-                self._fold(hc, d, stats)
-                used = max(used, stats.last_used_ns)
-            if used > hc.last_used_ns:
-                hc.last_used_ns = used
-                # The device's clock and the tracker's need not be one (tests
-                # inject the tracker's): carry the age, not the time.
-                age = max(0.0, (now_ns - used) / 1e9)
-                self.tracker.set_timeout(hc.conn, max(0.0, self.policy.timeout_for(hc.conn) - age))
-                hc.conn.last_seen = self.clock() - age
+            self._read(hc, tuple(by_key.get(k) for k in hc.keys))
+            self._show_deadline(hc, now_ns)
         self.counters["syncs"] += 1
 
+    # -- aging ------------------------------------------------------------------
+    def tick(self) -> None:
+        """Let the aging mode look at what is due (call it often)."""
+        self.aging.tick(self)
+
+    def set_aging(self, cfg: AgingConfig) -> None:
+        """Another aging mode, at run time: it takes over every connection
+        in hardware, and starts counting its own cost."""
+        if self._device_ages:
+            self.device.stop_aging()
+            self._device_ages = False
+        self.aging = agingmod.make(cfg, self.clock)
+        for hc in self.hw.values():
+            self.aging.added(hc)
+        self._start_device_aging()
+
+    def _start_device_aging(self) -> None:
+        if self.aging.name == "hardware":
+            self.device.start_aging(self.aging.cfg.hw_interval, self.policy.timeouts())
+            self._device_ages = True
+
+    def timeouts_changed(self) -> None:
+        """The policy's offload timeouts changed: a NIC that ages by itself
+        needs them; the other modes read them at every look."""
+        if self._device_ages:
+            self.device.set_aging_timeouts(self.policy.timeouts())
+
+    def close(self) -> None:
+        """Stop what runs beside the box (the NIC's aging timer)."""
+        if self._device_ages:
+            self.device.stop_aging()
+            self._device_ages = False
+
+    def deadline_ns(self, hc: HwConn) -> int:
+        return hc.last_used_ns + int(self.policy.timeout_for(hc.conn) * 1e9)
+
+    def _read(self, hc: HwConn, stats) -> None:
+        for d, st in enumerate(stats):
+            if st is not None:
+                self._fold(hc, d, st)
+                hc.last_used_ns = max(hc.last_used_ns, st.last_used_ns)
+
+    def _show_deadline(self, hc: HwConn, now_ns: int) -> None:
+        """The tracker's timeout of a connection in hardware is what the
+        flowtable last knew of its deadline (conntrack -L shows it)."""
+        left = (self.deadline_ns(hc) - now_ns) / 1e9
+        self.tracker.set_timeout(hc.conn, max(0.0, left))
+        hc.conn.last_seen = self.clock() - max(0.0, (now_ns - hc.last_used_ns) / 1e9)
+
+    def look(self, hc: HwConn, stats) -> bool:
+        """The aging's decision on one connection whose entries' counters
+        were just read (`stats`: original, reply; None where an entry was
+        not read): fold, then refresh its deadline, or, past it, take it
+        out of hardware and the tracker.  True when it expired."""
+        self._read(hc, stats)
+        now_ns = self.ktime()
+        deadline = self.deadline_ns(hc)
+        if now_ns < deadline:
+            self._show_deadline(hc, now_ns)
+            return False
+        self._age_out(hc, (now_ns - deadline) / 1e9)
+        return True
+
+    def hardware_expired(self, ev: Expired) -> bool:
+        """The hardware aged a connection out itself and says so, with the
+        entries' final counters: software takes it out of the tracker."""
+        hc = self.hw.get(ev.conn_id)
+        if hc is None:
+            return False
+        self._read(hc, ev.stats)
+        self._age_out(hc, (ev.at_ns - self.deadline_ns(hc)) / 1e9, gone=True)
+        return True
+
+    def _age_out(self, hc: HwConn, late_s: float, gone: bool = False) -> None:
+        conn = hc.conn
+        del self.hw[conn.id]
+        self.aging.removed(hc)
+        if not gone:
+            for d, key in enumerate(hc.keys):
+                stats = self.device.remove_flow(key)
+                if stats is not None:
+                    self._fold(hc, d, stats)
+        self.aging.staleness.add(late_s)
+        self.counters["removed_expired"] += 1
+        conn.status = conn.status & ~HW     # dying with its DESTROY event, not in hardware
+        self.notify(f"conn {conn.id}: aged out of hardware ({self.aging.name}, {max(0.0, late_s):.3f} s after "
+                    f"its timeout); hardware counted {hc.folded[0][0]}+{hc.folded[1][0]} packets, folded")
+        self.tracker.expire(conn)
+        self._from_pending()
+
     def stats(self) -> dict:
-        return {"hardware": len(self.hw), "pending": len(self.pending), **dict(self.counters)}
+        return {"hardware": len(self.hw), "pending": len(self.pending), **dict(self.counters),
+                "aging": self.aging.report()}

@@ -86,6 +86,10 @@ class OffloadPolicy:
             return None
         return "fin"
 
+    def timeouts(self) -> dict[str, float]:
+        """The offload timeouts by protocol, as the hardware ages by them."""
+        return {"tcp": self.tcp_timeout, "udp": self.udp_timeout, "icmp": self.icmp_timeout}
+
     def timeout_for(self, conn: Conn) -> float:
         """The offload timeout of a connection in hardware."""
         if conn.proto == IPPROTO_TCP:
