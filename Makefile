@@ -5,7 +5,7 @@ PYTEST  := $(PY) -m pytest
 # Results of the VM stage and benchmarks go here.
 OUT     ?= build
 
-.PHONY: all provision demo test test-unit test-bpf test-integration bench clean help
+.PHONY: all provision demo test test-unit test-bpf test-integration bench bench-aging bench-fastpath clean help
 
 all: help
 
@@ -16,7 +16,9 @@ help:
 	@echo "make test-bpf          BPF_PROG_TEST_RUN tier (root)"
 	@echo "make test-integration  netns/veth tier with real programs (root)"
 	@echo "make vm-test           bpf + integration tiers inside a virtme-ng guest (KERNEL=...)"
-	@echo "make bench             benchmarks, reports under bench/results/"
+	@echo "make bench             benchmarks, reports under bench/results/ (aging at 100k entries)"
+	@echo "make bench-aging       aging at a full 1M-entry table: full pass, sampling ticks, NIC pass (3 min, 2 GB)"
+	@echo "make bench-fastpath    the soft list's fast path against the full pipeline, punts/s"
 
 provision:
 	@bash vm/provision.sh
@@ -43,6 +45,14 @@ bench: provision
 	@mkdir -p bench/results
 	$(PY) bench/bench_conntrack.py
 	$(PY) bench/bench_offload.py --duration 3
+	$(PY) bench/bench_fastpath.py --repeat 3
+	$(PY) bench/bench_aging.py --entries 100000
+
+bench-aging: provision
+	$(PY) bench/bench_aging.py
+
+bench-fastpath: provision
+	$(PY) bench/bench_fastpath.py
 
 include vm/vm.mk
 

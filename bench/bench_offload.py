@@ -41,7 +41,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import signal
 import subprocess
@@ -50,7 +49,7 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import RESULTS, ROOT, csv, machine  # noqa: E402  (bench/ is the script's own directory)
 sys.path.insert(0, str(ROOT))
 
 from pyroute2 import IPRoute  # noqa: E402
@@ -66,7 +65,6 @@ PATHS = ("bare", "kernel", "ctctl")
 TESTS = ("udp", "tcp")
 OFFLOAD_FEATURES = ("tx", "tso", "gso", "gro")
 BASE_PORT = 5201
-RESULTS = ROOT / "bench" / "results"
 
 # The limit: every packet arriving on one port leaves by the other.
 BARE_PROGRAM = r"""
@@ -503,34 +501,6 @@ def table(rows: list[dict]) -> str:
         lines.append(f"{r['path']:7} {r['test']:4} {r['offloads']:8} {val:>17} {fmt_ratio(r['x_bare']):>7} "
                      f"{fmt_ratio(r['x_kernel']):>8} {punted:>10}  " + "; ".join(notes))
     return "\n".join(lines)
-
-
-def machine() -> dict:
-    cpu = ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    iperf = subprocess.run(["iperf3", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True)
-    return {"host": platform.node(), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()], "kernel": platform.release(), "cpus": os.cpu_count(), "cpu": cpu,
-            "iperf3": iperf, "python": sys.version.split()[0],
-            "git": git.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")}
-
-
-def csv(choices):
-    def parse(text):
-        items = [x.strip() for x in text.split(",") if x.strip()]
-        bad = [x for x in items if x not in choices]
-        if bad:
-            raise argparse.ArgumentTypeError(f"{', '.join(bad)} not in {', '.join(choices)}")
-        return items
-    return parse
 
 
 def main(argv=None) -> int:

@@ -92,6 +92,7 @@ class MemoryTable:
         self.size, self.clock = size, clock
         self.entries: dict[tuple[int, int], list[int]] = {}   # key -> [packets, bytes, last_used_ns]
         self.writes = 0
+        self.protos: dict[int, int] = {}     # conn id -> IP protocol, as the real entry's key holds it
         self.io = DeviceIO()
         self.events = []
 
@@ -104,6 +105,7 @@ class MemoryTable:
         if key not in self.entries and len(self.entries) >= self.size:
             raise TableFull(f"offload table full ({self.size} entries)")
         self.entries[key] = [0, 0, 0]
+        self.protos[conn.id] = conn.proto
         self.writes += 1
         return key
 
@@ -128,6 +130,20 @@ class MemoryTable:
         self.io.syscalls += 1 + len(self.entries) // 1024
         self.io.entries_read += len(self.entries)
         return {k: self._stats(e) for k, e in self.entries.items()}
+
+    def read_table(self):
+        import numpy as np
+
+        from ctctl.kernel.offload.hw import TableSnapshot
+
+        self.io.syscalls += 1 + len(self.entries) // 1024
+        self.io.entries_read += len(self.entries)
+        keys, vals = list(self.entries), list(self.entries.values())
+        col = lambda xs, t: np.array(xs, dtype=t)  # noqa: E731
+        return TableSnapshot(conn_id=col([k[0] for k in keys], np.uint32), dir=col([k[1] for k in keys], np.uint8),
+                             proto=col([self.protos[k[0]] for k in keys], np.uint8),
+                             packets=col([v[0] for v in vals], np.uint64), bytes=col([v[1] for v in vals], np.uint64),
+                             last_used_ns=col([v[2] for v in vals], np.uint64))
 
     def expired(self):
         out, self.events = self.events, []

@@ -25,9 +25,10 @@ from dataclasses import asdict
 from ctctl import abi
 from ctctl.box import control, requests, state
 from ctctl.box.config import BoxConfig
-from ctctl.kernel.conntrack import ConnTracker, format_event
+from ctctl.kernel.conntrack import ConnTracker, format_event, tuple_of
 from ctctl.kernel.csum import complete_partial_checksum
 from ctctl.kernel.offload import OffloadManager
+from ctctl.kernel.offload.fastpath import FastPath
 from ctctl.kernel.packet import ParseError, parse
 from ctctl.kernel.pipeline import Pipeline, Resume
 from ctctl.nic import loader
@@ -102,21 +103,10 @@ class Controller:
                 self.drops["no_route"] += 1
                 return
         else:
-            # Continue where the hardware stopped, with what it restored;
-            # a packet it could not parse starts from the beginning.
-            resume = Resume.from_punt(punt.hdr) if punt.hdr.reason in RESUMABLE else None
-            try:
-                with self.lock:
-                    v = self.pipeline.process(pkt if pkt is not None else punt.frame, in_port, resume)
-                    if self.offload is not None and v.cts:
-                        self.offload.after_packet([c.result.conn for c in v.cts if c.result])
-            except Exception as e:
-                self._bug(e)
+            decided = self._through_rules(punt, pkt, in_port)
+            if decided is None:
                 return
-            if v.kind != "output":
-                self.drops[v.reason or v.kind] += 1
-                return
-            out, frame = v.output, v.packet.data
+            out, frame = decided
         try:
             self.transmitter.send(out, frame)
         except OSError as e:
@@ -124,6 +114,37 @@ class Controller:
             return
         self.tx_pkts[out] += 1
         self.tx_bytes[out] += len(frame)
+
+    def _through_rules(self, punt: Punt, pkt, in_port: str):
+        """(output port, frame) for a punted packet, or None when it is
+        dropped (counted): the soft list's fast path when it knows the
+        packet, else the tc software path, continued where the hardware
+        stopped, with what it restored (a packet it could not parse starts
+        from the beginning)."""
+        resumable = punt.hdr.reason in RESUMABLE
+        resume = Resume.from_punt(punt.hdr) if resumable else None
+        try:
+            with self.lock:
+                fkey = None
+                if self.offload is not None and self.offload.soft and pkt is not None and resumable:
+                    fkey = FastPath.key(in_port, punt.hdr, pkt)
+                    if fkey is not None:
+                        sc = self.offload.fast_forward(fkey, pkt)
+                        if sc is not None:
+                            return sc.output, pkt.data
+                before = tuple_of(pkt, 0) if fkey is not None else None
+                v = self.pipeline.process(pkt if pkt is not None else punt.frame, in_port, resume)
+                if self.offload is not None and v.cts:
+                    self.offload.after_packet([c.result.conn for c in v.cts if c.result])
+                    if fkey is not None and v.kind == "output":
+                        self.offload.learn(fkey, before, v, self.ruleset.stats)
+        except Exception as e:
+            self._bug(e)
+            return None
+        if v.kind != "output":
+            self.drops[v.reason or v.kind] += 1
+            return None
+        return v.output, v.packet.data
 
     def _bug(self, e: Exception) -> None:
         """A bug must cost one packet, not the box: count the drop by the

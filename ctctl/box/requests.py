@@ -15,7 +15,9 @@ from typing import Callable
 from ctctl import abi
 from ctctl.box.control import ControlError
 from ctctl.box.views.dumpflows import dump_flows
-from ctctl.kernel.conntrack import ConnFilter, conntrack_record, format_conntrack, select
+from ctctl.kernel.conntrack import ConnFilter, conntrack_record, format_conntrack, select, timeouts
+from ctctl.kernel.offload import PolicyError
+from ctctl.kernel.offload.aging import AgingConfig, AgingError
 from ctctl.nic.maps import program_stats
 from ctctl.rules import AddCommand, MirredAction, RuleSyntaxError, execute, format_filter, parse_command
 
@@ -122,11 +124,13 @@ def offload(ctl, req: dict) -> dict:
             flows = ctl.device.entries()
             if cid is not None:
                 flows = [f for f in flows if f["conn_id"] == cid]
-                if not flows:
-                    where = "pending" if any(c.id == cid for c in ctl.offload.pending) else "not in hardware"
-                    raise ControlError(f"connection {cid} is {where} "
+                if not flows and cid not in ctl.offload.soft:
+                    raise ControlError(f"connection {cid} is neither in hardware nor on the soft list "
                                        "(`ctctl conntrack -L -o id` lists the connections and their ids)")
-            return {"flows": flows, "pending": [c.id for c in ctl.offload.pending]}
+            soft = ctl.offload.soft_list()
+            if cid is not None:
+                soft = [s for s in soft if s["conn_id"] == cid]
+            return {"flows": flows, "soft": soft, "pending": [c.id for c in ctl.offload.pending]}
         conn = next((c for c in ctl.tracker.entries() if c.id == cid), None)
         if conn is None:
             raise ControlError(f"no connection with id {cid!r} "
@@ -134,8 +138,9 @@ def offload(ctl, req: dict) -> dict:
         if action == "add":
             if conn.id in ctl.offload.hw:
                 raise ControlError(f"connection {conn.id} is already in hardware")
-            if not ctl.offload.offload(conn):
-                raise ControlError(f"hardware table full: connection {conn.id} is pending")
+            if not ctl.offload.offload(conn, by_hand=True):
+                why = ctl.offload.soft[conn.id].why if conn.id in ctl.offload.soft else "refused"
+                raise ControlError(f"connection {conn.id} is not in hardware: {why}")
             return {"added": conn.id}
         if action == "del":
             if conn.id not in ctl.offload.hw:
@@ -165,8 +170,64 @@ def filter_request(ctl, req: dict) -> dict:
         out = execute(ctl.ruleset, line, hw_stats=hw)
         if out.verb != "show" and ctl.device is not None:
             ctl.device.install(ctl.ruleset)   # ndo_setup_tc
+        if out.verb != "show" and ctl.offload is not None:
+            ctl.offload.fastpath.rules_changed()
     return {"verb": out.verb, "lines": out.lines,
             "filters": [format_filter(f) for f in out.filters]}
+
+
+def timeout(ctl, req: dict) -> dict:
+    """Show the timeouts, or set some: `offload` maps tcp/udp/icmp to
+    seconds, `conntrack` maps a protocol to {nfct name: seconds}.  A change
+    reaches the connections already in the table; a refused one changes
+    nothing."""
+    action = req.get("action", "show")
+    if action not in ("show", "set"):
+        raise ControlError(f"timeout: unknown action {action!r} (show, set)")
+    with ctl.lock:
+        out = {}
+        if action == "set":
+            off = req.get("offload") or {}
+            ct = req.get("conntrack") or {}
+            if off and ctl.offload is None:
+                raise ControlError(f"box {ctl.cfg.name!r} has no offload (it runs `forward:`)")
+            try:
+                keys = {timeouts.key_of(proto, name): secs
+                        for proto, names in ct.items() for name, secs in names.items()}
+                timeouts.check(keys)
+                if off:
+                    out["offload_reached"] = ctl.offload.set_timeouts(off)
+            except (timeouts.BadTimeout, PolicyError) as e:
+                raise ControlError(str(e)) from None
+            if keys:
+                out["conntrack_reached"] = ctl.tracker.set_timeouts(keys)
+        out["offload"] = ctl.offload.policy.timeouts() if ctl.offload else None
+        out["conntrack"] = timeouts.table(ctl.tracker.config.timeouts)
+        return out
+
+
+def aging(ctl, req: dict) -> dict:
+    """The aging mode with its staleness and cost; or another mode, or
+    other settings of this one (`set`: AgingConfig's keys, merged over the
+    current ones), which takes over every connection in hardware."""
+    if ctl.offload is None:
+        raise ControlError(f"box {ctl.cfg.name!r} has no offload (it runs `forward:`)")
+    action = req.get("action", "show")
+    if action not in ("show", "set"):
+        raise ControlError(f"aging: unknown action {action!r} (show, set)")
+    with ctl.lock:
+        if action == "set":
+            try:
+                cfg = AgingConfig.from_config({**ctl.offload.aging.cfg.to_dict(), **(req.get("config") or {})})
+            except AgingError as e:
+                raise ControlError(str(e)) from None
+            caps = ctl.cfg.hardware
+            if cfg.mode == "hardware" and not (caps and caps.hw_aging):
+                raise ControlError("aging mode hardware needs a NIC that ages its own entries "
+                                   "(hardware: {hw_aging: true} in the box config)")
+            ctl.offload.set_aging(cfg)
+        return {"aging": ctl.offload.aging.report(), "earlier": list(ctl.offload.earlier_aging),
+                "hardware": len(ctl.offload.hw)}
 
 
 HANDLERS: dict[str, Callable[[object, dict], dict]] = {
@@ -178,6 +239,8 @@ HANDLERS: dict[str, Callable[[object, dict], dict]] = {
     "offload": offload,
     "events": events,
     "dump-flows": dump_flows_request,
+    "timeout": timeout,
+    "aging": aging,
 }
 
 

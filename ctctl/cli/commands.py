@@ -243,6 +243,91 @@ def cmd_offload(args) -> int:
     return 0
 
 
+def cmd_timeout(args) -> int:
+    from ctctl.box.views.timeouts import format_reached, format_timeouts
+
+    req = {"action": "show"}
+    if args.action == "set":
+        try:
+            req = {"action": "set", **timeout_words(args.words)}
+        except ValueError as e:
+            return die(f"timeout: {e}", 2)
+    elif args.words:
+        return die(f"timeout: unexpected {' '.join(args.words)!r} (show takes no words; set PROTO NAME SECONDS...)", 2)
+    try:
+        reply = control.request(_box_name(args), "timeout", **req)
+    except control.ControlError as e:
+        return die(str(e))
+    if args.json:
+        _print_json(reply)
+        return 0
+    for line in format_reached(reply):
+        print(f"ctctl: {line}")
+    if args.action == "show":
+        print(format_timeouts(reply))
+    return 0
+
+
+def timeout_words(words: list[str]) -> dict:
+    """`offload udp 30 tcp 600` or `tcp established 600 close 10` (nfct
+    timeout's words) as a request's fields; ValueError saying what is wrong."""
+    if not words:
+        raise ValueError("set needs a protocol (offload, tcp, udp, icmp, icmpv6, gre, generic), "
+                         "then NAME SECONDS pairs")
+    proto, pairs = words[0], words[1:]
+    if not pairs or len(pairs) % 2:
+        raise ValueError(f"set {proto} needs NAME SECONDS pairs, e.g. "
+                         + ("`set offload udp 30`" if proto == "offload" else f"`set {proto} {_example(proto)} 30`"))
+    values = {}
+    for name, text in zip(pairs[::2], pairs[1::2]):
+        try:
+            secs = float(text)
+        except ValueError:
+            raise ValueError(f"{proto} {name}: {text!r} is not a number of seconds") from None
+        values[name] = int(secs) if secs.is_integer() else secs
+    return {"offload": values} if proto == "offload" else {"conntrack": {proto: values}}
+
+
+def _example(proto: str) -> str:
+    return {"tcp": "established", "udp": "unreplied", "gre": "unreplied"}.get(proto, "timeout")
+
+
+def cmd_aging(args) -> int:
+    from ctctl.box.views.aging import format_aging
+
+    req = {"action": "show"}
+    if args.action == "set":
+        config = {k: v for k, v in (("mode", args.mode), ("interval", args.interval), ("k", args.k),
+                                    ("hw_interval", args.hw_interval)) if v is not None}
+        try:
+            if args.period:
+                config["period"] = dict(_period(p) for p in args.period)
+        except ValueError as e:
+            return die(f"aging: {e}", 2)
+        if not config:
+            return die("aging set needs a mode or a setting (see ctctl aging --help)", 2)
+        req = {"action": "set", "config": config}
+    elif args.mode is not None:
+        return die(f"aging: a mode is set with `ctctl aging set {args.mode}`", 2)
+    try:
+        reply = control.request(_box_name(args), "aging", **req)
+    except control.ControlError as e:
+        return die(str(e))
+    if args.json:
+        _print_json(reply)
+    else:
+        print(format_aging(reply))
+    return 0
+
+
+def _period(text: str) -> tuple[str, float]:
+    proto, _, secs = text.partition("=")
+    try:
+        return proto, float(secs)
+    except ValueError:
+        raise ValueError(f"--period {text!r}: expected PROTO=SECONDS, e.g. udp=10") from None
+
+
 def _print_lines(args, op: str) -> int:
     try:
         lines = control.request(_box_name(args), op)["lines"]

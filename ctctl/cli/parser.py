@@ -16,7 +16,9 @@ examples:
   ctctl filter add dev eth6 protocol ip parent ffff: chain 0 flower ct_state -trk action ct action goto chain 9
   ctctl -s filter show dev eth6                   # rules with their counters, hardware and software
   ctctl conntrack -L -p tcp --dport 80            # the connection table, as conntrack -L prints it
-  ctctl offload                                   # the hardware's offload table
+  ctctl offload                                   # the hardware's offload table and the soft list
+  ctctl timeout set offload udp 30                # offload timeouts, for existing entries too
+  ctctl aging set sample --k 8                    # how idle flows leave the hardware
   ctctl dump-flows                                # rules and entries with counters, ovs-dpctl style
   ctctl stats                                     # counters of the loaded box (--json for scripts)
   ctctl unload --name lab                         # stop it, or clean up after a crash
@@ -33,9 +35,12 @@ config (YAML; every key but name, netns and ports optional):
     - filter add dev eth5 protocol ip parent ffff: chain 0 flower ct_state -trk action ct action goto chain 9
     - filter add dev eth5 protocol ip parent ffff: chain 9 flower ct_state +trk+est action mirred egress redirect dev eth6
   # forward: {eth5: eth6, eth6: eth5}   # instead of rules: a static port map (plumbing only)
-  hardware: {table_size: 65536, flow_counters: true, nat: true}   # what the "NIC" can do
+  hardware: {table_size: 65536, flow_counters: true, nat: true, hw_aging: false}   # what the "NIC" can do
   offload: {tcp: established, udp: assured, icmp: replied, closing: false,
+            where: hardware,              # or soft: qualified connections on the software fast path
             tcp_timeout: 3600, udp_timeout: 180, icmp_timeout: 180}
+  aging: {mode: full, interval: 1}        # or {mode: sample, k: 6, period: {tcp: 3600, udp: 180}},
+                                          # or {mode: hardware, hw_interval: 1} (needs hw_aging)
   perf_pages: 2048                # punt ring pages per CPU (a power of two)
 
 examples:
@@ -67,6 +72,28 @@ examples (conntrack(8)'s commands and filters, on the box's table):
   ctctl conntrack -L --json                 # records with named fields
 The summary line goes to stderr, as conntrack's does.  -n is --src-nat here, as in
 conntrack: name the box with --name.
+"""
+
+TIMEOUT_EPILOG = """\
+examples (nfct timeout's words; the sysctls are net.netfilter.nf_conntrack_*_timeout*):
+  ctctl timeout                             # every timeout, in seconds
+  ctctl timeout set offload udp 30 icmp 30  # offload timeouts (slide 18): hardware and soft list
+  ctctl timeout set tcp established 600 time_wait 30
+  ctctl timeout set udp unreplied 10 replied 60
+  ctctl timeout --json
+A change reaches the connections already in the table (from their last packet);
+the kernel's sysctls reach them only at their next packet.
+"""
+
+AGING_EPILOG = """\
+examples (the seed's slides 11, 15, 17 and 18):
+  ctctl aging                               # the mode, staleness p50/p99/max, cost per minute
+  ctctl aging set full --interval 1         # nf_flowtable's: read every entry every second
+  ctctl aging set sample --k 6 --period udp=180 --period tcp=3600   # N/2^k every K s
+  ctctl aging set hardware --hw-interval 1  # the NIC ages its own (hardware: {hw_aging: true})
+  ctctl aging --json | jq .aging.staleness
+A new mode takes over every connection in hardware and counts its own cost;
+the replaced mode's report stays under `before:`.
 """
 
 
@@ -184,6 +211,27 @@ def build_parser() -> argparse.ArgumentParser:
              "  ctctl offload add 7           # into hardware, policy or not\n", run.cmd_offload)
     s.add_argument("action", nargs="?", choices=["list", "add", "del"], default="list")
     s.add_argument("id", nargs="?", type=int, help="connection id (list: only its entries; add, del)")
+    _name_arg(s)
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+
+    s = _sub(sub, "timeout", "show or set the offload timeouts and the tracker's, for the connections "
+                             "already there too", TIMEOUT_EPILOG, run.cmd_timeout)
+    s.add_argument("action", nargs="?", choices=["show", "set"], default="show")
+    s.add_argument("words", nargs="*", help="set: PROTO NAME SECONDS [NAME SECONDS...]; PROTO offload "
+                                            "takes tcp, udp, icmp as names")
+    _name_arg(s)
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+
+    s = _sub(sub, "aging", "how connections in hardware are aged: the mode, how late and what it costs",
+             AGING_EPILOG, run.cmd_aging)
+    s.add_argument("action", nargs="?", choices=["show", "set"], default="show")
+    s.add_argument("mode", nargs="?", choices=["full", "sample", "hardware"],
+                   help="set: the mode (default: keep the current one)")
+    s.add_argument("--interval", type=float, help="full: seconds between passes over the table")
+    s.add_argument("--k", type=int, help="sample: look at 1/2^k of the connections per tick")
+    s.add_argument("--period", action="append", metavar="PROTO=SECONDS",
+                   help="sample: K, the seconds between ticks of tcp, udp or icmp (repeatable)")
+    s.add_argument("--hw-interval", type=float, help="hardware: seconds between the NIC's aging passes")
     _name_arg(s)
     s.add_argument("--json", action="store_true", help="machine-readable output")
 

@@ -164,6 +164,55 @@ def udp_exchange(client_ns: str, server_ns: str, server_addr: str, count: int = 
         server.wait()
 
 
+class TcpStream:
+    """One TCP connection between two real processes that lives as long as
+    the caller wants: the client sends `chunk` bytes every `every` seconds
+    (every=None: once, then nothing: an idle connection) until stop(),
+    which closes it cleanly (FIN both ways) and waits for both ends.  Used
+    as a context manager; a stream not stopped is killed on exit (by pid:
+    only its own two processes)."""
+
+    def __init__(self, client_ns: str, server_ns: str, server_addr: str, port: int,
+                 chunk: int = 1000, every: float | None = 0.05):
+        me = [sys.executable, "-m", "ctctl.lab.traffic"]
+        self.server = ns_popen(server_ns, *me, "tcp-sink", "--port", str(port),
+                               stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.client = None
+        try:
+            wait_until(lambda: listening(server_ns, "tcp", port) or self.server.poll() is not None,
+                       30, f"the TCP sink to listen on {server_ns}:{port}")
+            self.client = ns_popen(client_ns, *me, "tcp-send", server_addr, "--port", str(port),
+                                   "--chunk", str(chunk), *(["--every", str(every)] if every else []),
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            # The client says "connected" once its first chunk is sent.
+            line = self.client.stdout.readline()
+            if not line.startswith(b"connected"):
+                raise RuntimeError(f"tcp-send did not connect: {self.client.stderr.read().decode().strip()}")
+        except BaseException:
+            self._kill()
+            raise
+
+    def stop(self, timeout: float = 30) -> int:
+        """Close the connection (the client's FIN, then the server's) and
+        wait for both ends; the bytes the client sent."""
+        out, _ = self.client.communicate(input=b"", timeout=timeout)   # EOF on its stdin: stop
+        self.server.wait(timeout=timeout)
+        m = re.search(rb"sent (\d+)", out)
+        return int(m[1]) if m else -1
+
+    def _kill(self) -> None:
+        for p in (self.client, self.server):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+
+    def __enter__(self) -> "TcpStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._kill()
+
+
 # -- the programs themselves --------------------------------------------------
 
 def _tcp_sink(port: int, half_close_after: int | None, v6: bool) -> int:
@@ -186,6 +235,31 @@ def _tcp_sink(port: int, half_close_after: int | None, v6: bool) -> int:
                 got += len(data)
                 out.write(data)
             out.flush()
+    return 0
+
+
+def _tcp_send(addr: str, port: int, chunk: int, every: float | None) -> int:
+    """Connect, send `chunk` bytes (again every `every` seconds when
+    given) until stdin reaches EOF; then close our side and wait for the
+    server's FIN.  The pacing is the traffic's own, not a wait."""
+    import select
+
+    sent = 0
+    with socket.create_connection((addr, port), timeout=30) as s:
+        s.sendall(os.urandom(chunk))
+        sent += chunk
+        print("connected", flush=True)
+        while True:
+            ready, _, _ = select.select([sys.stdin.buffer], [], [], every)
+            if ready and not os.read(sys.stdin.fileno(), 1 << 12):
+                break
+            if not ready:
+                s.sendall(os.urandom(chunk))
+                sent += chunk
+        s.shutdown(socket.SHUT_WR)
+        while s.recv(1 << 16):
+            pass
+    print(f"sent {sent}", flush=True)
     return 0
 
 
@@ -244,7 +318,14 @@ def main(argv=None) -> int:
     t.add_argument("--half-close-after", type=int, default=None, metavar="BYTES",
                    help="send our FIN once BYTES have arrived (0: at once), and read on")
     t.add_argument("-6", dest="v6", action="store_true", help="IPv6")
+    t = sub.add_parser("tcp-send", help="send to a TCP sink until stdin closes")
+    t.add_argument("addr")
+    t.add_argument("--port", type=int, default=5001)
+    t.add_argument("--chunk", type=int, default=1000, help="bytes per send")
+    t.add_argument("--every", type=float, default=None, help="seconds between sends (default: send once)")
     a = p.parse_args(argv)
+    if a.cmd == "tcp-send":
+        return _tcp_send(a.addr, a.port, a.chunk, a.every)
     if a.cmd == "tcp-sink":
         return _tcp_sink(a.port, a.half_close_after, a.v6)
     if a.cmd == "udp-echo-server":

@@ -16,10 +16,10 @@ import time
 
 from ctctl import abi
 from ctctl.kernel.conntrack import Conn
-from ctctl.kernel.offload.hw import DeviceError, DeviceIO, EntryStats, Expired
+from ctctl.kernel.offload.hw import DeviceError, DeviceIO, EntryStats, Expired, TableSnapshot
 from ctctl.nic.caps import HwCaps
 from ctctl.nic.encode import SCRATCH_ID, encode_chain, entry_record, flow_entry, hardware_filters, key_tuple
-from ctctl.nic.maps import Maps
+from ctctl.nic.maps import FlowCounters, Maps
 from ctctl.rules import Filter, GotoAction, RuleSet
 
 
@@ -208,7 +208,18 @@ class Device:
         return None if flow is None else entry_stats(flow)
 
     def read_flows(self) -> dict[bytes, EntryStats]:
-        return {bytes(k): entry_stats(f) for k, f in self._maps().flows()}
+        return {k: EntryStats(*c) for k, c in self._maps().flow_counters().items()}
+
+    def read_table(self) -> TableSnapshot:
+        keys, vals = self._maps().flow_arrays()
+        return TableSnapshot(conn_id=vals["conn_id"], dir=vals["dir"], proto=keys["proto"],
+                             packets=vals["packets"], bytes=vals["bytes"], last_used_ns=vals["last_used_ns"])
+
+    def read_counters(self) -> dict[bytes, FlowCounters]:
+        """read_flows() with each entry's counters as a tuple of the same
+        fields (packets, bytes, last_used_ns): the full aging pass's read,
+        which at a million entries cannot afford an object per entry."""
+        return self._maps().flow_counters()
 
     @property
     def io(self) -> DeviceIO:

@@ -14,8 +14,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
+import struct
 from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
 
 from ctctl import abi
 from ctctl.kernel.offload.hw import DeviceError, DeviceIO, FlowExists, TableFull
@@ -200,30 +205,69 @@ class Maps:
         (BPF_MAP_LOOKUP_BATCH, 5.6+) where the kernel has it, one lookup per
         key otherwise.  A batch walk under concurrent inserts may miss an
         entry added meanwhile, never return a deleted one twice."""
+        ks, vs = ctypes.sizeof(abi.Tuple), ctypes.sizeof(abi.Flow)
+        key, flow = abi.Tuple.from_buffer_copy, abi.Flow.from_buffer_copy
+        out = []
+        for keys, vals, n in self._walk_flows():
+            out.extend((key(keys, i * ks), flow(vals, i * vs)) for i in range(n))
+        return out
+
+    def flow_counters(self) -> dict[bytes, FlowCounters]:
+        """Every entry's counters by its key's bytes: what flows() reads,
+        without a ctypes object per entry (a full aging pass reads the whole
+        table, and at a million entries the objects cost more than the
+        syscalls)."""
+        ks = ctypes.sizeof(abi.Tuple)
+        out: dict[bytes, FlowCounters] = {}
+        for keys, vals, n in self._walk_flows():
+            out.update(zip([keys[i:i + ks] for i in range(0, n * ks, ks)],
+                           map(_counters, _COUNTERS.iter_unpack(vals))))
+        return out
+
+    def flow_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every entry as two numpy record arrays, keys (struct ctctl_tuple)
+        and values (struct ctctl_flow), their fields named as in ctctl.abi:
+        the table as the kernel copied it out, viewed in place."""
+        runs = self._walk_flows()
+        keys = np.frombuffer(b"".join(k for k, _, _ in runs), dtype=_TUPLE_DTYPE)
+        vals = np.frombuffer(b"".join(v for _, v, _ in runs), dtype=_FLOW_DTYPE)
+        return keys, vals
+
+    def _walk_flows(self) -> list[tuple[bytes, bytes, int]]:
+        """The whole table as (keys, values, count) runs: the entries' key
+        and value bytes back to back, as the kernel copies them out."""
         t = self._table("flows")
         try:
-            pairs = self._lookup_batch(t)
+            runs = self._lookup_batch(t)
         except _NoBatch:
-            pairs = []
+            keys, vals = [], []
             for k in list(t.keys()):
                 self.io.syscalls += 2
                 try:
-                    pairs.append((k, t[k]))
+                    v = t[k]
                 except KeyError:
-                    pass
-        self.io.entries_read += len(pairs)
-        return [(self._cast(abi.Tuple, k), self._cast(abi.Flow, v)) for k, v in pairs]
+                    continue
+                keys.append(bytes(k))
+                vals.append(bytes(v))
+            runs = [(b"".join(keys), b"".join(vals), len(keys))]
+        self.io.entries_read += sum(n for _, _, n in runs)
+        return runs
 
-    def _lookup_batch(self, t, chunk: int = 1024):
+    def _lookup_batch(self, t, chunk: int = 1024) -> list[tuple[bytes, bytes, int]]:
         """BCC 0.26's items_lookup_batch passes one variable as both the
         batch cursor and the count (and allocates max_entries of both), so
-        the walk is done here with libbcc's bpf_lookup_batch directly."""
+        the walk is done here with libbcc's bpf_lookup_batch directly.  Each
+        batch's keys and values are kept as the bytes the kernel wrote:
+        (keys, values, count)."""
         lib = _lib()
+        ks, vs = ctypes.sizeof(t.Key), ctypes.sizeof(t.Leaf)
         out = []
         cursor_in, cursor_out, count = ctypes.c_uint32(0), ctypes.c_uint32(0), ctypes.c_uint32(0)
         first = True
+        keys = vals = None
         while True:
-            keys, vals = (t.Key * chunk)(), (t.Leaf * chunk)()
+            if keys is None:
+                keys, vals = ctypes.create_string_buffer(chunk * ks), ctypes.create_string_buffer(chunk * vs)
             count.value = chunk
             self.io.syscalls += 1
             res = lib.bpf_lookup_batch(t.map_fd, None if first else ctypes.byref(cursor_in),
@@ -232,16 +276,40 @@ class Maps:
             err = _errno(res) if res < 0 else 0
             if err == errno.ENOSPC and count.value == 0:
                 chunk *= 2  # one bucket holds more entries than the buffer
+                keys = None
                 continue
             if err and err != errno.ENOENT:
                 if first and err in _UNSUPPORTED:
                     raise _NoBatch()
                 raise DeviceError(f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
-            out.extend((keys[i], vals[i]) for i in range(count.value))
+            n = count.value
+            if n:
+                out.append((ctypes.string_at(keys, n * ks), ctypes.string_at(vals, n * vs), n))
             if err == errno.ENOENT:
                 return out
             cursor_in.value = cursor_out.value
             first = False
+
+
+# The same layouts as numpy sees them (numpy reads ctypes structures).
+_TUPLE_DTYPE, _FLOW_DTYPE = np.dtype(abi.Tuple), np.dtype(abi.Flow)
+
+
+class FlowCounters(NamedTuple):
+    """An entry's hardware counters as flow_counters() reads them: the
+    fields of ctctl.kernel.offload.hw.EntryStats, in a tuple (built from
+    struct ctctl_flow's first three fields without a Python call each)."""
+
+    packets: int
+    bytes: int
+    last_used_ns: int
+
+
+# struct ctctl_flow begins with its counters: packets, bytes, last_used_ns.
+if (abi.Flow.packets.offset, abi.Flow.bytes.offset, abi.Flow.last_used_ns.offset) != (0, 8, 16):
+    raise ImportError("ctctl.abi.Flow no longer begins with packets, bytes, last_used_ns: fix _COUNTERS")
+_COUNTERS = struct.Struct(f"=QQQ{ctypes.sizeof(abi.Flow) - 24}x")
+_counters = functools.partial(tuple.__new__, FlowCounters)
 
 
 def _possible_cpus() -> int:

@@ -122,7 +122,7 @@ def test_offload_by_id(fw):
     lines = r.stdout.splitlines()
     assert len(lines) == 3 and all(f"conn={cid} " in line for line in lines[:2])
     r = ctctl("offload", "list", "99999", "--name", fw.name)
-    assert r.returncode == 1 and "connection 99999 is not in hardware" in r.stderr
+    assert r.returncode == 1 and "connection 99999 is neither in hardware nor on the soft list" in r.stderr
 
 
 def test_conntrack_delete_takes_entries_out_of_hardware(fw):

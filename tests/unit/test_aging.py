@@ -93,6 +93,30 @@ def test_full_reads_every_entry_each_pass():
     assert mgr.aging.cost.ticks == 3 and mgr.aging.cost.looked == 150
 
 
+def test_a_full_pass_decides_in_python_only_where_something_changed():
+    """Every entry is read each pass; look() runs for the connections that
+    counted since the last pass, are past their deadline, were never hit or
+    lost their entries.  The others have nothing to fold or expire."""
+    clock, tracker, table, mgr, log = box("full", interval=1.0)
+    conns = [tcp_conn(tracker, mgr, 40000 + p) for p in range(50)]
+    for c in conns:
+        table.hit(c, 0, 100)
+    run(clock, mgr, tracker, 1, step=1.0)
+    assert mgr.aging.cost.looked == 50                  # the first pass: all new
+    busy = conns[:5]
+    for c in busy:
+        table.hit(c, 1, 60, times=2)
+    del table.entries[(conns[7].id, 0)], table.entries[(conns[7].id, 1)]   # entries gone
+    run(clock, mgr, tracker, 1, step=1.0)
+    assert mgr.aging.cost.looked == 50 + 5 + 1 and table.io.entries_read == 100 + 98
+    # What was not looked at is folded when anyone reads (a listing syncs).
+    mgr.sync()
+    assert [c.packets[1] for c in busy] == [1 + 2] * 5 and conns[10].packets[0] == 2 + 1
+    # Past the deadline every connection is due, and leaves.
+    run(clock, mgr, tracker, 61, step=1.0)
+    assert not mgr.hw and mgr.aging.cost.expired == 50
+
+
 # -- sample ------------------------------------------------------------------------
 
 def test_a_sampling_tick_reads_the_entries_of_n_over_2_to_the_k_connections():
@@ -172,7 +196,7 @@ def test_a_new_offload_timeout_applies_to_connections_already_in_hardware():
     clock, tracker, table, mgr, log = box("full", interval=1.0)
     conn = tcp_conn(tracker, mgr, 40000)
     run(clock, mgr, tracker, 10)
-    mgr.policy.tcp_timeout = 5.0
+    assert mgr.set_timeouts({"tcp": 5}) == {"hardware": 1, "soft": 0}
     run(clock, mgr, tracker, 1.5)
     assert conn.id not in mgr.hw
 
@@ -187,3 +211,15 @@ def test_a_new_offload_timeout_applies_to_connections_already_in_hardware():
 def test_aging_config_is_checked(bad, message):
     with pytest.raises(AgingError, match=message):
         AgingConfig.from_config(bad)
+
+
+def test_ticks_keep_their_schedule_when_called_late():
+    from ctctl.kernel.offload.aging import next_tick
+
+    assert next_tick(10.0, 1.0, 10.3) == 11.0      # late by 0.3 s: the next one is still at 11
+    assert next_tick(10.0, 1.0, 12.5) == 13.5      # a stall past a period: from now, no burst
+    clock, tracker, table, mgr, log = box("sample", k=0, period={"tcp": 5})
+    for _ in range(10):                              # called every 0.7 s: ticks at 5, 10, ... not drifting
+        clock.advance(0.7)
+        mgr.tick()
+    assert mgr.aging.next["tcp"] == pytest.approx(1000.0 + 10)

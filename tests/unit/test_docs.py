@@ -38,3 +38,20 @@ def test_every_option_of_every_command_is_documented(name):
         for choice in action.choices or ():
             assert choice in section, f"{name}: {choice} is not in docs/cli.md"
     assert "examples" in (parser.epilog or ""), f"{name} --help has no examples"
+
+
+def test_the_config_in_load_help_is_a_config_ctctl_takes():
+    """`ctctl load --help` shows every key; what it shows must load."""
+    import yaml
+
+    from ctctl.box.config import KEYS
+    from ctctl.cli.parser import LOAD_EPILOG
+    from ctctl.kernel.offload.aging import AgingConfig
+    from ctctl.kernel.offload.policy import OffloadPolicy
+    from ctctl.nic.caps import HwCaps
+
+    shown = yaml.safe_load(LOAD_EPILOG.split("\n", 1)[1].split("\nexamples")[0])
+    assert set(shown) | {"forward"} == set(KEYS)
+    OffloadPolicy.from_config(shown["offload"])
+    AgingConfig.from_config(shown["aging"])
+    HwCaps.from_config(shown["hardware"])

@@ -65,7 +65,7 @@ def test_offload_listing():
         "packets=0 bytes=0 nat_src=192.0.2.100:2000",
         f"tcp     zone=0 src=10.2.0.1 dst=192.0.2.100 sport=80 dport=2000 reply    conn={conn.id} "
         "packets=0 bytes=0 nat_dst=10.1.0.1:40000",
-        "2 hardware entries (1 connections), 1 pending",
+        "2 hardware entries (1 connections), 0 on the soft list, 1 of them pending",
     ]
 
 
@@ -102,7 +102,8 @@ def test_stats_text_says_why_connections_left_the_hardware():
     }
     lines = format_stats(stats).splitlines()
     assert lines[3:5] == [
-        "offload:  1 connections in hardware, 2 pending; offloaded 5, table full 3 (from pending 1)",
+        "offload:  1 connections in hardware, 0 on the soft list (2 pending); offloaded 5, table full 3 "
+        "(from pending 1)",
         "removed:  fin 2 (1234 packets through software after it), rst 1, by hand 1",
     ]
 
@@ -120,3 +121,53 @@ def test_offload_records_name_their_fields():
                     "protonum": 1, "src": "10.1.0.1", "dst": "10.2.0.1", "type": 8, "code": 0, "id": 77,
                     "packets": 0, "bytes": 0, "last_used_ns": 0, "ct_state": ["est", "trk"], "mark": 0}
     assert reply["type"] == 0 and reply["ct_state"] == ["est", "rpl", "trk"] and "sport" not in reply
+
+
+def test_stats_text_has_the_soft_list_and_the_aging_table():
+    from ctctl.kernel.offload.aging import AgingConfig, Sampling
+
+    clock = FakeClock()
+    aging = Sampling(AgingConfig.from_config({"mode": "sample", "k": 2, "period": {"udp": 1}}), clock,
+                     cpu=lambda: 0.0)
+    aging.staleness.add(0.5)
+    aging.staleness.add(1.5)
+    aging.cost.ticks, aging.cost.looked, aging.cost.entries_read, aging.cost.syscalls = 6, 3, 6, 6
+    clock.advance(30)
+    stats = {
+        "box": "lab", "uptime_s": 30.0,
+        "program": {"rx_packets": 0, "rx_bytes": 0, "punted": 0, "perf_lost": 0, "too_big": 0,
+                    "punts_by_reason": {}},
+        "software": {"received": 0, "ring_lost": 0, "drops": {}},
+        "offload": {"hardware": 1, "soft": 1, "pending": 1, "to_soft": 3, "soft_removed_fin": 1,
+                    "soft_removed_expired": 1, "from_pending": 1,
+                    "fastpath": {"learned": 4, "hits": 39, "shortcuts": 2}, "aging": aging.report()},
+        "ports": {},
+    }
+    lines = format_stats(stats).splitlines()
+    assert lines[3:] == [
+        "offload:  1 connections in hardware, 1 on the soft list (1 pending); offloaded 0, table full 0 "
+        "(from pending 1)",
+        "fast path: 39 packets forwarded, 2 shortcuts (learned 4, stale 0)",
+        "soft:     3 joined the soft list; left it: fin 1, expired 1; 1 went on to hardware",
+        "aging:    sample: 1/2^2 = 1/4 of the connections every K s (K: tcp 3600 s, udp 1 s, icmp 180 s)",
+        "          removed 2, after their timeout by: p50 1.500 s, p99 1.500 s, max 1.500 s",
+        "                        ticks  looked at  entries read  syscalls    CPU s  expiry events  expired",
+        "          total             6          3             6         6    0.000              0        0",
+        "          per minute     12.0        6.0          12.0      12.0    0.000            0.0      0.0",
+        "port        rx_packets      rx_bytes  tx_packets      tx_bytes",
+    ]
+
+
+def test_timeouts_text_is_what_timeout_set_takes_back():
+    from ctctl.box.views.timeouts import format_timeouts
+    from ctctl.cli.commands import timeout_words
+    from ctctl.kernel.conntrack import DEFAULT_TIMEOUTS, timeouts
+
+    text = format_timeouts({"offload": {"tcp": 3600.0, "udp": 5.0, "icmp": 180.0},
+                            "conntrack": timeouts.table(DEFAULT_TIMEOUTS)})
+    lines = text.splitlines()
+    assert lines[0] == "offload tcp 3600 udp 5 icmp 180    # in hardware and on the soft list"
+    assert lines[2] == "udp unreplied 30 replied 120"
+    # Each line, typed after `ctctl timeout set`, sets what it shows.
+    assert timeout_words(lines[2].split()) == {"conntrack": {"udp": {"unreplied": 30, "replied": 120}}}
+    assert timeout_words(lines[0].split("#")[0].split())["offload"] == {"tcp": 3600, "udp": 5, "icmp": 180}

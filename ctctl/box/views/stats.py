@@ -4,6 +4,8 @@ ports'."""
 
 from __future__ import annotations
 
+from .aging import aging_lines, settings
+
 
 def human_bytes(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
@@ -39,6 +41,7 @@ def format_stats(s: dict) -> str:
 
 
 REMOVED = ("fin", "rst", "expired", "by_hand", "deleted", "flushed")
+SOFT_REMOVED = ("fin", "rst", "expired", "destroyed")
 
 
 def _offload(o: dict | None) -> list[str]:
@@ -48,9 +51,13 @@ def _offload(o: dict | None) -> list[str]:
     half-closes early, as `nc -N` does, sends most of a transfer that way)."""
     if o is None:
         return []
-    out = [f"offload:  {o['hardware']} connections in hardware, {o['pending']} pending; "
-           f"offloaded {o.get('offloaded', 0)}, table full {o.get('table_full', 0)} "
+    out = [f"offload:  {o['hardware']} connections in hardware, {o.get('soft', 0)} on the soft list "
+           f"({o['pending']} pending); offloaded {o.get('offloaded', 0)}, table full {o.get('table_full', 0)} "
            f"(from pending {o.get('from_pending', 0)})"]
+    fp = o.get("fastpath") or {}
+    if fp.get("learned"):
+        out.append(f"fast path: {fp.get('hits', 0)} packets forwarded, {fp.get('shortcuts', 0)} shortcuts "
+                   f"(learned {fp['learned']}, stale {fp.get('stale', 0)})")
     removed = []
     for why in REMOVED:
         n = o.get(f"removed_{why}", 0)
@@ -62,4 +69,12 @@ def _offload(o: dict | None) -> list[str]:
         removed.append(text)
     if removed:
         out.append("removed:  " + ", ".join(removed))
+    if o.get("to_soft"):
+        left = [f"{why} {o[f'soft_removed_{why}']}" for why in SOFT_REMOVED if o.get(f"soft_removed_{why}")]
+        out.append(f"soft:     {o['to_soft']} joined the soft list"
+                   + (f"; left it: {', '.join(left)}" if left else "")
+                   + (f"; {o['from_pending']} went on to hardware" if o.get("from_pending") else ""))
+    if o.get("aging"):
+        out.append("aging:    " + settings(o["aging"]))
+        out += aging_lines(o["aging"], " " * 10)
     return out

@@ -20,6 +20,7 @@ from ctctl.kernel.packet import Packet
 from ctctl.protocols import IPPROTO_GRE, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
 
 from . import tcp as tcpmod
+from . import timeouts as timeoutsmod
 from .conn import (  # noqa: F401
     DEFAULT_TIMEOUTS,
     LABEL_MASK,
@@ -134,6 +135,17 @@ class ConnTracker:
             conn.bits |= Bits.FIXED_TIMEOUT
         else:
             conn.bits &= ~Bits.FIXED_TIMEOUT
+
+    def set_timeouts(self, changes: dict[str, float]) -> int:
+        """New timeouts by key (ESTABLISHED, udp_stream, ...), for the
+        existing entries too (ctctl.kernel.conntrack.timeouts.retime); how
+        many entries changed.  A bad key or value changes nothing."""
+        timeoutsmod.check(changes)
+        old = self.config.timeouts
+        new = {**old, **changes}
+        n = timeoutsmod.retime(self._conns.values(), old, new)
+        self.config.timeouts = new
+        return n
 
     def set_liberal(self, conn: Conn) -> None:
         """Stop window checks on a TCP connection in both directions, as

@@ -4,6 +4,8 @@ with what it costs and how late it is:
 
 - `full`: nf_flowtable's.  Every `interval` seconds read every entry of
   the table, fold the counters, refresh the timeouts, expire the idle.
+  The whole table is read (one batched walk) and sifted in numpy; the
+  per-connection decision runs only where it can change something.
 - `sample`: the proposal's.  "With N offloaded connections, every K
   seconds sample N/2^k of the flows", K per protocol (3600 s TCP, 180 s
   UDP/ICMP).  Read as: each protocol has its own tick, every K seconds;
@@ -25,12 +27,18 @@ clock) a connection was removed.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
+
 from ctctl.protocols import IPPROTO_TCP, IPPROTO_UDP
+
+from .hw import TableSnapshot
 
 MODES = ("full", "sample", "hardware")
 LANES = ("tcp", "udp", "icmp")        # sampling's protocols, each with its own K
@@ -133,6 +141,41 @@ class AgingCost:
                                                              "cpu_s", "events", "expired")}
 
 
+@contextmanager
+def gc_paused():
+    """No cyclic garbage collection while a pass over the whole table runs.
+    A pass makes an object per entry (a million at a full table), all
+    freed by reference counting when it ends; meanwhile they would trigger
+    collections of the oldest generation, each walking every object the
+    tracker and the flowtable keep (seconds at half a million
+    connections) to find nothing."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def read_all(device) -> dict:
+    """Every entry's counters by key, for a pass over the whole table: the
+    device's read_counters() where it has one (ctctl.nic.driver.Device:
+    tuples with EntryStats' fields, not a million EntryStats), else
+    read_flows()."""
+    fast = getattr(device, "read_counters", None)
+    return fast() if fast is not None else device.read_flows()
+
+
+def next_tick(due: float, period: float, now: float) -> float:
+    """A timer on a fixed schedule: the tick after the one due now, so
+    that late calls (the controller's loop was busy) do not push every
+    later tick back and stretch the staleness bound; after a stall longer
+    than a period, from now (missed ticks are not run in a burst)."""
+    nxt = due + period
+    return nxt if nxt > now else now + period
+
+
 class Aging:
     """One mode: when to look, and at which connections."""
 
@@ -172,25 +215,92 @@ class Aging:
                 "per_minute": self.cost.per_minute(self.clock() - self.started)}
 
 
+class ByConnection:
+    """A table snapshot by connection, computed in numpy (no Python step
+    per entry): the connections' ids in order, where each direction's
+    entry is in the snapshot, the later of their last uses (0: neither
+    was hit), their packet counts and protocol."""
+
+    def __init__(self, snap: TableSnapshot):
+        self.snap = snap
+        self.ids, inv = np.unique(snap.conn_id.astype(np.int64), return_inverse=True)
+        n, d = len(self.ids), snap.dir.astype(np.int64) & 1
+        self.entry = np.full((n, 2), -1, np.int64)
+        self.entry[inv, d] = np.arange(len(snap))
+        self.last = np.zeros(n, np.uint64)
+        np.maximum.at(self.last, inv, snap.last_used_ns)
+        self.packets = np.zeros((n, 2), np.uint64)
+        self.packets[inv, d] = snap.packets
+        self.proto = np.zeros(n, np.uint8)
+        self.proto[inv] = snap.proto
+
+    def stats(self, i: int) -> tuple:
+        """Connection i's entries' counters (EntryStats, None where absent)."""
+        return tuple(self.snap.stats(e) if e >= 0 else None for e in self.entry[i].tolist())
+
+    def changed_since(self, prev: "ByConnection | None") -> np.ndarray:
+        """Which connections are new or counted packets since `prev`."""
+        if prev is None or not len(prev.ids):
+            return np.ones(len(self.ids), bool)
+        pos = np.minimum(np.searchsorted(prev.ids, self.ids), len(prev.ids) - 1)
+        known = prev.ids[pos] == self.ids
+        return ~known | (self.packets != prev.packets[pos]).any(axis=1)
+
+
 class FullScan(Aging):
+    """Every interval, the whole table is read (one batched walk) and
+    decided on.  The decision per connection is the manager's look(),
+    Python; the pass calls it only where it can change something: a
+    connection whose entries counted packets since the last pass (their
+    counters are folded), one whose deadline by its entries has passed, one
+    neither of whose entries was ever hit (its deadline is its offload
+    time, which the table does not hold), and one with no entry left.  The
+    rest, found in numpy, have nothing to fold and a deadline to come: at a
+    million entries the pass costs the walk, not a million Python calls."""
+
     name = "full"
 
     def __init__(self, cfg, clock, cpu=time.thread_time):
         super().__init__(cfg, clock, cpu)
         self.next = clock() + cfg.interval
+        self.prev: ByConnection | None = None
 
     def tick(self, mgr) -> None:
-        if self.clock() < self.next:
+        now = self.clock()
+        if now < self.next:
             return
-        self.next = self.clock() + self.cfg.interval
+        self.next = next_tick(self.next, self.cfg.interval, now)
 
         def work():
-            by_key = mgr.device.read_flows()
-            for hc in list(mgr.hw.values()):
-                self.cost.looked += 1
-                if mgr.look(hc, tuple(by_key.get(k) for k in hc.keys)):
-                    self.cost.expired += 1
+            with gc_paused():
+                self._pass(mgr)
         self._timed(mgr, work)
+
+    def _pass(self, mgr) -> None:
+        """One pass: the table in numpy, look() where it can change something."""
+        table = ByConnection(mgr.device.read_table())
+        timeout_ns = np.full(256, int(mgr.policy.icmp_timeout * 1e9), np.uint64)
+        timeout_ns[IPPROTO_TCP] = int(mgr.policy.tcp_timeout * 1e9)
+        timeout_ns[IPPROTO_UDP] = int(mgr.policy.udp_timeout * 1e9)
+        due = (table.last == 0) | (table.last + timeout_ns[table.proto] <= np.uint64(mgr.ktime()))
+        pick = np.nonzero(due | table.changed_since(self.prev))[0].tolist()
+        hw_ids = np.fromiter(mgr.hw, np.int64, len(mgr.hw))
+        gone = hw_ids[~np.isin(hw_ids, table.ids)].tolist()
+        self.prev = table
+        ids = table.ids
+        for i in pick:
+            hc = mgr.hw.get(int(ids[i]))
+            if hc is not None:
+                self._look(mgr, hc, table.stats(i))
+        for cid in gone:
+            hc = mgr.hw.get(cid)
+            if hc is not None:
+                self._look(mgr, hc, (None, None))
+
+    def _look(self, mgr, hc, stats) -> None:
+        self.cost.looked += 1
+        if mgr.look(hc, stats):
+            self.cost.expired += 1
 
 
 class Sampling(Aging):
@@ -219,7 +329,7 @@ class Sampling(Aging):
         for ln in LANES:
             if now < self.next[ln]:
                 continue
-            self.next[ln] = now + self.cfg.period[ln]
+            self.next[ln] = next_tick(self.next[ln], self.cfg.period[ln], now)
             part = self.buckets[ln][self.count[ln] % self.parts]
             self.count[ln] += 1
 

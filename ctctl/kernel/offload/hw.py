@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Hashable, Protocol
 
+import numpy as np
+
 
 class DeviceError(Exception):
     """The device refused an operation (the message says which and why)."""
@@ -47,6 +49,26 @@ class Expired:
 
 
 @dataclass
+class TableSnapshot:
+    """The whole table at once, as columns (one row per entry, in the
+    table's order): what a pass over a million entries can afford to
+    read, with no object per entry.  `dir` is 0 original, 1 reply."""
+
+    conn_id: np.ndarray        # uint32
+    dir: np.ndarray            # uint8
+    proto: np.ndarray          # uint8: the entry's IP protocol
+    packets: np.ndarray        # uint64
+    bytes: np.ndarray          # uint64
+    last_used_ns: np.ndarray   # uint64, 0 = never hit
+
+    def __len__(self) -> int:
+        return len(self.conn_id)
+
+    def stats(self, i: int) -> EntryStats:
+        return EntryStats(int(self.packets[i]), int(self.bytes[i]), int(self.last_used_ns[i]))
+
+
+@dataclass
 class DeviceIO:
     """What reading the table has cost so far: syscalls made and entries
     copied out.  The aging modes are compared by the growth of these."""
@@ -73,6 +95,9 @@ class FlowDevice(Protocol):
 
     def read_flows(self) -> dict[Hashable, EntryStats]:
         """Every entry's counters, by key (a walk of the whole table)."""
+
+    def read_table(self) -> TableSnapshot:
+        """Every entry's counters as columns (a walk of the whole table)."""
 
     def expired(self) -> list[Expired]:
         """What the hardware aged out since the last call (hardware aging

@@ -1,12 +1,17 @@
-"""The flowtable's lists: the hardware list (connections with both
-directions in the device) and the pending list (qualified, but the table
-was full: slide 16's "failed to offload"), the decisions after each packet
-software handled, and the counters the hardware keeps for them.
+"""The flowtable's lists (slide 15): the hardware list (connections with
+both directions in the device) and the soft list (connections that qualify
+but are not in hardware: the table was full, the device refused them, or
+the policy says `where: soft`), with the pending list (slide 16's "failed
+to offload") in it; the decisions after each packet software handled, and
+the counters the hardware keeps for them.
 
 - Both directions go in together, or neither.  A full table marks the
   connection "failed to offload" and queues it; when a hardware entry
   leaves, the oldest queued connection that still qualifies takes its
   place.
+- The soft list is software's: its connections take the software fast
+  path (ctctl.kernel.offload.fastpath) and are aged by the tracker on the
+  offload timeout, which their packets refresh.
 - The hardware counters are folded into the connection's counters
   whenever the entries are read and when they leave: nothing counted in
   hardware is lost.
@@ -33,8 +38,9 @@ from typing import Callable, Hashable
 from ctctl.kernel.conntrack import Conn, ConnTracker, Status
 
 from . import aging as agingmod
-from .aging import AgingConfig
-from .hw import EntryStats, Expired, FlowDevice, TableFull
+from .aging import AgingConfig, lane
+from .fastpath import FastPath
+from .hw import DeviceError, EntryStats, Expired, FlowDevice, TableFull
 from .policy import OffloadPolicy, state_timeout
 
 HW = Status.OFFLOAD | Status.HW_OFFLOAD
@@ -52,6 +58,14 @@ class HwConn:
     written: tuple = (0, 0)      # the (mark, label) the entries carry
 
 
+@dataclass
+class SoftConn:
+    """A connection on the soft list, and why it is not in hardware."""
+
+    conn: Conn
+    why: str
+
+
 class OffloadManager:
     def __init__(self, tracker: ConnTracker, device: FlowDevice, policy: OffloadPolicy | None = None,
                  clock: Callable[[], float] = time.monotonic,
@@ -65,13 +79,16 @@ class OffloadManager:
         self.clock = clock
         self.ktime = ktime
         self.hw: dict[int, HwConn] = {}           # the hardware list, by connection id
-        self.pending: deque[Conn] = deque()        # failed to offload: table full
+        self.soft: dict[int, SoftConn] = {}       # the soft list, by connection id
+        self.pending: deque[Conn] = deque()        # on the soft list, waiting for room in hardware
+        self.fastpath = FastPath()
         self.counters = Tally()
         # Connections a FIN took out of hardware, whose later packets
         # software handles (counted: a server that half-closes early
         # sends the rest of a transfer that way).
         self.after_fin: set[int] = set()
         self.aging = agingmod.make(aging or AgingConfig(), clock)
+        self.earlier_aging: list[dict] = []     # the reports of the modes set_aging replaced
         self._device_ages = False
         self._start_device_aging()
         tracker.subscribe(self._on_event)
@@ -92,25 +109,46 @@ class OffloadManager:
                 why = self.policy.leaving(conn)
                 if why:
                     self.remove(conn, why)
-            elif self.policy.eligible(conn) and conn not in self.pending:
+            elif conn.id in self.soft:
+                why = self.policy.leaving(conn)
+                if why:
+                    self._leave_soft(conn, why)
+                else:
+                    # The tracker just gave it its state's timeout: the
+                    # soft list ages it on the offload timeout.
+                    self.tracker.set_timeout(conn, self.policy.timeout_for(conn))
+            elif self.policy.eligible(conn):
                 self.offload(conn)
 
     # -- the two lists ---------------------------------------------------------
-    def offload(self, conn: Conn) -> bool:
-        """Both directions into the table, or neither (then: pending)."""
+    def offload(self, conn: Conn, by_hand: bool = False) -> bool:
+        """Both directions into the table, or neither: then the connection
+        goes on the soft list (and, when the table was full, the pending
+        list).  True when it is in hardware.  `by_hand` (ctctl offload add)
+        tries the hardware whatever `where` says."""
+        if self.policy.where == "soft" and not by_hand:
+            self._to_soft(conn, "where: soft")
+            return False
         keys = []
         try:
             for d in (0, 1):
                 keys.append(self.device.add_flow(conn, d))
-        except TableFull:
+        except DeviceError as e:
             for key in keys:
                 self.device.remove_flow(key)
+            if not isinstance(e, TableFull):
+                self.counters["insert_refused"] += 1
+                self._to_soft(conn, f"refused: {e}")
+                return False
             self.counters["table_full"] += 1
             if conn not in self.pending:
                 self.pending.append(conn)
+                self._to_soft(conn, "table full: pending")
                 self.notify(f"conn {conn.id}: hardware table full, failed to offload: pending "
                             f"({len(self.pending)} queued)")
             return False
+        if conn.id in self.soft:
+            self._leave_soft(conn, None)
         hc = HwConn(conn, (keys[0], keys[1]), last_used_ns=self.ktime(), written=(conn.mark, conn.label))
         self.hw[conn.id] = hc
         self.aging.added(hc)
@@ -153,6 +191,54 @@ class OffloadManager:
                     self.counters["from_pending"] += 1
                 return
 
+    # -- the soft list -------------------------------------------------------------
+    def _to_soft(self, conn: Conn, why: str) -> None:
+        if conn.id in self.soft:
+            self.soft[conn.id].why = why
+            return
+        self.soft[conn.id] = SoftConn(conn, why)
+        self.tracker.set_liberal(conn)          # as nf_flowtable's software offload
+        self.tracker.set_status(conn, Status.OFFLOAD)
+        self.tracker.set_timeout(conn, self.policy.timeout_for(conn))
+        self.counters["to_soft"] += 1
+        self.notify(f"conn {conn.id}: on the soft list ({why}): the software fast path forwards it")
+
+    def _leave_soft(self, conn: Conn, why: str | None) -> None:
+        """Off the soft list: into hardware (why None), or back to the full
+        software path (fin, rst)."""
+        if self.soft.pop(conn.id, None) is None:
+            return
+        self.fastpath.forget(conn)
+        try:
+            self.pending.remove(conn)
+        except ValueError:
+            pass
+        if why is None:
+            return
+        if why == "fin":
+            self.after_fin.add(conn.id)
+        if conn.status & Status.CONFIRMED and not conn.status & Status.DYING:
+            self.tracker.set_status(conn, Status.OFFLOAD, on=False)
+            self.tracker.set_timeout(conn, state_timeout(conn, self.tracker.config.timeouts))
+        self.counters["soft_removed_" + why] += 1
+
+    def fast_forward(self, key: tuple, pkt) -> object:
+        """A soft-list connection's packet on the fast path: the shortcut
+        applied (its output port), or None for the full path."""
+        if not self.soft:
+            return None
+        # A connection's shortcuts go when it leaves the list (forget()).
+        return self.fastpath.forward(key, pkt, self.clock(), self.policy.timeout_for)
+
+    def learn(self, key: tuple, before, verdict, counted) -> None:
+        """After the full path forwarded a packet: a shortcut, when its
+        connection is on the soft list and may take the fast path."""
+        last = verdict.cts[-1].result if verdict.cts else None
+        conn = last.conn if last is not None else None
+        if conn is None or conn.id not in self.soft or self.policy.leaving(conn):
+            return
+        self.fastpath.learn(key, before, verdict, counted)
+
     def _on_event(self, event: str, conn: Conn) -> None:
         hc = self.hw.get(conn.id)
         if event == "UPDATE" and hc is not None and hc.written != (conn.mark, conn.label):
@@ -161,6 +247,11 @@ class OffloadManager:
             self.after_fin.discard(conn.id)
             if conn.id in self.hw:     # killed in software (ct force, a delete): take it out
                 self.remove(conn, "destroyed", back_to_software=False)
+            if conn.id in self.soft:
+                self.soft.pop(conn.id)
+                self.fastpath.forget(conn)
+                self.counters["soft_removed_expired" if conn.timeout_at <= self.clock()
+                              else "soft_removed_destroyed"] += 1
             try:
                 self.pending.remove(conn)
             except ValueError:
@@ -192,11 +283,13 @@ class OffloadManager:
         """Read every hardware entry to fold its counters and show its
         deadline (for listings: `conntrack -L`, `offload`); expires nothing,
         whatever the aging mode."""
-        by_key = self.device.read_flows()
-        now_ns = self.ktime()
-        for hc in list(self.hw.values()):
-            self._read(hc, tuple(by_key.get(k) for k in hc.keys))
-            self._show_deadline(hc, now_ns)
+        with agingmod.gc_paused():
+            get = agingmod.read_all(self.device).get
+            now_ns = self.ktime()
+            for hc in list(self.hw.values()):
+                k0, k1 = hc.keys
+                self._read(hc, (get(k0), get(k1)))
+                self._show_deadline(hc, now_ns)
         self.counters["syncs"] += 1
 
     # -- aging ------------------------------------------------------------------
@@ -210,6 +303,7 @@ class OffloadManager:
         if self._device_ages:
             self.device.stop_aging()
             self._device_ages = False
+        self.earlier_aging.append(self.aging.report())
         self.aging = agingmod.make(cfg, self.clock)
         for hc in self.hw.values():
             self.aging.added(hc)
@@ -220,11 +314,27 @@ class OffloadManager:
             self.device.start_aging(self.aging.cfg.hw_interval, self.policy.timeouts())
             self._device_ages = True
 
-    def timeouts_changed(self) -> None:
-        """The policy's offload timeouts changed: a NIC that ages by itself
-        needs them; the other modes read them at every look."""
+    def set_timeouts(self, changes: dict[str, float]) -> dict[str, int]:
+        """New offload timeouts ({"tcp": s, "udp": s, "icmp": s}), for the
+        connections already on the lists too: a hardware connection's
+        deadline is its last use plus its protocol's timeout at every look
+        (a NIC that ages by itself is told), a soft one's is moved by the
+        difference.  How many connections of each list the change reached."""
+        self.policy.set_timeouts(changes)
         if self._device_ages:
             self.device.set_aging_timeouts(self.policy.timeouts())
+        reached = {"hardware": 0, "soft": 0}
+        for hc in self.hw.values():
+            if lane(hc.conn.proto) in changes:
+                reached["hardware"] += 1
+        for sc in self.soft.values():
+            conn = sc.conn
+            if lane(conn.proto) in changes:
+                refreshed = conn.timeout_at - conn.timeout_rel
+                conn.timeout_rel = self.policy.timeout_for(conn)
+                conn.timeout_at = refreshed + conn.timeout_rel
+                reached["soft"] += 1
+        return reached
 
     def close(self) -> None:
         """Stop what runs beside the box (the NIC's aging timer)."""
@@ -236,17 +346,29 @@ class OffloadManager:
         return hc.last_used_ns + int(self.policy.timeout_for(hc.conn) * 1e9)
 
     def _read(self, hc: HwConn, stats) -> None:
+        # A full pass calls this for every connection in hardware: _fold()
+        # is called only when an entry counted something since the last
+        # read (its own test), and last_used_ns is written once.
+        folded, last = hc.folded, hc.last_used_ns
         for d, st in enumerate(stats):
             if st is not None:
-                self._fold(hc, d, st)
-                hc.last_used_ns = max(hc.last_used_ns, st.last_used_ns)
+                f = folded[d]
+                if st.packets > f[0] or st.bytes > f[1]:
+                    self._fold(hc, d, st)
+                if st.last_used_ns > last:
+                    last = st.last_used_ns
+        hc.last_used_ns = last
 
-    def _show_deadline(self, hc: HwConn, now_ns: int) -> None:
+    def _show_deadline(self, hc: HwConn, now_ns: int, deadline: int | None = None) -> None:
         """The tracker's timeout of a connection in hardware is what the
-        flowtable last knew of its deadline (conntrack -L shows it)."""
-        left = (self.deadline_ns(hc) - now_ns) / 1e9
-        self.tracker.set_timeout(hc.conn, max(0.0, left))
-        hc.conn.last_seen = self.clock() - max(0.0, (now_ns - hc.last_used_ns) / 1e9)
+        flowtable last knew of its deadline (conntrack -L shows it).
+        `deadline`: deadline_ns(hc), when the caller has it already."""
+        if deadline is None:
+            deadline = self.deadline_ns(hc)
+        left = (deadline - now_ns) / 1e9
+        self.tracker.set_timeout(hc.conn, left if left > 0.0 else 0.0)
+        idle = (now_ns - hc.last_used_ns) / 1e9
+        hc.conn.last_seen = self.clock() - (idle if idle > 0.0 else 0.0)
 
     def look(self, hc: HwConn, stats) -> bool:
         """The aging's decision on one connection whose entries' counters
@@ -257,7 +379,7 @@ class OffloadManager:
         now_ns = self.ktime()
         deadline = self.deadline_ns(hc)
         if now_ns < deadline:
-            self._show_deadline(hc, now_ns)
+            self._show_deadline(hc, now_ns, deadline)
             return False
         self._age_out(hc, (now_ns - deadline) / 1e9)
         return True
@@ -290,5 +412,11 @@ class OffloadManager:
         self._from_pending()
 
     def stats(self) -> dict:
-        return {"hardware": len(self.hw), "pending": len(self.pending), **dict(self.counters),
-                "aging": self.aging.report()}
+        return {"hardware": len(self.hw), "soft": len(self.soft), "pending": len(self.pending),
+                **dict(self.counters), "fastpath": self.fastpath.stats(), "aging": self.aging.report()}
+
+    def soft_list(self) -> list[dict]:
+        """The soft list as plain data (`ctctl offload`)."""
+        return [{"conn_id": sc.conn.id, "why": sc.why, "proto": sc.conn.proto,
+                 "orig": sc.conn.orig.fields(), "packets": list(sc.conn.packets),
+                 "bytes": list(sc.conn.bytes)} for sc in self.soft.values()]

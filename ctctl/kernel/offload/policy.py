@@ -12,6 +12,8 @@ suggested offload timeouts).
   or CLOSE.
 - Offloaded connections get the offload timeouts (3600 s TCP, 180 s
   UDP/ICMP by default); back in software they get their state's timeout.
+- `where: soft` keeps qualified connections off the hardware, on the
+  software fast path (nf_flowtable without its offload flag).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ctctl.kernel.conntrack import Conn, Status
-from ctctl.protocols import ICMPS, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
+from ctctl.kernel.conntrack.timeouts import state_key
+from ctctl.protocols import ICMPS, IPPROTO_TCP, IPPROTO_UDP
 
 TERMINAL_STATES = ("TIME_WAIT", "CLOSE")
 
@@ -33,13 +36,14 @@ class OffloadPolicy:
     tcp: str = "established"      # established | never
     udp: str = "assured"          # assured | replied | never
     icmp: str = "replied"         # replied | never
+    where: str = "hardware"       # hardware | soft: soft keeps qualified flows on the software fast path
     closing: bool = False         # keep FIN'd TCP flows in hardware until TIME_WAIT/CLOSE
     tcp_timeout: float = 3600.0   # the proposal's suggested offload timeouts
     udp_timeout: float = 180.0
     icmp_timeout: float = 180.0
 
     CHOICES = {"tcp": ("established", "never"), "udp": ("assured", "replied", "never"),
-               "icmp": ("replied", "never")}
+               "icmp": ("replied", "never"), "where": ("hardware", "soft")}
 
     @classmethod
     def from_config(cls, d: dict) -> "OffloadPolicy":
@@ -90,6 +94,16 @@ class OffloadPolicy:
         """The offload timeouts by protocol, as the hardware ages by them."""
         return {"tcp": self.tcp_timeout, "udp": self.udp_timeout, "icmp": self.icmp_timeout}
 
+    def set_timeouts(self, changes: dict[str, float]) -> None:
+        """New offload timeouts by protocol (tcp, udp, icmp); all or none."""
+        for proto, secs in changes.items():
+            if proto not in ("tcp", "udp", "icmp"):
+                raise PolicyError(f"no offload timeout for {proto!r} (tcp, udp, icmp)")
+            if not isinstance(secs, (int, float)) or isinstance(secs, bool) or secs <= 0:
+                raise PolicyError(f"offload {proto} timeout must be a number of seconds > 0, not {secs!r}")
+        for proto, secs in changes.items():
+            setattr(self, f"{proto}_timeout", float(secs))
+
     def timeout_for(self, conn: Conn) -> float:
         """The offload timeout of a connection in hardware."""
         if conn.proto == IPPROTO_TCP:
@@ -102,8 +116,4 @@ class OffloadPolicy:
 def state_timeout(conn: Conn, timeouts: dict) -> float:
     """The timeout the tracker gives a connection in its state (what it
     gets back when it leaves the hardware, as nf_flowtable does)."""
-    if conn.proto == IPPROTO_TCP:
-        return timeouts[conn.state]
-    if conn.proto == IPPROTO_UDP:
-        return timeouts["udp_stream"] if conn.status & Status.ASSURED else timeouts["udp"]
-    return timeouts["icmpv6" if conn.proto == IPPROTO_ICMPV6 else "icmp"]
+    return timeouts[state_key(conn)]
