@@ -5,7 +5,7 @@ PYTEST  := $(PY) -m pytest
 # Results of the VM stage and benchmarks go here.
 OUT     ?= build
 
-.PHONY: all provision demo test test-unit test-bpf test-integration bench bench-aging bench-fastpath clean help
+.PHONY: all provision demo test test-unit test-bpf test-integration bench bench-aging bench-fastpath bench-hitpath clean help
 
 all: help
 
@@ -19,6 +19,7 @@ help:
 	@echo "make bench             benchmarks, reports under bench/results/ (aging at 100k entries)"
 	@echo "make bench-aging       aging at a full 1M-entry table: full pass, sampling ticks, NIC pass (3 min, 2 GB)"
 	@echo "make bench-fastpath    the soft list's fast path against the full pipeline, punts/s"
+	@echo "make bench-hitpath     what recording a flow's rules costs the program's hit path, ns/packet"
 
 provision:
 	@bash vm/provision.sh
@@ -47,12 +48,16 @@ bench: provision
 	$(PY) bench/bench_offload.py --duration 3
 	$(PY) bench/bench_fastpath.py --repeat 3
 	$(PY) bench/bench_aging.py --entries 100000
+	$(PY) bench/bench_hitpath.py
 
 bench-aging: provision
 	$(PY) bench/bench_aging.py
 
 bench-fastpath: provision
 	$(PY) bench/bench_fastpath.py
+
+bench-hitpath: provision
+	$(PY) bench/bench_hitpath.py
 
 include vm/vm.mk
 

@@ -101,6 +101,26 @@ static __always_inline int punt(struct __sk_buff *skb, const struct ctctl_state 
 	return TC_ACT_SHOT;
 }
 
+/*
+ * Which rules a flow's packets run (the flows a rule owns, slide 19): the
+ * path of a packet the program finished, written into the entry its ct
+ * action hit when it differs from what the entry holds.  The entry's path
+ * came with the hit (st->ct_flow, a copy), so a flow that keeps its path
+ * costs a compare and no second lookup.  Built without it
+ * (-DCTCTL_NO_PATH) only to measure that cost.
+ */
+static __always_inline void record_path(struct ctctl_state *st)
+{
+	const __u64 *now = (const __u64 *)st->path, *had = (const __u64 *)st->ct_flow.path;
+	struct ctctl_flow *f;
+
+	if (((now[0] ^ had[0]) | (now[1] ^ had[1]) | (now[2] ^ had[2])) == 0)
+		return;
+	f = flow_lookup(&st->tuple);
+	if (f)
+		__builtin_memcpy(f->path, st->path, sizeof(f->path));
+}
+
 int ctctl_ingress(struct __sk_buff *skb)
 {
 	struct ctctl_pkt pkt = {};
@@ -136,6 +156,10 @@ int ctctl_ingress(struct __sk_buff *skb)
 	r = interpret(skb, st);
 	if (r == CTCTL_PUNT)
 		return punt(skb, st);
+#ifndef CTCTL_NO_PATH
+	if (st->ct_hit)
+		record_path(st);
+#endif
 	return r;
 }
 

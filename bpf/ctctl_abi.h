@@ -85,6 +85,7 @@ enum ctctl_done {
 #define CTCTL_MAX_RULES 64		/* rules per chain */
 #define CTCTL_MAX_ACTIONS 4		/* actions per rule */
 #define CTCTL_MAX_HOPS 8		/* goto chain hops per packet */
+#define CTCTL_PATH_LEN 12		/* rule ids an entry keeps: one per chain (CTCTL_MAX_HOPS + 1), to 8 bytes */
 #define CTCTL_MAX_RULE_IDS 4096		/* slots of the per-rule counter array */
 /* A resume point's action index meaning "match rule `rule` and on". */
 #define CTCTL_RESUME_MATCH 0xffff
@@ -157,6 +158,10 @@ struct ctctl_flow {
 	__be16 nat_dport;
 	__u8 nat_src[16];
 	__u8 nat_dst[16];
+	/* The rules (ctctl_rule.id, chain by chain; 0 = none) the packets it
+	 * finished ran: the flow's owners (slide 19), written by the program
+	 * when a packet's path differs from it. */
+	__u16 path[CTCTL_PATH_LEN];
 };
 
 /* Hardware capabilities the program honours at run time (ctctl_hw_config.caps). */

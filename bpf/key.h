@@ -55,7 +55,12 @@ struct ctctl_state {
 	 * copied), and whether its NAT was applied to the packet.
 	 */
 	struct ctctl_flow ct_flow;
+	/* The rules this packet ran, chain by chain (ctctl_rule.id): its
+	 * entry's path (bpf/ctctl.c record_path).  8-byte aligned, as
+	 * ct_flow.path is, so the two compare as three words. */
+	__u16 path[CTCTL_PATH_LEN];
 	__u8 ct_nat_done;
+	__u8 ct_hit;			/* a ct action found its entry (not the cache) */
 };
 
 static __always_inline void state_reset(struct ctctl_state *st)
@@ -68,6 +73,8 @@ static __always_inline void state_reset(struct ctctl_state *st)
 	st->reason = CTCTL_R_NONE;
 	st->done = 0;
 	st->ct_nat_done = 0;
+	st->ct_hit = 0;
+	__builtin_memset(st->path, 0, sizeof(st->path));
 }
 
 static __always_inline void state_load(struct ctctl_state *st, const struct ctctl_pkt *p)

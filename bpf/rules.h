@@ -104,6 +104,7 @@ static __always_inline int do_ct(struct __sk_buff *skb, struct ctctl_state *st,
 		return stop(st, CTCTL_R_CT_MISS, rule, a);
 
 	count(CTCTL_C_CT_HIT, 1);
+	st->ct_hit = 1;
 	caps = hw_caps();
 	if (caps & CTCTL_CAP_FLOW_COUNTERS) {
 		__sync_fetch_and_add(&f->packets, 1);
@@ -192,6 +193,9 @@ static __always_inline int interpret(struct __sk_buff *skb, struct ctctl_state *
 				    n < CTCTL_MAX_RULES ? n : CTCTL_MAX_RULES, CTCTL_RESUME_MATCH);
 		r = &ch->rules[i];
 		count_rule(r, skb->len);
+#ifndef CTCTL_NO_PATH
+		st->path[hop] = r->id;	/* hop <= CTCTL_MAX_HOPS < CTCTL_PATH_LEN */
+#endif
 
 #pragma clang loop unroll(disable)
 		for (a = 0; a < CTCTL_MAX_ACTIONS; a++) {

@@ -96,6 +96,7 @@ MAX_PUNT = 9216
 MAX_RULES = 64          # rules per chain in the hardware
 MAX_ACTIONS = 4         # actions per rule
 MAX_HOPS = 8            # goto chain hops per packet
+PATH_LEN = 12           # rule ids a flow entry keeps (one per chain, MAX_HOPS + 1, to 8 bytes)
 MAX_RULE_IDS = 4096     # per-rule counter slots
 RESUME_MATCH = 0xFFFF   # resume action index: "match from rule `rule` on"
 # A TRAP action's arg: where software continues.
@@ -188,6 +189,7 @@ class Flow(ctypes.Structure):
         ("nat_dport", ctypes.c_uint16),
         ("nat_src", U8_16),
         ("nat_dst", U8_16),
+        ("path", ctypes.c_uint16 * PATH_LEN),
     ]
 
 
@@ -305,6 +307,7 @@ C_CONSTANTS = {
     "CTCTL_MAX_RULES": MAX_RULES,
     "CTCTL_MAX_ACTIONS": MAX_ACTIONS,
     "CTCTL_MAX_HOPS": MAX_HOPS,
+    "CTCTL_PATH_LEN": PATH_LEN,
     "CTCTL_MAX_RULE_IDS": MAX_RULE_IDS,
     "CTCTL_RESUME_MATCH": RESUME_MATCH,
     "CTCTL_TRAP_AT_ACTION": TRAP_AT_ACTION,

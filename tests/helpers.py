@@ -104,7 +104,7 @@ class MemoryTable:
             raise FlowExists(f"{key} exists")
         if key not in self.entries and len(self.entries) >= self.size:
             raise TableFull(f"offload table full ({self.size} entries)")
-        self.entries[key] = [0, 0, 0]
+        self.entries[key] = [0, 0, 0, ()]
         self.protos[conn.id] = conn.proto
         self.writes += 1
         return key
@@ -112,7 +112,7 @@ class MemoryTable:
     def _stats(self, e):
         from ctctl.kernel.offload.hw import EntryStats
 
-        return None if e is None else EntryStats(*e)
+        return None if e is None else EntryStats(*e)   # packets, bytes, last_used_ns, path
 
     def remove_flow(self, key):
         self.io.syscalls += 1
@@ -140,10 +140,16 @@ class MemoryTable:
         self.io.entries_read += len(self.entries)
         keys, vals = list(self.entries), list(self.entries.values())
         col = lambda xs, t: np.array(xs, dtype=t)  # noqa: E731
+        # Paths as the program keeps them: rule ids, 0 = none.
+        ids = {f: i for i, f in enumerate(dict.fromkeys(f for v in vals for f in v[3]), 1)}
+        path = np.zeros((len(vals), 12), np.uint16)
+        for row, v in enumerate(vals):
+            path[row, :len(v[3])] = [ids[f] for f in v[3]]
         return TableSnapshot(conn_id=col([k[0] for k in keys], np.uint32), dir=col([k[1] for k in keys], np.uint8),
                              proto=col([self.protos[k[0]] for k in keys], np.uint8),
                              packets=col([v[0] for v in vals], np.uint64), bytes=col([v[1] for v in vals], np.uint64),
-                             last_used_ns=col([v[2] for v in vals], np.uint64))
+                             last_used_ns=col([v[2] for v in vals], np.uint64), path=path,
+                             rule_of={i: f for f, i in ids.items()})
 
     def expired(self):
         out, self.events = self.events, []
@@ -159,11 +165,15 @@ class MemoryTable:
     def stop_aging(self):
         self.aging = None
 
-    def hit(self, conn, direction, nbytes=100, times=1):
+    def hit(self, conn, direction, nbytes=100, times=1, path=None):
+        """Packets the program finished on this entry; `path`: the rules
+        they ran (the program writes it into the entry)."""
         e = self.entries[(conn.id, direction)]
         e[0] += times
         e[1] += times * nbytes
         e[2] = self.clock.ns()
+        if path is not None:
+            e[3] = tuple(path)
 
     def age(self, timeout_s) -> int:
         """The NIC's aging pass: `timeout_s(conn_id)` is each connection's
@@ -178,7 +188,9 @@ class MemoryTable:
         for cid, dirs in by_conn.items():
             last = max(e[2] for e in dirs.values())
             if now - last >= timeout_s(cid) * 1e9:
-                stats = tuple(self._stats(self.entries.pop((cid, d), None)) for d in (0, 1))
+                # The expiry event carries counters, not paths, as the program's does.
+                gone = (self.entries.pop((cid, d), None) for d in (0, 1))
+                stats = tuple(None if e is None else self._stats(e[:3]) for e in gone)
                 self.events.append(Expired(cid, stats, now))
                 removed += 1
         return removed

@@ -6,6 +6,7 @@
     forward: {eth5: eth6, eth6: eth5}   # static port map (software switch)
     perf_pages: 2048            # perf buffer pages per CPU
     aging: {mode: full}         # how offloaded connections die: full | sample | hardware
+    eviction: {max_idle: 10, flow_limit: 200000}   # OVS-style eviction of rules' flows (off by default)
 
 Every error names the file, line and column of the offending node.
 """
@@ -32,6 +33,7 @@ KEYS = {
     "offload": "offload policy",
     "perf_pages": "perf buffer pages per CPU",
     "aging": "expiry of offloaded connections",
+    "eviction": "eviction of rules' flows from hardware",
 }
 REQUIRED = ("name", "netns", "ports")
 
@@ -51,6 +53,7 @@ class BoxConfig:
     hardware: object = None            # ctctl.nic.caps.HwCaps
     offload: object = None             # ctctl.kernel.offload.OffloadPolicy
     aging: object = None               # ctctl.kernel.offload.aging.AgingConfig
+    eviction: object = None            # ctctl.kernel.offload.eviction.EvictionConfig
     perf_pages: int = 2048
     # key -> (key node, value node): positions for check_system's errors
     nodes: dict = field(default_factory=dict, repr=False, compare=False)
@@ -126,6 +129,7 @@ def parse(text: str, path: str = "<config>") -> BoxConfig:
     cfg.hardware = _hardware(path, seen.get("hardware", (None, None))[1])
     cfg.offload = _offload(path, seen.get("offload", (None, None))[1])
     cfg.aging = _aging(path, seen.get("aging", (None, None))[1], cfg.hardware)
+    cfg.eviction = _eviction(path, seen.get("eviction", (None, None))[1])
     if "perf_pages" in seen:
         n = seen["perf_pages"][1]
         pages = _scalar(path, n, int, "perf_pages")
@@ -159,41 +163,43 @@ def _mapping(path: str, node, what: str) -> dict:
     return yaml.safe_load(yaml.serialize(node)) or {}
 
 
+def _section(path: str, node, key: str, kind):
+    """A mapping section parsed by its class's from_config (defaults when
+    absent); a refusal names the section's position."""
+    if node is None:
+        return kind()
+    try:
+        return kind.from_config(_mapping(path, node, key))
+    except ValueError as e:
+        raise ConfigError(_where(path, node), str(e)) from None
+
+
 def _hardware(path: str, node):
     from ctctl.nic.caps import HwCaps
 
-    if node is None:
-        return HwCaps()
-    try:
-        return HwCaps.from_config(_mapping(path, node, "hardware"))
-    except ValueError as e:
-        raise ConfigError(_where(path, node), str(e)) from None
+    return _section(path, node, "hardware", HwCaps)
 
 
 def _offload(path: str, node):
     from ctctl.kernel.offload import OffloadPolicy
 
-    if node is None:
-        return OffloadPolicy()
-    try:
-        return OffloadPolicy.from_config(_mapping(path, node, "offload"))
-    except ValueError as e:
-        raise ConfigError(_where(path, node), str(e)) from None
+    return _section(path, node, "offload", OffloadPolicy)
 
 
 def _aging(path: str, node, hardware):
     from ctctl.kernel.offload.aging import AgingConfig
 
-    if node is None:
-        return AgingConfig()
-    try:
-        aging = AgingConfig.from_config(_mapping(path, node, "aging"))
-    except ValueError as e:
-        raise ConfigError(_where(path, node), str(e)) from None
+    aging = _section(path, node, "aging", AgingConfig)
     if aging.mode == "hardware" and not hardware.hw_aging:
         raise ConfigError(_where(path, node), "aging mode hardware needs a NIC that ages its own entries "
                                               "(hardware: {hw_aging: true})")
     return aging
+
+
+def _eviction(path: str, node):
+    from ctctl.kernel.offload.eviction import EvictionConfig
+
+    return _section(path, node, "eviction", EvictionConfig)
 
 
 def check_system(cfg: BoxConfig, path: str = "<config>") -> None:

@@ -135,7 +135,12 @@ class Controller:
                 before = tuple_of(pkt, 0) if fkey is not None else None
                 v = self.pipeline.process(pkt if pkt is not None else punt.frame, in_port, resume)
                 if self.offload is not None and v.cts:
-                    self.offload.after_packet([c.result.conn for c in v.cts if c.result])
+                    last = v.cts[-1].result
+                    if last is not None and last.conn is not None:
+                        # Its flow belongs to the rules it ran (the resumed one too).
+                        self.offload.ran(last.conn, 1 if last.reply else 0, [s.filter for s in v.trace])
+                    self.offload.after_packet([c.result.conn for c in v.cts if c.result],
+                                              forwarded=v.kind == "output")
                     if fkey is not None and v.kind == "output":
                         self.offload.learn(fkey, before, v, self.ruleset.stats)
         except Exception as e:
@@ -188,7 +193,7 @@ class Controller:
                     self.offload = OffloadManager(self.tracker, self.device, self.cfg.offload,
                                                   clock=self.clock, ktime=self.ktime,
                                                   notify=lambda t: self.events.append(f"   [HW] {t}"),
-                                                  aging=self.cfg.aging)
+                                                  aging=self.cfg.aging, eviction=self.cfg.eviction)
                 try:
                     dp.attach()
                 finally:

@@ -19,7 +19,9 @@ from ctctl.kernel.conntrack import ConnFilter, conntrack_record, format_conntrac
 from ctctl.kernel.offload import PolicyError
 from ctctl.kernel.offload.aging import AgingConfig, AgingError
 from ctctl.nic.maps import program_stats
-from ctctl.rules import AddCommand, MirredAction, RuleSyntaxError, execute, format_filter, parse_command
+from ctctl.rules import (
+    AddCommand, MirredAction, RuleSyntaxError, ShowCommand, execute, format_filter, parse_command,
+)
 
 
 def stats(ctl, req: dict) -> dict:
@@ -99,17 +101,33 @@ def events(ctl, req: dict) -> dict:
         return {"lines": list(ctl.events)}
 
 
+def _aggregates(ctl) -> dict:
+    """Each rule's aggregate (what its flows counted), as plain data: a
+    rule that owns nothing has zeros.  Syncs first."""
+    aggs = ctl.offload.aggregates() if ctl.offload else {}
+    now = ctl.clock()
+    out = {}
+    for f in ctl.ruleset.filters():
+        a = aggs.get(f)
+        out[f] = ({"packets": a.packets, "bytes": a.bytes, "flows": a.flows,
+                   "used_ago": round(now - a.last_used, 3) if a.last_used else None}
+                  if a is not None else {"packets": 0, "bytes": 0, "flows": 0, "used_ago": None})
+    return out
+
+
 def dump_flows_request(ctl, req: dict) -> dict:
-    """Rules with their counters, then the hardware's entries."""
+    """Rules with their counters (their flows' aggregate, their own hits in
+    hardware and software), then the hardware's entries."""
     if ctl.ruleset is None:
         raise ControlError(f"box {ctl.cfg.name!r} runs a static port map (forward:): no rules to dump")
     with ctl.lock:
-        if ctl.offload:
-            ctl.offload.sync()
+        aggs = _aggregates(ctl)
         hw = ctl.device.rule_counters() if ctl.device else {}
-        rules = [(f, hw.get(f, (0, 0)), ctl.ruleset.stats(f)) for f in ctl.ruleset.filters()]
+        rules = [(f, hw.get(f, (0, 0)), ctl.ruleset.stats(f), aggs[f]) for f in ctl.ruleset.filters()]
         entries = ctl.device.entries() if ctl.device else []
-        return {"lines": dump_flows(rules, entries, ctl.ktime())}
+        records = [{"rule": format_filter(f), **agg, "hw_packets": h[0], "hw_bytes": h[1],
+                    "sw_packets": sw.packets, "sw_bytes": sw.bytes} for f, h, sw, agg in rules]
+        return {"lines": dump_flows(rules, entries, ctl.ktime()), "rules": records, "entries": entries}
 
 
 def offload(ctl, req: dict) -> dict:
@@ -167,12 +185,20 @@ def filter_request(ctl, req: dict) -> dict:
                                       f"(ports: {', '.join(ctl.cfg.ports)})", col, dev)
     with ctl.lock:
         hw = ctl.device.rule_counters() if ctl.device is not None else {}
-        out = execute(ctl.ruleset, line, hw_stats=hw)
+        aggs = None
+        if isinstance(cmd, ShowCommand) and cmd.stats:
+            aggs = {f: (a["packets"], a["bytes"], a["flows"], a["used_ago"]) for f, a in _aggregates(ctl).items()}
+        out = execute(ctl.ruleset, line, hw_stats=hw, aggregates=aggs)
+        evicted = []
+        if out.verb == "del" and out.filters and ctl.offload is not None:
+            # Slide 19: a deleted rule's flows leave the hardware with it,
+            # before the hardware has its new rules.
+            evicted = ctl.offload.rules_deleted(out.filters)
         if out.verb != "show" and ctl.device is not None:
             ctl.device.install(ctl.ruleset)   # ndo_setup_tc
         if out.verb != "show" and ctl.offload is not None:
             ctl.offload.fastpath.rules_changed()
-    return {"verb": out.verb, "lines": out.lines,
+    return {"verb": out.verb, "lines": out.lines, "evicted": evicted,
             "filters": [format_filter(f) for f in out.filters]}
 
 

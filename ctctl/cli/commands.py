@@ -131,7 +131,7 @@ def cmd_filter(args) -> int:
     if words[:1] == ["list"]:            # tc's synonym
         words = ["show"] + words[1:]
     if not words:
-        return die("filter needs add, del or show (see ctctl filter --help)", 2)
+        return die("filter needs add, del, flush or show (see ctctl filter --help)", 2)
     line = " ".join((["-s"] if stats else []) + ["filter"] + words)
     try:
         reply = control.request(_box_name(args), "filter", line=line)
@@ -145,6 +145,10 @@ def cmd_filter(args) -> int:
         print(out)
     if reply["verb"] == "del" and not reply["filters"]:
         return die("no filter matched")
+    if reply.get("evicted"):
+        ids = ", ".join(str(i) for i in reply["evicted"])
+        print(f"ctctl: evicted from hardware with the rule{'s' if len(reply['filters']) > 1 else ''}: "
+              f"connection{'s' if len(reply['evicted']) > 1 else ''} {ids}")
     return 0
 
 
@@ -343,7 +347,14 @@ def cmd_events(args) -> int:
 
 
 def cmd_dump_flows(args) -> int:
-    return _print_lines(args, "dump-flows")
+    if not args.json:
+        return _print_lines(args, "dump-flows")
+    try:
+        reply = control.request(_box_name(args), "dump-flows")
+    except control.ControlError as e:
+        return die(str(e))
+    _print_json({"rules": reply["rules"], "entries": reply["entries"]})
+    return 0
 
 
 # -- the lab ------------------------------------------------------------------

@@ -41,6 +41,7 @@ config (YAML; every key but name, netns and ports optional):
             tcp_timeout: 3600, udp_timeout: 180, icmp_timeout: 180}
   aging: {mode: full, interval: 1}        # or {mode: sample, k: 6, period: {tcp: 3600, udp: 180}},
                                           # or {mode: hardware, hw_interval: 1} (needs hw_aging)
+  eviction: {max_idle: 10, flow_limit: 200000}   # OVS's: evict idle rules' flows, cap them (off by default)
   perf_pages: 2048                # punt ring pages per CPU (a power of two)
 
 examples:
@@ -55,8 +56,10 @@ examples (the seed's slide 9):
   ctctl filter add dev eth5 protocol ip parent ffff: chain 9 flower ct_state +trk+est \\
         action mirred egress redirect dev eth6
   ctctl filter show dev eth5                # `filter list` is the same
-  ctctl -s filter show dev eth5             # or `filter show dev eth5 -s`: total, software, hardware
-  ctctl filter del dev eth5 chain 9 prio 49152
+  ctctl -s filter show dev eth5             # or `filter show dev eth5 -s`: total, software, hardware,
+                                            # and what the rule's flows counted
+  ctctl filter del dev eth5 chain 9 prio 49152   # its flows leave the hardware with it
+  ctctl filter flush dev eth5 chain 9       # every filter of the chain (tc: filter del ... chain 9)
 A refused rule changes nothing; the error names the token and its column.
 """
 
@@ -156,12 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     _name_arg(s)
     s.add_argument("--json", action="store_true", help="machine-readable output")
 
-    s = _sub(sub, "filter", "add, delete or show tc rules of a running box (tc syntax)", FILTER_EPILOG,
+    s = _sub(sub, "filter", "add, delete, flush or show tc rules of a running box (tc syntax)", FILTER_EPILOG,
              run.cmd_filter)
     _name_arg(s)
     s.add_argument("-s", "--stats", dest="stats", action="store_true", default=argparse.SUPPRESS,
                    help="show: with counters (also accepted after the words, and as `ctctl -s filter`)")
-    s.add_argument("words", nargs=argparse.REMAINDER, help="add|del|show|list ... as tc takes it")
+    s.add_argument("words", nargs=argparse.REMAINDER, help="add|del|flush|show|list ... as tc takes it")
 
     s = _sub(sub, "conntrack", "the box's connection table, with conntrack(8)'s commands and filters",
              CONNTRACK_EPILOG, run.cmd_conntrack)
@@ -238,9 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = _sub(sub, "dump-flows", "hardware rules and offloaded entries with counters, "
                                 "in the style of ovs-dpctl dump-flows",
              "examples:\n  ctctl dump-flows\n  ctctl dump-flows | grep '^ct('     # the offloaded entries\n"
-             "A tc chain prints as OVS's recirc_id; packets/bytes are the hardware's, sw_* software's.\n",
+             "  ctctl dump-flows --json | jq '.rules[] | {rule, packets, flows}'\n"
+             "A tc chain prints as OVS's recirc_id.  A rule's packets, bytes and used are what its\n"
+             "flows counted (slide 19's aggregate), hw_*/sw_* its own hits in hardware and software.\n",
              run.cmd_dump_flows)
     _name_arg(s)
+    s.add_argument("--json", action="store_true", help="rules and entries as records")
 
     s = _sub(sub, "topo", "create or destroy a box namespace with hosts on veth pairs",
              "examples:\n  ctctl topo create --tag lab --ports eth5,eth6 --hosts client,server\n"

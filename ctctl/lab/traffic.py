@@ -167,13 +167,14 @@ def udp_exchange(client_ns: str, server_ns: str, server_addr: str, count: int = 
 class TcpStream:
     """One TCP connection between two real processes that lives as long as
     the caller wants: the client sends `chunk` bytes every `every` seconds
-    (every=None: once, then nothing: an idle connection) until stop(),
+    (every=None: once, then nothing: an idle connection), `total` bytes at
+    most, until stop(),
     which closes it cleanly (FIN both ways) and waits for both ends.  Used
     as a context manager; a stream not stopped is killed on exit (by pid:
     only its own two processes)."""
 
     def __init__(self, client_ns: str, server_ns: str, server_addr: str, port: int,
-                 chunk: int = 1000, every: float | None = 0.05):
+                 chunk: int = 1000, every: float | None = 0.05, total: int | None = None):
         me = [sys.executable, "-m", "ctctl.lab.traffic"]
         self.server = ns_popen(server_ns, *me, "tcp-sink", "--port", str(port),
                                stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -183,6 +184,7 @@ class TcpStream:
                        30, f"the TCP sink to listen on {server_ns}:{port}")
             self.client = ns_popen(client_ns, *me, "tcp-send", server_addr, "--port", str(port),
                                    "--chunk", str(chunk), *(["--every", str(every)] if every else []),
+                                   *(["--total", str(total)] if total else []),
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             # The client says "connected" once its first chunk is sent.
             line = self.client.stdout.readline()
@@ -238,10 +240,11 @@ def _tcp_sink(port: int, half_close_after: int | None, v6: bool) -> int:
     return 0
 
 
-def _tcp_send(addr: str, port: int, chunk: int, every: float | None) -> int:
+def _tcp_send(addr: str, port: int, chunk: int, every: float | None, total: int | None = None) -> int:
     """Connect, send `chunk` bytes (again every `every` seconds when
-    given) until stdin reaches EOF; then close our side and wait for the
-    server's FIN.  The pacing is the traffic's own, not a wait."""
+    given, `total` bytes at most) until stdin reaches EOF; then close our
+    side and wait for the server's FIN.  The pacing is the traffic's own,
+    not a wait."""
     import select
 
     sent = 0
@@ -253,7 +256,7 @@ def _tcp_send(addr: str, port: int, chunk: int, every: float | None) -> int:
             ready, _, _ = select.select([sys.stdin.buffer], [], [], every)
             if ready and not os.read(sys.stdin.fileno(), 1 << 12):
                 break
-            if not ready:
+            if not ready and (total is None or sent < total):
                 s.sendall(os.urandom(chunk))
                 sent += chunk
         s.shutdown(socket.SHUT_WR)
@@ -323,9 +326,10 @@ def main(argv=None) -> int:
     t.add_argument("--port", type=int, default=5001)
     t.add_argument("--chunk", type=int, default=1000, help="bytes per send")
     t.add_argument("--every", type=float, default=None, help="seconds between sends (default: send once)")
+    t.add_argument("--total", type=int, default=None, help="bytes to send at most")
     a = p.parse_args(argv)
     if a.cmd == "tcp-send":
-        return _tcp_send(a.addr, a.port, a.chunk, a.every)
+        return _tcp_send(a.addr, a.port, a.chunk, a.every, a.total)
     if a.cmd == "tcp-sink":
         return _tcp_sink(a.port, a.half_close_after, a.v6)
     if a.cmd == "udp-echo-server":

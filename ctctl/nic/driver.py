@@ -19,12 +19,10 @@ from ctctl.kernel.conntrack import Conn
 from ctctl.kernel.offload.hw import DeviceError, DeviceIO, EntryStats, Expired, TableSnapshot
 from ctctl.nic.caps import HwCaps
 from ctctl.nic.encode import SCRATCH_ID, encode_chain, entry_record, flow_entry, hardware_filters, key_tuple
-from ctctl.nic.maps import FlowCounters, Maps
+from ctctl.nic.maps import Maps
 from ctctl.rules import Filter, GotoAction, RuleSet
 
 
-def entry_stats(flow: abi.Flow) -> EntryStats:
-    return EntryStats(flow.packets, flow.bytes, flow.last_used_ns)
 
 
 class Device:
@@ -40,6 +38,8 @@ class Device:
         self._keys: dict[int, list] = {}     # conn id -> [original key, reply key] in the table
         self._conn_of: dict[bytes, int] = {}  # an entry's key -> its conn id
         self._ids: dict[Filter, int] = {}
+        self._next_id = SCRATCH_ID + 1
+        self._paths: dict[tuple[int, ...], tuple[Filter, ...]] = {}   # rule ids -> rules, as installed
         self._written: dict[tuple[int, int], bytes] = {}
         self.not_installed: list[str] = []   # devices of the last install without an ifindex
         self.ager = None                     # the NIC's own aging (ctctl.nic.aging), once started
@@ -71,7 +71,11 @@ class Device:
         keep = set(counted)
         self._ids = {f: i for f, i in self._ids.items() if f in keep}
         used = set(self._ids.values())
-        free = (i for i in range(SCRATCH_ID + 1, abi.MAX_RULE_IDS) if i not in used)
+        # Ids are handed out round the ring from the last one given, not
+        # lowest first: an entry may still name a deleted rule's id in its
+        # path until its next packet, and must not find a new rule there.
+        ring = list(range(self._next_id, abi.MAX_RULE_IDS)) + list(range(SCRATCH_ID + 1, self._next_id))
+        free = (i for i in ring if i not in used)
         new = []
         for f in counted:
             if f in self._ids:
@@ -80,8 +84,24 @@ class Device:
             if i is None:
                 raise DeviceError(f"more than {abi.MAX_RULE_IDS - 1} filters to count in hardware")
             self._ids[f] = i
+            self._next_id = i + 1 if i + 1 < abi.MAX_RULE_IDS else SCRATCH_ID + 1
             new.append(i)
+        self._paths = {}
         return new
+
+    def path_rules(self, ids) -> tuple[Filter, ...]:
+        """An entry's path (the program's rule ids, 0 = none) as the rules
+        they are now; ids of rules that are gone are left out.  Paths
+        repeat from entry to entry, so each is translated once per install."""
+        ids = tuple(ids)
+        rules = self._paths.get(ids)
+        if rules is None:
+            rule_of = {i: f for f, i in self._ids.items()}
+            rules = self._paths[ids] = tuple(rule_of[i] for i in ids if i in rule_of)
+        return rules
+
+    def entry_stats(self, flow: abi.Flow) -> EntryStats:
+        return EntryStats(flow.packets, flow.bytes, flow.last_used_ns, self.path_rules(flow.path))
 
     def plan(self, ruleset: RuleSet) -> dict[tuple[int, int], list[Filter]]:
         """(ifindex, chain) -> the chain's filters, for every chain install()
@@ -159,7 +179,7 @@ class Device:
     def remove_flow(self, key: bytes) -> EntryStats | None:
         flow = self._maps().take_flow(abi.Tuple.from_buffer_copy(key))
         self._forget(key)
-        return None if flow is None else entry_stats(flow)
+        return None if flow is None else self.entry_stats(flow)
 
     def _forget(self, key: bytes) -> None:
         cid = self._conn_of.pop(key, None)
@@ -205,21 +225,18 @@ class Device:
 
     def read_flow(self, key: bytes) -> EntryStats | None:
         flow = self._maps().read_flow(abi.Tuple.from_buffer_copy(key))
-        return None if flow is None else entry_stats(flow)
+        return None if flow is None else self.entry_stats(flow)
 
     def read_flows(self) -> dict[bytes, EntryStats]:
-        return {k: EntryStats(*c) for k, c in self._maps().flow_counters().items()}
+        path = self.path_rules
+        return {k: EntryStats(c.packets, c.bytes, c.last_used_ns, path(c.path))
+                for k, c in self._maps().flow_counters().items()}
 
     def read_table(self) -> TableSnapshot:
         keys, vals = self._maps().flow_arrays()
         return TableSnapshot(conn_id=vals["conn_id"], dir=vals["dir"], proto=keys["proto"],
-                             packets=vals["packets"], bytes=vals["bytes"], last_used_ns=vals["last_used_ns"])
-
-    def read_counters(self) -> dict[bytes, FlowCounters]:
-        """read_flows() with each entry's counters as a tuple of the same
-        fields (packets, bytes, last_used_ns): the full aging pass's read,
-        which at a million entries cannot afford an object per entry."""
-        return self._maps().flow_counters()
+                             packets=vals["packets"], bytes=vals["bytes"], last_used_ns=vals["last_used_ns"],
+                             path=vals["path"], rule_of={i: f for f, i in self._ids.items()})
 
     @property
     def io(self) -> DeviceIO:
@@ -245,7 +262,7 @@ class Device:
             flow = maps.take_flow(k)
             self._forget(bytes(k))
             if flow is not None:
-                out.append((bytes(k), entry_stats(flow)))
+                out.append((bytes(k), self.entry_stats(flow)))
         return out
 
     def entries(self) -> list[dict]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import functools
 import os
 import struct
 from pathlib import Path
@@ -296,20 +295,26 @@ _TUPLE_DTYPE, _FLOW_DTYPE = np.dtype(abi.Tuple), np.dtype(abi.Flow)
 
 
 class FlowCounters(NamedTuple):
-    """An entry's hardware counters as flow_counters() reads them: the
-    fields of ctctl.kernel.offload.hw.EntryStats, in a tuple (built from
-    struct ctctl_flow's first three fields without a Python call each)."""
+    """An entry's hardware counters and path as flow_counters() reads
+    them: EntryStats' fields, the path as the program's rule ids."""
 
     packets: int
     bytes: int
     last_used_ns: int
+    path: tuple[int, ...]
 
 
-# struct ctctl_flow begins with its counters: packets, bytes, last_used_ns.
-if (abi.Flow.packets.offset, abi.Flow.bytes.offset, abi.Flow.last_used_ns.offset) != (0, 8, 16):
-    raise ImportError("ctctl.abi.Flow no longer begins with packets, bytes, last_used_ns: fix _COUNTERS")
-_COUNTERS = struct.Struct(f"=QQQ{ctypes.sizeof(abi.Flow) - 24}x")
-_counters = functools.partial(tuple.__new__, FlowCounters)
+# struct ctctl_flow begins with its counters (packets, bytes, last_used_ns)
+# and ends with its path.
+_PATH_OFF = abi.Flow.path.offset
+if ((abi.Flow.packets.offset, abi.Flow.bytes.offset, abi.Flow.last_used_ns.offset) != (0, 8, 16)
+        or _PATH_OFF + 2 * abi.PATH_LEN != ctypes.sizeof(abi.Flow)):
+    raise ImportError("ctctl.abi.Flow's counters or path moved: fix _COUNTERS")
+_COUNTERS = struct.Struct(f"=QQQ{_PATH_OFF - 24}x{abi.PATH_LEN}H")
+
+
+def _counters(fields: tuple) -> FlowCounters:
+    return FlowCounters(fields[0], fields[1], fields[2], fields[3:])
 
 
 def _possible_cpus() -> int:

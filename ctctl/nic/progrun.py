@@ -81,15 +81,6 @@ class SkBuff(ctypes.Structure):
     ]
 
 
-def _test_run_fn():
-    from bcc import libbcc  # imported late: collection works without BCC
-
-    fn = libbcc.lib.bpf_prog_test_run_opts
-    fn.argtypes = [ctypes.c_int, ctypes.POINTER(BpfTestRunOpts)]
-    fn.restype = ctypes.c_int
-    return fn
-
-
 class Refused(OSError):
     """The kernel refused the test run (the program never ran)."""
 

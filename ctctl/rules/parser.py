@@ -54,7 +54,7 @@ class AddCommand:
 
 @dataclass(frozen=True)
 class DelCommand:
-    dev: str
+    dev: str | None = None        # None: every device (flush)
     chain: int | None = None
     prio: int | None = None
     handle: int | None = None
@@ -320,11 +320,11 @@ def _prefix(cur: Cursor) -> tuple[str | None, Token | None, bool]:
         stats = True
     if cur.at("filter"):
         kw = cur.take()
-        verb = cur.need("add, del or show", kw)
-        v = {"add": "add", "del": "del", "delete": "del", "show": "show",
+        verb = cur.need("add, del, flush or show", kw)
+        v = {"add": "add", "del": "del", "delete": "del", "flush": "flush", "show": "show",
              "list": "show", "ls": "show"}.get(verb.text)
         if v is None:
-            raise err(f"filter: unsupported command '{verb.text}' (expected add, del or show)", verb)
+            raise err(f"filter: unsupported command '{verb.text}' (expected add, del, flush or show)", verb)
         while cur.at("-s", "-stats", "-statistics"):
             cur.take()
             stats = True
@@ -372,7 +372,7 @@ def _parse_select(cur: Cursor, allow: set[str]) -> dict:
 
 
 def parse_command(text: str) -> Command:
-    """One `filter add|del|show` command line."""
+    """One `filter add|del|flush|show` command line."""
     cur = Cursor(text)
     if cur.done():
         raise RuleSyntaxError("empty command", 1, "")
@@ -387,6 +387,10 @@ def parse_command(text: str) -> Command:
             # tc needs the prio to find the flower instance holding a handle.
             raise RuleSyntaxError("filter del: 'handle' needs 'prio'", cur.end.column, "")
         return DelCommand(**sel)
+    if verb == "flush":
+        # tc's `filter del dev D chain N` (every filter of the chain), and
+        # without dev, of every port's chain N.
+        return DelCommand(**_parse_select(cur, {"dev", "protocol", "chain"}))
     sel = _parse_select(cur, {"dev", "chain"})
     return ShowCommand(stats=stats, **sel)
 

@@ -146,13 +146,16 @@ class RuleSet:
         st.bytes += nbytes
 
     def show(self, dev: str | None = None, chain: int | None = None,
-             stats: bool = False, hw_stats: dict | None = None) -> list[str]:
+             stats: bool = False, hw_stats: dict | None = None, aggregates: dict | None = None) -> list[str]:
         """The filters as `filter add` lines (the round trip of the CLI's
         `filter show`).  With stats, each entry gets its counters in the
         layout of `tc -s filter show` for a filter offloaded to a NIC: the
         total, then what software and what the hardware counted (hw_stats:
-        Filter -> (packets, bytes))."""
+        Filter -> (packets, bytes)), then, where given, what its flows
+        counted (aggregates: Filter -> (packets, bytes, flows, seconds
+        since last used or None))."""
         hw_stats = hw_stats or {}
+        aggregates = aggregates or {}
         out = []
         for f in self.filters(dev):
             if chain is not None and f.chain != chain:
@@ -164,5 +167,9 @@ class RuleSet:
                 line += (f"\n\tSent {sw.bytes + hb} bytes {sw.packets + hp} pkt"
                          f"\n\tSent software {sw.bytes} bytes {sw.packets} pkt"
                          f"\n\tSent hardware {hb} bytes {hp} pkt")
+                if f in aggregates:
+                    ap, ab, flows, ago = aggregates[f]
+                    used = "never" if ago is None else f"{ago:.3f} s ago"
+                    line += f"\n\tSent by its flows {ab} bytes {ap} pkt ({flows} flows, used {used})"
             out.append(line)
         return out

@@ -367,6 +367,25 @@ def test_ct_hit_on_established_entry_redirects_and_counts(hw):
     assert (f.packets, f.bytes) == (2, 2 * (len(frame) - 14))
 
 
+def test_the_entry_keeps_the_path_of_the_packets_it_finished(hw):
+    """The rules a ct hit's packet ran, chain by chain, go into the entry
+    (the flow's owners, slide 19); a punted packet writes nothing, and an
+    entry whose path is stale (the rules changed) gets the new one."""
+    load(hw, SLIDE9)
+    pkt = tcp4()
+    key = add_flow(hw, pkt)
+    assert list(read_flow(hw, key).path) == [0] * abi.PATH_LEN
+    assert hw.run(bytes(pkt)).retval == TC_ACT_REDIRECT
+    assert list(read_flow(hw, key).path) == [1, 2] + [0] * (abi.PATH_LEN - 2)
+    # Another rule in chain 9 now takes the packet: the path follows.
+    set_chain(hw, 9, [rule(7, [mirred(OUT)], eth=0x0800, ct_state=(TRK | EST, 0))])
+    assert hw.run(bytes(pkt)).retval == TC_ACT_REDIRECT
+    assert list(read_flow(hw, key).path)[:3] == [1, 7, 0]
+    # A FIN is punted at the ct action: the entry keeps what it had.
+    one_punt(hw.run(bytes(tcp4(flags="FA"))), Reason.CT_FLAGS)
+    assert list(read_flow(hw, key).path)[:3] == [1, 7, 0]
+
+
 def test_flow_counters_only_with_the_capability(hw):
     load(hw, SLIDE9)
     pkt = tcp4()

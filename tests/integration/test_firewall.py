@@ -19,7 +19,8 @@ def chain9_hits(b, dev):
     lines = b.request("filter", line=f"-s filter show dev {dev} chain 9")["lines"]
     hits = {}
     for entry in lines:
-        rule, total, software, hardware = entry.split("\n")
+        # The rule; Sent total, software, hardware; what its flows sent.
+        rule, total, software, hardware, _flows = entry.split("\n")
         state = rule.split("ct_state ")[1].split()[0]
         proto = rule.split("protocol ")[1].split()[0]
         # "Sent B bytes P pkt", then software's and the hardware's shares

@@ -47,6 +47,7 @@ def test_the_config_in_load_help_is_a_config_ctctl_takes():
     from ctctl.box.config import KEYS
     from ctctl.cli.parser import LOAD_EPILOG
     from ctctl.kernel.offload.aging import AgingConfig
+    from ctctl.kernel.offload.eviction import EvictionConfig
     from ctctl.kernel.offload.policy import OffloadPolicy
     from ctctl.nic.caps import HwCaps
 
@@ -54,4 +55,5 @@ def test_the_config_in_load_help_is_a_config_ctctl_takes():
     assert set(shown) | {"forward"} == set(KEYS)
     OffloadPolicy.from_config(shown["offload"])
     AgingConfig.from_config(shown["aging"])
+    EvictionConfig.from_config(shown["eviction"])
     HwCaps.from_config(shown["hardware"])

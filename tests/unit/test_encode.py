@@ -311,7 +311,22 @@ def test_ids_stable_across_changes():
     assert SCRATCH_ID not in (ia, ib) and ia != ib
     new = dev.assign_ids([c, b])  # a deleted, c added
     assert dev.rule_id(b) == ib and dev.rule_id(a) is None
-    assert new == [dev.rule_id(c)] and dev.rule_id(c) == ia  # a's freed slot, to be zeroed
+    # Not a's freed id: an entry may still name it in its path.  The next
+    # one round the ring (its counter slot to be zeroed).
+    assert new == [dev.rule_id(c)] and dev.rule_id(c) == ib + 1 and ia != ib + 1
+
+
+def test_rule_ids_wrap_round_and_skip_the_ones_in_use():
+    from dataclasses import replace
+
+    dev = Device(None, PORTS)
+    one = parse_filter("dev eth5 prio 1 handle 1 flower action drop")
+    filters = [replace(one, handle=h) for h in range(1, abi.MAX_RULE_IDS)]   # every id taken
+    dev.assign_ids(filters)
+    assert dev.rule_id(filters.pop(4)) == 5
+    late = replace(one, handle=abi.MAX_RULE_IDS)
+    assert dev.assign_ids(filters + [late]) == [5]    # round the ring to the one free id
+    assert dev.rule_id(late) == 5
 
 
 # ---------------------------------------------------------------------------

@@ -25,10 +25,10 @@ def snat_connection():
 def test_dump_flows_rules_then_entries():
     rules = [
         (parse_filter("dev eth5 protocol ip chain 0 prio 1 flower ct_state -trk action ct action goto chain 9"),
-         (20, 1960), FilterStats(1, 98)),
+         (20, 1960), FilterStats(1, 98), {"packets": 21, "bytes": 2058, "flows": 2, "used_ago": 0.25}),
         (parse_filter("dev eth5 protocol ip chain 9 prio 2 flower ct_state +trk+new ip_proto tcp dst_port 80 "
                       "action ct commit nat src addr 192.0.2.100 action mirred egress redirect dev eth6"),
-         (0, 0), FilterStats(3, 258)),
+         (0, 0), FilterStats(3, 258), {"packets": 0, "bytes": 0, "flows": 0, "used_ago": None}),
     ]
     conn = snat_connection()
     entries = []
@@ -38,10 +38,11 @@ def test_dump_flows_rules_then_entries():
         entries.append(entry_record(key, flow))
     lines = dump_flows(rules, entries, now_ns=10_500_000_000)
     assert lines == [
-        "recirc_id(0x0),in_port(eth5),ct_state(-trk),eth_type(0x0800), packets:20, bytes:1960, "
-        "sw_packets:1, sw_bytes:98, actions:ct,recirc(0x9)",
+        "recirc_id(0x0),in_port(eth5),ct_state(-trk),eth_type(0x0800), packets:21, bytes:2058, used:0.250s, "
+        "flows:2, hw_packets:20, hw_bytes:1960, sw_packets:1, sw_bytes:98, actions:ct,recirc(0x9)",
         "recirc_id(0x9),in_port(eth5),ct_state(+new+trk),eth_type(0x0800),ipv4(proto=6),tcp(dst=80), "
-        "packets:0, bytes:0, sw_packets:3, sw_bytes:258, actions:ct(commit,nat(src)),eth6",
+        "packets:0, bytes:0, used:never, flows:0, hw_packets:0, hw_bytes:0, sw_packets:3, sw_bytes:258, "
+        "actions:ct(commit,nat(src)),eth6",
         f"ct(zone=0),tcp(src=10.1.0.1,dst=10.2.0.1,sport=40000,dport=80),dir=original,conn={conn.id}, "
         "packets:7, bytes:700, used:1.500s, actions:ct_state(+est+trk+snat),nat_src=192.0.2.100:2000",
         f"ct(zone=0),tcp(src=10.2.0.1,dst=192.0.2.100,sport=80,dport=2000),dir=reply,conn={conn.id}, "

@@ -1,5 +1,6 @@
 """`ctctl dump-flows`: the hardware's rules and offloaded entries with their
-counters, in the style of `ovs-dpctl dump-flows` (the seed's slide 9).
+counters, in the style of `ovs-dpctl dump-flows` (the seed's slide 9):
+a rule's packets, bytes and used are the aggregate of its flows (slide 19).
 
 A tc chain is OVS's recirc_id (slide 6: "OVS Recirc ID = TC chain ID"), so
 rules print as recirc_id(N),in_port(dev),<matches>; offloaded entries print
@@ -12,6 +13,7 @@ from __future__ import annotations
 from ctctl.abi import CtState
 from ctctl.protocols import ETH_P_ALL, ETH_P_IPV6, proto_name
 from ctctl.rules import CtAction, DropAction, GotoAction, MirredAction, PassAction, TrapAction
+
 
 def ct_state_text(set_bits: int, clear_bits: int = 0) -> str:
     """+flag/-flag in OVS's order, which is the bits' (new est rel rpl inv
@@ -93,15 +95,23 @@ def _used(last_ns: int, now_ns: int) -> str:
     return f"{max(0.0, (now_ns - last_ns) / 1e9):.3f}s"
 
 
+def _ago(seconds: float | None) -> str:
+    return "never" if seconds is None else f"{max(0.0, seconds):.3f}s"
+
+
 def dump_flows(rules, entries: list[dict], now_ns: int) -> list[str]:
-    """Lines for `ctctl dump-flows`: the rules, each with its hardware
-    (packets, bytes) and its software FilterStats, then the offloaded
-    entries (ctctl.nic.encode.entry_record dicts), with `used:` counted
-    back from now_ns on the device's clock."""
+    """Lines for `ctctl dump-flows`: the rules, then the offloaded entries
+    (ctctl.nic.encode.entry_record dicts), with `used:` counted back from
+    now_ns on the device's clock.  A rule is (filter, its hardware
+    (packets, bytes), its software FilterStats, its aggregate): packets,
+    bytes and used are the aggregate of its flows, as OVS sees a megaflow
+    (a dict: packets, bytes, flows, used_ago seconds or None); the rule's
+    own hit counters follow."""
     lines = []
-    for f, (packets, nbytes), sw in rules:
+    for f, (packets, nbytes), sw, agg in rules:
         head = ",".join([f"recirc_id({f.chain:#x})", f"in_port({f.dev})"] + _matches(f))
-        lines.append(f"{head}, packets:{packets}, bytes:{nbytes}, sw_packets:{sw.packets}, "
+        lines.append(f"{head}, packets:{agg['packets']}, bytes:{agg['bytes']}, used:{_ago(agg['used_ago'])}, "
+                     f"flows:{agg['flows']}, hw_packets:{packets}, hw_bytes:{nbytes}, sw_packets:{sw.packets}, "
                      f"sw_bytes:{sw.bytes}, actions:{_action_list(f)}")
     for r in sorted(entries, key=lambda r: (r["conn_id"], r["dir"] != "original")):
         nat = "".join(f",{k}={r[k]}" for k in ("nat_src", "nat_dst") if k in r)

@@ -158,15 +158,6 @@ def gc_paused():
             gc.enable()
 
 
-def read_all(device) -> dict:
-    """Every entry's counters by key, for a pass over the whole table: the
-    device's read_counters() where it has one (ctctl.nic.driver.Device:
-    tuples with EntryStats' fields, not a million EntryStats), else
-    read_flows()."""
-    fast = getattr(device, "read_counters", None)
-    return fast() if fast is not None else device.read_flows()
-
-
 def next_tick(due: float, period: float, now: float) -> float:
     """A timer on a fixed schedule: the tick after the one due now, so
     that late calls (the controller's loop was busy) do not push every

@@ -36,6 +36,7 @@ class EntryStats:
     packets: int = 0
     bytes: int = 0
     last_used_ns: int = 0     # the device's clock (bpf_ktime_get_ns: CLOCK_MONOTONIC), 0 = never
+    path: tuple = ()          # the rules (ctctl.rules.Filter) its packets ran, chain by chain
 
 
 @dataclass(frozen=True)
@@ -60,12 +61,18 @@ class TableSnapshot:
     packets: np.ndarray        # uint64
     bytes: np.ndarray          # uint64
     last_used_ns: np.ndarray   # uint64, 0 = never hit
+    path: np.ndarray | None = None    # [n, k] the device's rule ids, 0 = none
+    rule_of: dict | None = None       # a rule id -> its rule (ctctl.rules.Filter)
 
     def __len__(self) -> int:
         return len(self.conn_id)
 
     def stats(self, i: int) -> EntryStats:
-        return EntryStats(int(self.packets[i]), int(self.bytes[i]), int(self.last_used_ns[i]))
+        path = ()
+        if self.path is not None:
+            rule_of = self.rule_of or {}
+            path = tuple(rule_of[r] for r in self.path[i].tolist() if r in rule_of)
+        return EntryStats(int(self.packets[i]), int(self.bytes[i]), int(self.last_used_ns[i]), path)
 
 
 @dataclass

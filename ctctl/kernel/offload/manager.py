@@ -15,6 +15,11 @@ the counters the hardware keeps for them.
 - The hardware counters are folded into the connection's counters
   whenever the entries are read and when they leave: nothing counted in
   hardware is lost.
+- Every flow knows the rules it belongs to (ctctl.kernel.offload.owners:
+  software's traces, the hardware's paths); deleting a rule evicts its
+  flows (slide 19), and eviction (ctctl.kernel.offload.eviction) may take
+  out the flows of idle rules, or of the least recently used ones past a
+  flow limit.
 - A connection in hardware lives as long as the flowtable keeps it (the
   tracker leaves it alone, as the kernel's conntrack GC skips offloaded
   entries): the aging mode (ctctl.kernel.offload.aging) looks at it, and
@@ -40,7 +45,9 @@ from ctctl.kernel.conntrack import Conn, ConnTracker, Status
 from . import aging as agingmod
 from .aging import AgingConfig, lane
 from .fastpath import FastPath
+from .eviction import Eviction, EvictionConfig
 from .hw import DeviceError, EntryStats, Expired, FlowDevice, TableFull
+from .owners import Owners, rule_name
 from .policy import OffloadPolicy, state_timeout
 
 HW = Status.OFFLOAD | Status.HW_OFFLOAD
@@ -71,7 +78,7 @@ class OffloadManager:
                  clock: Callable[[], float] = time.monotonic,
                  ktime: Callable[[], int] = time.monotonic_ns,
                  notify: Callable[[str], None] | None = None,
-                 aging: AgingConfig | None = None):
+                 aging: AgingConfig | None = None, eviction: EvictionConfig | None = None):
         self.tracker = tracker
         self.notify = notify or (lambda text: None)   # one line per decision, for event logs
         self.device = device
@@ -82,6 +89,8 @@ class OffloadManager:
         self.soft: dict[int, SoftConn] = {}       # the soft list, by connection id
         self.pending: deque[Conn] = deque()        # on the soft list, waiting for room in hardware
         self.fastpath = FastPath()
+        self.owners = Owners()
+        self.eviction = Eviction(eviction or EvictionConfig(), clock)
         self.counters = Tally()
         # Connections a FIN took out of hardware, whose later packets
         # software handles (counted: a server that half-closes early
@@ -94,10 +103,13 @@ class OffloadManager:
         tracker.subscribe(self._on_event)
 
     # -- after each packet software handled ----------------------------------
-    def after_packet(self, conns) -> None:
+    def after_packet(self, conns, forwarded: bool = True) -> None:
         """The connections a packet touched in software (each ct action's
         result): offload the ones that now qualify, take out the ones that
-        are terminating."""
+        are terminating.  Only a forwarded packet offloads its connection:
+        act_ct offloads at the ct action whatever the later rules do, but a
+        connection whose packets the rules drop (its rule deleted, say)
+        would then go back into hardware only to punt every packet."""
         seen = set()
         for conn in conns:
             if conn is None or conn.id in seen:
@@ -117,7 +129,7 @@ class OffloadManager:
                     # The tracker just gave it its state's timeout: the
                     # soft list ages it on the offload timeout.
                     self.tracker.set_timeout(conn, self.policy.timeout_for(conn))
-            elif self.policy.eligible(conn):
+            elif forwarded and self.policy.eligible(conn):
                 self.offload(conn)
 
     # -- the two lists ---------------------------------------------------------
@@ -157,12 +169,14 @@ class OffloadManager:
         self.tracker.set_timeout(conn, self.policy.timeout_for(conn))
         self.counters["offloaded"] += 1
         self.notify(f"conn {conn.id}: offloaded, both directions in hardware")
+        self.eviction.after_offload(self, conn)
         return True
 
-    def remove(self, conn: Conn, why: str, back_to_software: bool = True) -> None:
+    def remove(self, conn: Conn, why: str, back_to_software: bool = True, detail: str = "") -> None:
         """Take a connection out of hardware, its counters folded.  It goes
         back to software with its state's timeout, unless it is about to
-        die anyway (back_to_software=False: deleted, flushed)."""
+        die anyway (back_to_software=False: deleted, flushed).  `detail`
+        goes into the event after `why`."""
         hc = self.hw.pop(conn.id, None)
         if hc is None:
             return
@@ -178,7 +192,11 @@ class OffloadManager:
             # Back to software: the state's own timeout, as nf_flowtable does.
             self.tracker.set_timeout(conn, state_timeout(conn, self.tracker.config.timeouts))
         self.counters["removed_" + why] += 1
-        self.notify(f"conn {conn.id}: out of hardware ({why}); hardware counted "
+        if why == "evicted":
+            what = f"evicted ({detail})"
+        else:
+            what = f"out of hardware ({why}{': ' + detail if detail else ''})"
+        self.notify(f"conn {conn.id}: {what}; hardware counted "
                     f"{hc.folded[0][0]}+{hc.folded[1][0]} packets, folded into the connection")
         self._from_pending()
 
@@ -239,11 +257,54 @@ class OffloadManager:
             return
         self.fastpath.learn(key, before, verdict, counted)
 
+    # -- rules and their flows (slide 19) -----------------------------------------
+    def ran(self, conn: Conn, direction: int, rules) -> None:
+        """A packet of this connection's `direction` ran these rules in
+        software: its flow belongs to them."""
+        self.owners.ran(conn, direction, rules)
+
+    def evict(self, rules, why: str) -> list[int]:
+        """Take out of hardware, and off the soft list, every connection
+        with a flow that belongs to one of `rules` (their counters folded);
+        software judges their next packets under the rules there are then.
+        The connections evicted, by id."""
+        out = []
+        for rule in rules:
+            for conn in self.owners.conns_of(rule):
+                if conn.id in self.hw:
+                    self.remove(conn, "evicted", detail=f"{why}: {rule_name(rule)}")
+                elif conn.id in self.soft:
+                    self._leave_soft(conn, "evicted")
+                    self.notify(f"conn {conn.id}: evicted from the soft list ({why}: {rule_name(rule)})")
+                else:
+                    continue
+                out.append(conn.id)
+        return out
+
+    def rules_deleted(self, rules) -> list[int]:
+        """Rules deleted (`filter del`, `filter flush`): their flows are
+        evicted, their ownership and aggregates forgotten.  The entries'
+        paths are read first, so that no flow that ran them in hardware
+        only is missed."""
+        self.sync()
+        out = self.evict(rules, "rule deleted")
+        for rule in rules:
+            self.owners.rule_deleted(rule)
+        self.fastpath.rules_changed()
+        return out
+
+    def aggregates(self) -> dict:
+        """Each rule's aggregate counters (ctctl.kernel.offload.owners),
+        after a sync so that what the hardware counted is in."""
+        self.sync()
+        return {rule: self.owners.aggregate(rule) for rule in self.owners.rules()}
+
     def _on_event(self, event: str, conn: Conn) -> None:
         hc = self.hw.get(conn.id)
         if event == "UPDATE" and hc is not None and hc.written != (conn.mark, conn.label):
             self._rewrite(hc)
         if event == "DESTROY":
+            self.owners.gone(conn)
             self.after_fin.discard(conn.id)
             if conn.id in self.hw:     # killed in software (ct force, a delete): take it out
                 self.remove(conn, "destroyed", back_to_software=False)
@@ -284,7 +345,7 @@ class OffloadManager:
         deadline (for listings: `conntrack -L`, `offload`); expires nothing,
         whatever the aging mode."""
         with agingmod.gc_paused():
-            get = agingmod.read_all(self.device).get
+            get = self.device.read_flows().get
             now_ns = self.ktime()
             for hc in list(self.hw.values()):
                 k0, k1 = hc.keys
@@ -294,8 +355,10 @@ class OffloadManager:
 
     # -- aging ------------------------------------------------------------------
     def tick(self) -> None:
-        """Let the aging mode look at what is due (call it often)."""
+        """Let the aging mode look at what is due, and the eviction (call
+        it often)."""
         self.aging.tick(self)
+        self.eviction.tick(self)
 
     def set_aging(self, cfg: AgingConfig) -> None:
         """Another aging mode, at run time: it takes over every connection
@@ -357,6 +420,8 @@ class OffloadManager:
                     self._fold(hc, d, st)
                 if st.last_used_ns > last:
                     last = st.last_used_ns
+                if st.path:
+                    self.owners.ran(hc.conn, d, st.path)
         hc.last_used_ns = last
 
     def _show_deadline(self, hc: HwConn, now_ns: int, deadline: int | None = None) -> None:
