@@ -189,11 +189,32 @@ def _offload(path: str, node):
 def _aging(path: str, node, hardware):
     from ctctl.kernel.offload.aging import AgingConfig
 
+    if node is None:
+        return AgingConfig(mode=default_aging(hardware))
     aging = _section(path, node, "aging", AgingConfig)
-    if aging.mode == "hardware" and not hardware.hw_aging:
-        raise ConfigError(_where(path, node), "aging mode hardware needs a NIC that ages its own entries "
-                                              "(hardware: {hw_aging: true})")
+    why = aging_refused(aging.mode, hardware)
+    if why:
+        raise ConfigError(_where(path, node), why)
     return aging
+
+
+def default_aging(hardware) -> str:
+    """full where software can read the entries; without flow counters,
+    the NIC's own aging where it has it, else the offload timeout."""
+    if hardware.flow_counters:
+        return "full"
+    return "hardware" if hardware.hw_aging else "timeout"
+
+
+def aging_refused(mode: str, hardware) -> str | None:
+    """Why the declared NIC cannot be aged that way, or None."""
+    if mode == "hardware" and not hardware.hw_aging:
+        return "aging mode hardware needs a NIC that ages its own entries (hardware: {hw_aging: true})"
+    if mode in ("full", "sample") and not hardware.flow_counters:
+        return (f"aging mode {mode} reads the entries' counters and last use, which a NIC without flow "
+                "counters does not keep (hardware: {flow_counters: false}): use aging mode "
+                + ("hardware or timeout" if hardware.hw_aging else "timeout (it has no hw_aging either)"))
+    return None
 
 
 def _eviction(path: str, node):

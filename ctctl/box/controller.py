@@ -138,7 +138,7 @@ class Controller:
                     last = v.cts[-1].result
                     if last is not None and last.conn is not None:
                         # Its flow belongs to the rules it ran (the resumed one too).
-                        self.offload.ran(last.conn, 1 if last.reply else 0, [s.filter for s in v.trace])
+                        self.offload.owners.ran(last.conn, 1 if last.reply else 0, [s.filter for s in v.trace])
                     self.offload.after_packet([c.result.conn for c in v.cts if c.result],
                                               forwarded=v.kind == "output")
                     if fkey is not None and v.kind == "output":
@@ -193,7 +193,8 @@ class Controller:
                     self.offload = OffloadManager(self.tracker, self.device, self.cfg.offload,
                                                   clock=self.clock, ktime=self.ktime,
                                                   notify=lambda t: self.events.append(f"   [HW] {t}"),
-                                                  aging=self.cfg.aging, eviction=self.cfg.eviction)
+                                                  aging=self.cfg.aging, eviction=self.cfg.eviction,
+                                                  insert_rate=self.cfg.hardware.insert_rate)
                 try:
                     dp.attach()
                 finally:

@@ -13,11 +13,14 @@ import os
 from typing import Callable
 
 from ctctl import abi
+from ctctl.box.config import aging_refused
 from ctctl.box.control import ControlError
 from ctctl.box.views.dumpflows import dump_flows
 from ctctl.kernel.conntrack import ConnFilter, conntrack_record, format_conntrack, select, timeouts
 from ctctl.kernel.offload import PolicyError
 from ctctl.kernel.offload.aging import AgingConfig, AgingError
+from ctctl.kernel.offload.eviction import rules_deleted
+from ctctl.nic.caps import HwCaps
 from ctctl.nic.maps import program_stats
 from ctctl.rules import (
     AddCommand, MirredAction, RuleSyntaxError, ShowCommand, execute, format_filter, parse_command,
@@ -193,7 +196,7 @@ def filter_request(ctl, req: dict) -> dict:
         if out.verb == "del" and out.filters and ctl.offload is not None:
             # Slide 19: a deleted rule's flows leave the hardware with it,
             # before the hardware has its new rules.
-            evicted = ctl.offload.rules_deleted(out.filters)
+            evicted = rules_deleted(ctl.offload, out.filters)
         if out.verb != "show" and ctl.device is not None:
             ctl.device.install(ctl.ruleset)   # ndo_setup_tc
         if out.verb != "show" and ctl.offload is not None:
@@ -247,10 +250,9 @@ def aging(ctl, req: dict) -> dict:
                 cfg = AgingConfig.from_config({**ctl.offload.aging.cfg.to_dict(), **(req.get("config") or {})})
             except AgingError as e:
                 raise ControlError(str(e)) from None
-            caps = ctl.cfg.hardware
-            if cfg.mode == "hardware" and not (caps and caps.hw_aging):
-                raise ControlError("aging mode hardware needs a NIC that ages its own entries "
-                                   "(hardware: {hw_aging: true} in the box config)")
+            why = aging_refused(cfg.mode, ctl.cfg.hardware or HwCaps())
+            if why:
+                raise ControlError(why)
             ctl.offload.set_aging(cfg)
         return {"aging": ctl.offload.aging.report(), "earlier": list(ctl.offload.earlier_aging),
                 "hardware": len(ctl.offload.hw)}

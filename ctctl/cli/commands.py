@@ -51,6 +51,10 @@ def cmd_load(args) -> int:
     def ready():
         print(f"ctctl: box {cfg.name} loaded on {cfg.netns} ports {', '.join(cfg.ports)} "
               f"(pid {os.getpid()}); Ctrl-C or `ctctl unload --name {cfg.name}` to stop", flush=True)
+        if cfg.rules is not None:
+            # What the "NIC" is, and how its connections die: a run is only
+            # comparable with another of the same.
+            print(f"ctctl: hardware: {cfg.hardware.describe()}; aging: {cfg.aging.mode}", flush=True)
 
     try:
         Controller(cfg).run(on_ready=ready)

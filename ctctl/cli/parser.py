@@ -35,12 +35,14 @@ config (YAML; every key but name, netns and ports optional):
     - filter add dev eth5 protocol ip parent ffff: chain 0 flower ct_state -trk action ct action goto chain 9
     - filter add dev eth5 protocol ip parent ffff: chain 9 flower ct_state +trk+est action mirred egress redirect dev eth6
   # forward: {eth5: eth6, eth6: eth5}   # instead of rules: a static port map (plumbing only)
-  hardware: {table_size: 65536, flow_counters: true, nat: true, hw_aging: false}   # what the "NIC" can do
+  hardware: {profile: full, table_size: 65536, flow_counters: true, nat: true,   # what the "NIC" can do
+             hw_aging: false, insert_rate: 0}   # profiles: full, minimal, no-counters; 0 = no limit
   offload: {tcp: established, udp: assured, icmp: replied, closing: false,
             where: hardware,              # or soft: qualified connections on the software fast path
             tcp_timeout: 3600, udp_timeout: 180, icmp_timeout: 180}
   aging: {mode: full, interval: 1}        # or {mode: sample, k: 6, period: {tcp: 3600, udp: 180}},
-                                          # or {mode: hardware, hw_interval: 1} (needs hw_aging)
+                                          # or {mode: hardware, hw_interval: 1} (needs hw_aging),
+                                          # or {mode: timeout} (a NIC without flow counters)
   eviction: {max_idle: 10, flow_limit: 200000}   # OVS's: evict idle rules' flows, cap them (off by default)
   perf_pages: 2048                # punt ring pages per CPU (a power of two)
 
@@ -94,6 +96,7 @@ examples (the seed's slides 11, 15, 17 and 18):
   ctctl aging set full --interval 1         # nf_flowtable's: read every entry every second
   ctctl aging set sample --k 6 --period udp=180 --period tcp=3600   # N/2^k every K s
   ctctl aging set hardware --hw-interval 1  # the NIC ages its own (hardware: {hw_aging: true})
+  ctctl aging set timeout                   # no flow counters: back to software at the offload timeout
   ctctl aging --json | jq .aging.staleness
 A new mode takes over every connection in hardware and counts its own cost;
 the replaced mode's report stays under `before:`.
@@ -228,9 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = _sub(sub, "aging", "how connections in hardware are aged: the mode, how late and what it costs",
              AGING_EPILOG, run.cmd_aging)
     s.add_argument("action", nargs="?", choices=["show", "set"], default="show")
-    s.add_argument("mode", nargs="?", choices=["full", "sample", "hardware"],
+    s.add_argument("mode", nargs="?", choices=["full", "sample", "hardware", "timeout"],
                    help="set: the mode (default: keep the current one)")
-    s.add_argument("--interval", type=float, help="full: seconds between passes over the table")
+    s.add_argument("--interval", type=float, help="full, timeout: seconds between passes")
     s.add_argument("--k", type=int, help="sample: look at 1/2^k of the connections per tick")
     s.add_argument("--period", action="append", metavar="PROTO=SECONDS",
                    help="sample: K, the seconds between ticks of tcp, udp or icmp (repeatable)")

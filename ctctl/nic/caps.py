@@ -13,6 +13,13 @@ that the same box can be modelled as different devices.
       insert_rate: 0          # flows/s the table accepts, 0 = unlimited
       hw_aging: true          # the hardware ages entries itself
 
+    hardware: {profile: minimal, nat: true}   # a named profile, then overrides
+
+Profiles (PROFILES): `full` (the defaults: everything the model has),
+`minimal` (the ct lookup and counters: no NAT, no ct_label or port-range
+matches, no aging of its own), `no-counters` (everything but per-entry
+counters).
+
 The defaults are a device that supports everything.  ctctl.nic.device turns
 whatever the declared device cannot run into a trap to software; the
 program itself only honours `flow_counters` at run time (hw_config), and
@@ -41,6 +48,13 @@ class CapsError(ValueError):
         self.where = where
 
 
+# Named devices: a profile's settings, over which a config's own keys go.
+PROFILES: dict[str, dict] = {
+    "full": {},
+    "minimal": {"nat": False, "ct_label_match": False, "port_range_match": False, "hw_aging": False},
+    "no-counters": {"flow_counters": False},
+}
+
 # key -> (type, lowest, highest, what it means); bounds None for bools.
 _SPEC: dict[str, tuple[type, int | None, int | None, str]] = {
     "flow_counters": (bool, None, None, "per-entry counters"),
@@ -68,10 +82,23 @@ class HwCaps:
     table_size: int = 65536
     insert_rate: float = 0
     hw_aging: bool = True
+    profile: str = "full"        # the named profile it started from (PROFILES)
 
     def __post_init__(self):
         for f in fields(self):
-            _check(f.name, getattr(self, f.name))
+            if f.name != "profile":
+                _check(f.name, getattr(self, f.name))
+        if self.profile not in PROFILES:
+            raise CapsError(f"hardware: unknown profile {self.profile!r} (expected {', '.join(PROFILES)})")
+
+    def describe(self) -> str:
+        """The profile and what differs from it, for `ctctl load`."""
+        base = HwCaps(**PROFILES[self.profile])
+        diff = [f"{f.name}={getattr(self, f.name)}" for f in fields(self)
+                if f.name != "profile" and getattr(self, f.name) != getattr(base, f.name)]
+        off = [f.name for f in fields(self) if isinstance(getattr(self, f.name), bool) and not getattr(self, f.name)]
+        return (f"profile {self.profile}" + (f" with {', '.join(diff)}" if diff else "")
+                + (f"; without {', '.join(off)}" if off else ""))
 
     @classmethod
     def from_config(cls, mapping, where: str | None = None) -> "HwCaps":
@@ -82,17 +109,21 @@ class HwCaps:
         if mapping is None:
             return cls()
         if not isinstance(mapping, dict):
-            raise CapsError(f"hardware must be a mapping of {', '.join(_SPEC)}, "
+            raise CapsError(f"hardware must be a mapping of profile, {', '.join(_SPEC)}, "
                             f"not {type(mapping).__name__}", where)
+        mapping = dict(mapping)
+        profile = mapping.pop("profile", "full")
+        if profile not in PROFILES:
+            raise CapsError(f"hardware: unknown profile {profile!r} (expected {', '.join(PROFILES)})", where)
         for key, value in mapping.items():
             if key not in _SPEC:
-                raise CapsError(f"hardware: unknown key {key!r} (expected {', '.join(_SPEC)})",
+                raise CapsError(f"hardware: unknown key {key!r} (expected profile, {', '.join(_SPEC)})",
                                 where)
             try:
                 _check(key, value)
             except CapsError as e:
                 raise CapsError(str(e), where) from None
-        return cls(**mapping)
+        return cls(**{**PROFILES[profile], **mapping, "profile": profile})
 
     @property
     def program_caps(self) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from scapy.layers.inet import IP, UDP
 
-from ctctl.kernel.conntrack import ConnTracker
+from ctctl.kernel.conntrack import ConnTracker, Status
 from ctctl.kernel.offload import OffloadManager, OffloadPolicy
 from ctctl.kernel.offload.aging import AgingConfig, AgingError
 from helpers import FakeClock, MemoryTable, pkt, tcp_seg
@@ -179,6 +179,29 @@ def test_an_event_for_a_connection_software_already_took_out_is_ignored():
     mgr.remove(conn, "by_hand")
     mgr.tick()
     assert mgr.aging.cost.events == 1 and mgr.aging.cost.expired == 0 and conn in tracker.entries()
+
+
+# -- timeout (no flow counters) -------------------------------------------------------
+
+def test_without_counters_a_connection_goes_back_to_software_at_its_offload_timeout():
+    """Nothing tells software whether the hardware still forwards it: at the
+    offload timeout since its offload it goes back to software, stays in
+    the tracker, and goes into hardware again with its next packet."""
+    clock, tracker, table, mgr, log = box("timeout", interval=1.0)
+    first = udp_conn(tracker, mgr, 5000)
+    clock.advance(10)
+    second = udp_conn(tracker, mgr, 5001)
+    run(clock, mgr, tracker, 21, step=0.5)          # first's 30 s are up, second's are not
+    assert first.id not in mgr.hw and first in tracker.entries() and second.id in mgr.hw
+    assert not first.status & Status.HW_OFFLOAD and mgr.stats()["removed_timeout"] == 1
+    assert mgr.aging.staleness.max <= 1.0 + 0.5
+    assert any("out of hardware (timeout: no flow counters" in line for line in log)
+    # Its next packet, through software: it is offloaded again.
+    tracker.ct(pkt(IP(src="10.1.0.1", dst="10.2.0.1") / UDP(sport=5000, dport=53)), commit=True)
+    mgr.after_packet([first])
+    assert first.id in mgr.hw
+    run(clock, mgr, tracker, 10, step=0.5)
+    assert second.id not in mgr.hw and mgr.stats()["removed_timeout"] == 2
 
 
 # -- run time --------------------------------------------------------------------------

@@ -69,3 +69,34 @@ def test_rules_refused_with_the_token_position():
 def test_missing_file():
     with pytest.raises(config.ConfigError, match="no-such.yaml: No such file"):
         config.load("/nonexistent/no-such.yaml")
+
+
+def test_a_hardware_profile_with_overrides():
+    cfg = config.parse(RULES + "hardware: {profile: minimal, nat: true}\n")
+    hw = cfg.hardware
+    assert hw.profile == "minimal" and hw.nat and not hw.hw_aging and not hw.port_range_match
+    assert hw.describe() == ("profile minimal with nat=True; without ct_label_match, port_range_match, "
+                             "hw_aging")
+    assert config.parse(RULES).hardware.describe() == "profile full"
+
+
+@pytest.mark.parametrize("extra,where,words", [
+    ("hardware: {profile: cheap}\n", "<config>:6:11", "unknown profile 'cheap' (expected full, minimal, no-counters)"),
+    ("hardware: {flow_counters: false}\naging: {mode: full}\n", "<config>:7:8",
+     "aging mode full reads the entries' counters and last use, which a NIC without flow counters does not keep"),
+    ("hardware: {flow_counters: false, hw_aging: false}\naging: {mode: sample}\n", "<config>:7:8",
+     "use aging mode timeout (it has no hw_aging either)"),
+])
+def test_a_nic_that_cannot_be_aged_that_way_is_refused(extra, where, words):
+    with pytest.raises(config.ConfigError) as e:
+        config.parse(RULES + extra)
+    assert str(e.value).startswith(where) and words in str(e.value)
+
+
+@pytest.mark.parametrize("hardware,mode", [
+    ("{}", "full"),
+    ("{flow_counters: false}", "hardware"),                  # the NIC ages its own
+    ("{profile: no-counters, hw_aging: false}", "timeout"),  # nothing to read, nothing that ages
+])
+def test_without_counters_the_default_aging_is_what_the_nic_allows(hardware, mode):
+    assert config.parse(RULES + f"hardware: {hardware}\n").aging.mode == mode

@@ -16,6 +16,9 @@ def settings(r: dict) -> str:
         k = r["k"]
         period = ", ".join(f"{p} {s:g} s" for p, s in r["period"].items())
         return f"sample: 1/2^{k} = 1/{1 << k} of the connections every K s (K: {period})"
+    if r["mode"] == "timeout":
+        return (f"timeout: every {r['interval']:g} s, back to software at the offload timeout since "
+                "software saw it (no flow counters)")
     return f"hardware: the NIC ages its entries every {r['hw_interval']:g} s and reports each removal"
 
 

@@ -74,6 +74,13 @@ def _offload(o: dict | None) -> list[str]:
         out.append(f"soft:     {o['to_soft']} joined the soft list"
                    + (f"; left it: {', '.join(left)}" if left else "")
                    + (f"; {o['from_pending']} went on to hardware" if o.get("from_pending") else ""))
+    w = o.get("pending_wait") or {}
+    if w.get("went_in") or o.get("insert_rate"):
+        rate = f" (insert rate {o['insert_rate']:g} entries/s: {o.get('rate_limited', 0)} offloads waited)" \
+            if o.get("insert_rate") else ""
+        waited = (f"waited p50 {w['p50_s']:.3f} s, p99 {w['p99_s']:.3f} s, max {w['max_s']:.3f} s"
+                  if w.get("went_in") else "none went in yet")
+        out.append(f"pending:  {o['pending']} waiting, {w.get('went_in', 0)} went in from it; {waited}{rate}")
     if o.get("aging"):
         out.append("aging:    " + settings(o["aging"]))
         out += aging_lines(o["aging"], " " * 10)

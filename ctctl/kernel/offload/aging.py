@@ -18,6 +18,13 @@ with what it costs and how late it is:
   removed, with its final counters (slide 18's "callback inside
   Netfilter").  Software reads nothing; it learns through the device's
   expiry events.
+- `timeout`: for a NIC without flow counters that does not age by itself
+  (slide 22's "what about hardware without flow counters?"): software
+  cannot tell whether a connection in hardware is still used, so the
+  offload timeout after the last packet software saw of it takes it out
+  of hardware, back to software (not out of the tracker), which offloads
+  it again if its packets keep coming: nf_flowtable without hardware
+  stats, whose flows time out and go back to conntrack.
 
 The decision itself (fold, refresh or expire) is the manager's `look()`;
 a mode decides which connections to look at, and when.  Staleness is how
@@ -40,7 +47,7 @@ from ctctl.protocols import IPPROTO_TCP, IPPROTO_UDP
 
 from .hw import TableSnapshot
 
-MODES = ("full", "sample", "hardware")
+MODES = ("full", "sample", "hardware", "timeout")
 LANES = ("tcp", "udp", "icmp")        # sampling's protocols, each with its own K
 
 
@@ -191,6 +198,15 @@ class Aging:
     def tick(self, mgr) -> None:
         """Look at what is due now (the manager calls this often)."""
 
+    def _interval_due(self) -> bool:
+        """Is the tick every cfg.interval due (self.next)?  If so, the one
+        after it is scheduled."""
+        now = self.clock()
+        if now < self.next:
+            return False
+        self.next = next_tick(self.next, self.cfg.interval, now)
+        return True
+
     def _timed(self, mgr, work) -> None:
         io, cpu0 = mgr.device.io, self.cpu()
         s0, e0 = io.syscalls, io.entries_read
@@ -257,10 +273,8 @@ class FullScan(Aging):
         self.prev: ByConnection | None = None
 
     def tick(self, mgr) -> None:
-        now = self.clock()
-        if now < self.next:
+        if not self._interval_due():
             return
-        self.next = next_tick(self.next, self.cfg.interval, now)
 
         def work():
             with gc_paused():
@@ -347,5 +361,38 @@ class HardwareAging(Aging):
             self.cost.cpu_s += self.cpu() - cpu0
 
 
+class SoftwareSeen(Aging):
+    """Every `interval`, the connections whose offload timeout since their
+    offload has passed go back to software.  Offload times only grow, so
+    each protocol's connections wait in a queue in that order (its
+    timeout is the same for all): a tick looks at the due ones only."""
+
+    name = "timeout"
+
+    def __init__(self, cfg, clock, cpu=time.thread_time):
+        super().__init__(cfg, clock, cpu)
+        self.next = clock() + cfg.interval
+        self.queues = {ln: deque() for ln in LANES}
+
+    def added(self, hc) -> None:
+        self.queues[lane(hc.conn.proto)].append(hc)
+
+    def tick(self, mgr) -> None:
+        if not self._interval_due():
+            return
+
+        def work():
+            now_ns = mgr.ktime()
+            for q in self.queues.values():
+                while q and (mgr.hw.get(q[0].conn.id) is not q[0] or mgr.deadline_ns(q[0]) <= now_ns):
+                    hc = q.popleft()
+                    if mgr.hw.get(hc.conn.id) is hc:      # still in hardware, since that offload
+                        self.cost.looked += 1
+                        self.cost.expired += 1
+                        mgr.timed_out(hc)
+        self._timed(mgr, work)
+
+
 def make(cfg: AgingConfig, clock: Callable[[], float], cpu: Callable[[], float] = time.thread_time) -> Aging:
-    return {"full": FullScan, "sample": Sampling, "hardware": HardwareAging}[cfg.mode](cfg, clock, cpu)
+    return {"full": FullScan, "sample": Sampling, "hardware": HardwareAging,
+            "timeout": SoftwareSeen}[cfg.mode](cfg, clock, cpu)

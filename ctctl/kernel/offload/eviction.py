@@ -1,6 +1,10 @@
-"""OVS's eviction of idle megaflows, with connection tracking offloaded
-(slides 15 and 19): a rule stands for its flows, so evicting a rule takes
-every flow that belongs to it out of hardware (the rule stays).
+"""Taking a rule's flows out of hardware (slides 15 and 19): a rule stands
+for its flows (ctctl.kernel.offload.owners), so a deleted rule's flows
+leave with it, and OVS's eviction of idle megaflows evicts the flows of an
+idle rule (the rule stays).
+
+- `rules_deleted()`: `filter del` and `filter flush` (the controller calls
+  it before the hardware gets its new rules).
 
 - `max_idle: S` (OVS's max-idle, 10 s there): a rule whose aggregate
   counters have not moved for S seconds (the latest use of any of its
@@ -20,6 +24,40 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
+
+from .owners import rule_name
+
+
+def evict(mgr, rules, why: str) -> list[int]:
+    """Take out of hardware, and off the soft list, every connection with
+    a flow that belongs to one of `rules` (their counters folded);
+    software judges their next packets under the rules there are then.
+    The connections evicted, by id."""
+    out = []
+    for rule in rules:
+        for conn in mgr.owners.conns_of(rule):
+            if conn.id in mgr.hw:
+                mgr.remove(conn, "evicted", detail=f"{why}: {rule_name(rule)}")
+            elif conn.id in mgr.soft:
+                mgr.leave_soft(conn, "evicted")
+                mgr.notify(f"conn {conn.id}: evicted from the soft list ({why}: {rule_name(rule)})")
+            else:
+                continue
+            out.append(conn.id)
+    return out
+
+
+def rules_deleted(mgr, rules) -> list[int]:
+    """Rules deleted: their flows are evicted, their ownership and
+    aggregates forgotten, the fast path's shortcuts dropped.  The entries'
+    paths are read first, so that no flow that ran them in hardware only
+    is missed."""
+    mgr.sync()
+    out = evict(mgr, rules, "rule deleted")
+    for rule in rules:
+        mgr.owners.rule_deleted(rule)
+    mgr.fastpath.rules_changed()
+    return out
 
 
 class EvictionError(ValueError):
@@ -69,7 +107,7 @@ class Eviction:
         idle = [rule for rule, agg in self._in_hardware(mgr).items()
                 if now - agg.last_used >= self.cfg.max_idle]
         if idle:
-            mgr.evict(idle, f"idle for {self.cfg.max_idle:g} s")
+            evict(mgr, idle, f"idle for {self.cfg.max_idle:g} s")
 
     def after_offload(self, mgr, conn) -> None:
         """flow_limit: room for `conn` from the least recently used rules."""

@@ -5,10 +5,11 @@ the policy says `where: soft`), with the pending list (slide 16's "failed
 to offload") in it; the decisions after each packet software handled, and
 the counters the hardware keeps for them.
 
-- Both directions go in together, or neither.  A full table marks the
-  connection "failed to offload" and queues it; when a hardware entry
-  leaves, the oldest queued connection that still qualifies takes its
-  place.
+- Both directions go in together, or neither.  A full table, or a device
+  over its insert rate, marks the connection "failed to offload" and
+  queues it; when a hardware entry leaves or the budget comes back, the
+  queued connections that still qualify go in, oldest first (a new one
+  does not jump the queue).
 - The soft list is software's: its connections take the software fast
   path (ctctl.kernel.offload.fastpath) and are aged by the tracker on the
   offload timeout, which their packets refresh.
@@ -43,12 +44,13 @@ from typing import Callable, Hashable
 from ctctl.kernel.conntrack import Conn, ConnTracker, Status
 
 from . import aging as agingmod
-from .aging import AgingConfig, lane
+from .aging import AgingConfig, Staleness, lane
 from .fastpath import FastPath
 from .eviction import Eviction, EvictionConfig
 from .hw import DeviceError, EntryStats, Expired, FlowDevice, TableFull
-from .owners import Owners, rule_name
+from .owners import Owners
 from .policy import OffloadPolicy, state_timeout
+from .rate import InsertRate
 
 HW = Status.OFFLOAD | Status.HW_OFFLOAD
 
@@ -71,6 +73,7 @@ class SoftConn:
 
     conn: Conn
     why: str
+    since: float = 0.0       # when it joined (the tracker's clock)
 
 
 class OffloadManager:
@@ -78,7 +81,8 @@ class OffloadManager:
                  clock: Callable[[], float] = time.monotonic,
                  ktime: Callable[[], int] = time.monotonic_ns,
                  notify: Callable[[str], None] | None = None,
-                 aging: AgingConfig | None = None, eviction: EvictionConfig | None = None):
+                 aging: AgingConfig | None = None, eviction: EvictionConfig | None = None,
+                 insert_rate: float = 0):
         self.tracker = tracker
         self.notify = notify or (lambda text: None)   # one line per decision, for event logs
         self.device = device
@@ -88,6 +92,8 @@ class OffloadManager:
         self.hw: dict[int, HwConn] = {}           # the hardware list, by connection id
         self.soft: dict[int, SoftConn] = {}       # the soft list, by connection id
         self.pending: deque[Conn] = deque()        # on the soft list, waiting for room in hardware
+        self.rate = InsertRate(insert_rate, clock) if insert_rate else None
+        self.pending_waits = Staleness()           # how long pending connections waited to go in
         self.fastpath = FastPath()
         self.owners = Owners()
         self.eviction = Eviction(eviction or EvictionConfig(), clock)
@@ -124,7 +130,7 @@ class OffloadManager:
             elif conn.id in self.soft:
                 why = self.policy.leaving(conn)
                 if why:
-                    self._leave_soft(conn, why)
+                    self.leave_soft(conn, why)
                 else:
                     # The tracker just gave it its state's timeout: the
                     # soft list ages it on the offload timeout.
@@ -141,6 +147,15 @@ class OffloadManager:
         if self.policy.where == "soft" and not by_hand:
             self._to_soft(conn, "where: soft")
             return False
+        if not by_hand and self.pending and self.pending[0] is not conn:
+            # Connections waiting for room or budget go in first, in order.
+            head = self.soft.get(self.pending[0].id)
+            self._queue(conn, head.why if head is not None else "pending")
+            return False
+        if self.rate is not None and not by_hand and not self.rate.take(2):
+            self.counters["rate_limited"] += 1
+            self._queue(conn, "insert rate: pending")
+            return False
         keys = []
         try:
             for d in (0, 1):
@@ -150,17 +165,15 @@ class OffloadManager:
                 self.device.remove_flow(key)
             if not isinstance(e, TableFull):
                 self.counters["insert_refused"] += 1
+                if conn in self.pending:        # refused for good: it must not hold up the queue
+                    self.pending.remove(conn)
                 self._to_soft(conn, f"refused: {e}")
                 return False
             self.counters["table_full"] += 1
-            if conn not in self.pending:
-                self.pending.append(conn)
-                self._to_soft(conn, "table full: pending")
-                self.notify(f"conn {conn.id}: hardware table full, failed to offload: pending "
-                            f"({len(self.pending)} queued)")
+            self._queue(conn, "table full: pending")
             return False
         if conn.id in self.soft:
-            self._leave_soft(conn, None)
+            self.leave_soft(conn, None)
         hc = HwConn(conn, (keys[0], keys[1]), last_used_ns=self.ktime(), written=(conn.mark, conn.label))
         self.hw[conn.id] = hc
         self.aging.added(hc)
@@ -200,30 +213,47 @@ class OffloadManager:
                     f"{hc.folded[0][0]}+{hc.folded[1][0]} packets, folded into the connection")
         self._from_pending()
 
+    def _queue(self, conn: Conn, why: str) -> None:
+        """Onto the pending list (slide 16's "failed to offload"), and the
+        soft list meanwhile."""
+        if conn in self.pending:
+            return
+        self.pending.append(conn)
+        self._to_soft(conn, why)
+        cause = {"table full": "hardware table full", "insert rate": "over the hardware's insert rate"}.get(
+            why.split(":")[0], "behind the pending ones")
+        self.notify(f"conn {conn.id}: {cause}, failed to offload: pending ({len(self.pending)} queued)")
+
     def _from_pending(self) -> None:
+        """Room in hardware (an entry left) or insert budget came back: the
+        pending connections go in, oldest first, while they fit."""
         while self.pending:
-            conn = self.pending.popleft()
-            if (self.policy.eligible(conn) and conn.id not in self.hw
+            conn = self.pending[0]
+            if not (self.policy.eligible(conn) and conn.id not in self.hw
                     and self.tracker.lookup(conn.orig) is conn):
-                if self.offload(conn):
-                    self.counters["from_pending"] += 1
+                self.pending.popleft()
+                continue
+            since = self.soft[conn.id].since if conn.id in self.soft else self.clock()
+            if not self.offload(conn):
                 return
+            self.counters["from_pending"] += 1
+            self.pending_waits.add(self.clock() - since)
 
     # -- the soft list -------------------------------------------------------------
     def _to_soft(self, conn: Conn, why: str) -> None:
         if conn.id in self.soft:
             self.soft[conn.id].why = why
             return
-        self.soft[conn.id] = SoftConn(conn, why)
+        self.soft[conn.id] = SoftConn(conn, why, self.clock())
         self.tracker.set_liberal(conn)          # as nf_flowtable's software offload
         self.tracker.set_status(conn, Status.OFFLOAD)
         self.tracker.set_timeout(conn, self.policy.timeout_for(conn))
         self.counters["to_soft"] += 1
         self.notify(f"conn {conn.id}: on the soft list ({why}): the software fast path forwards it")
 
-    def _leave_soft(self, conn: Conn, why: str | None) -> None:
+    def leave_soft(self, conn: Conn, why: str | None) -> None:
         """Off the soft list: into hardware (why None), or back to the full
-        software path (fin, rst)."""
+        software path (fin, rst, evicted)."""
         if self.soft.pop(conn.id, None) is None:
             return
         self.fastpath.forget(conn)
@@ -257,42 +287,7 @@ class OffloadManager:
             return
         self.fastpath.learn(key, before, verdict, counted)
 
-    # -- rules and their flows (slide 19) -----------------------------------------
-    def ran(self, conn: Conn, direction: int, rules) -> None:
-        """A packet of this connection's `direction` ran these rules in
-        software: its flow belongs to them."""
-        self.owners.ran(conn, direction, rules)
-
-    def evict(self, rules, why: str) -> list[int]:
-        """Take out of hardware, and off the soft list, every connection
-        with a flow that belongs to one of `rules` (their counters folded);
-        software judges their next packets under the rules there are then.
-        The connections evicted, by id."""
-        out = []
-        for rule in rules:
-            for conn in self.owners.conns_of(rule):
-                if conn.id in self.hw:
-                    self.remove(conn, "evicted", detail=f"{why}: {rule_name(rule)}")
-                elif conn.id in self.soft:
-                    self._leave_soft(conn, "evicted")
-                    self.notify(f"conn {conn.id}: evicted from the soft list ({why}: {rule_name(rule)})")
-                else:
-                    continue
-                out.append(conn.id)
-        return out
-
-    def rules_deleted(self, rules) -> list[int]:
-        """Rules deleted (`filter del`, `filter flush`): their flows are
-        evicted, their ownership and aggregates forgotten.  The entries'
-        paths are read first, so that no flow that ran them in hardware
-        only is missed."""
-        self.sync()
-        out = self.evict(rules, "rule deleted")
-        for rule in rules:
-            self.owners.rule_deleted(rule)
-        self.fastpath.rules_changed()
-        return out
-
+    # -- rules and their flows (slide 19; eviction.evict and rules_deleted) ------
     def aggregates(self) -> dict:
         """Each rule's aggregate counters (ctctl.kernel.offload.owners),
         after a sync so that what the hardware counted is in."""
@@ -359,6 +354,8 @@ class OffloadManager:
         it often)."""
         self.aging.tick(self)
         self.eviction.tick(self)
+        if self.rate is not None and self.pending and self.rate.ready(2):
+            self._from_pending()
 
     def set_aging(self, cfg: AgingConfig) -> None:
         """Another aging mode, at run time: it takes over every connection
@@ -449,6 +446,14 @@ class OffloadManager:
         self._age_out(hc, (now_ns - deadline) / 1e9)
         return True
 
+    def timed_out(self, hc: HwConn) -> None:
+        """`timeout` aging: the offload timeout since software last saw the
+        connection has passed.  Without counters software cannot tell
+        whether the hardware still forwards it, so it goes back to
+        software, not out of the tracker."""
+        self.aging.staleness.add((self.ktime() - self.deadline_ns(hc)) / 1e9)
+        self.remove(hc.conn, "timeout", detail="no flow counters: its offload timeout since software saw it")
+
     def hardware_expired(self, ev: Expired) -> bool:
         """The hardware aged a connection out itself and says so, with the
         entries' final counters: software takes it out of the tracker."""
@@ -477,8 +482,12 @@ class OffloadManager:
         self._from_pending()
 
     def stats(self) -> dict:
+        waits = self.pending_waits.summary()
         return {"hardware": len(self.hw), "soft": len(self.soft), "pending": len(self.pending),
-                **dict(self.counters), "fastpath": self.fastpath.stats(), "aging": self.aging.report()}
+                **dict(self.counters), "fastpath": self.fastpath.stats(), "aging": self.aging.report(),
+                "insert_rate": self.rate.rate if self.rate else None,
+                "pending_wait": {"went_in": waits["removed"], "p50_s": waits["p50_s"], "p99_s": waits["p99_s"],
+                                 "max_s": waits["max_s"]}}
 
     def soft_list(self) -> list[dict]:
         """The soft list as plain data (`ctctl offload`)."""
