@@ -1,9 +1,18 @@
 #!/usr/bin/env python3
-"""What recording a flow's path costs the hardware's hit path: ns per
-packet under BPF_PROG_TEST_RUN for the common case (the seed's slide-9
-firewall, a ct hit with flow counters, a redirect), the program built
-with the path recording (bpf/ctctl.c record_path, the default) and
-without it (-DCTCTL_NO_PATH), measured in the same run, alternating.
+"""What a feature costs the hardware's hit path: ns per packet under
+BPF_PROG_TEST_RUN for the common case (the seed's slide-9 firewall, a ct
+hit with flow counters, a redirect), with and without the feature,
+measured in the same run, alternating:
+
+  --compare path     recording the flow's path (bpf/ctctl.c record_path;
+                     without it: built with -DCTCTL_NO_PATH)
+  --compare window   TCP window validation (hardware: {window: true},
+                     bpf/window.h), against the same program without the cap
+  --compare csum     checksum verification (hardware: {csum: [ipv4, l4]},
+                     bpf/csum.h), against the same program without the cap
+
+Every variant but the one feature runs with neither window nor checksum
+validation, so the figures compare with earlier runs of --compare path.
 
 The connection is set up through the tracker with real frames and
 offloaded by the flowtable through the driver into the flows map, as in a
@@ -17,6 +26,7 @@ Needs root and BCC.  About 20 s.
 examples:
   sudo .venv/bin/python bench/bench_hitpath.py
   sudo .venv/bin/python bench/bench_hitpath.py --rounds 20 --repeat 200000
+  sudo .venv/bin/python bench/bench_hitpath.py --compare window
 """
 
 from __future__ import annotations
@@ -63,10 +73,10 @@ class Variant:
     """One build of the program with the slide-9 rules and one offloaded
     TCP connection."""
 
-    def __init__(self, name: str, extra: list[str]):
+    def __init__(self, name: str, extra: list[str], **caps_kw):
         from bcc import BPF
 
-        caps = HwCaps(table_size=1024)
+        caps = HwCaps(table_size=1024, **{"window": False, "csum": (), **caps_kw})
         self.name = name
         self.bpf = compile_program(caps.cflags() + extra)
         self.fd = self.bpf.load_func(b"ctctl_ingress", BPF.SCHED_CLS).fd
@@ -96,16 +106,27 @@ class Variant:
         self.bpf.cleanup()
 
 
+# --compare: (what, caps with it, caps without it, cflags without it)
+COMPARE = {
+    "path": ("path", {}, {}, ["-DCTCTL_NO_PATH"]),
+    "window": ("window validation", {"window": True}, {}, []),
+    "csum": ("checksum verification", {"csum": ("ipv4", "l4")}, {}, []),
+}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=40, help="alternating measurements of each build (default 40)")
     ap.add_argument("--repeat", type=int, default=100_000, help="packets per measurement (default 100000)")
+    ap.add_argument("--compare", choices=sorted(COMPARE), default="path",
+                    help="the feature measured (default path)")
     ap.add_argument("--output", help="JSON file (default bench/results/hitpath-<date>-<time>.json)")
     args = ap.parse_args(argv)
     started = dt.datetime.now(dt.timezone.utc).astimezone()
     command = ".venv/bin/python bench/bench_hitpath.py" + "".join(
         f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
-    with_path, without = Variant("with path", []), Variant("without path", ["-DCTCTL_NO_PATH"])
+    what, on_kw, off_kw, off_flags = COMPARE[args.compare]
+    with_path, without = Variant(f"with {what}", [], **on_kw), Variant(f"without {what}", off_flags, **off_kw)
     try:
         ns = {with_path.name: [], without.name: []}
         for _ in range(args.rounds):
@@ -121,9 +142,9 @@ def main(argv=None) -> int:
     # The machine's speed drifts between rounds (a shared VM); the two
     # builds of one round ran back to back, so their difference is the
     # figure, its median over the rounds the cost.
-    diffs = [a - b for a, b in zip(ns["with path"], ns["without path"])]
+    diffs = [a - b for a, b in zip(ns[with_path.name], ns[without.name])]
     q = statistics.quantiles(diffs, n=4) if len(diffs) >= 2 else [diffs[0]] * 3
-    doc = {"benchmark": "hitpath", "date": started.isoformat(timespec="seconds"), "command": command,
+    doc = {"benchmark": "hitpath", "compare": args.compare, "date": started.isoformat(timespec="seconds"), "command": command,
            "machine": machine(), "repeat": args.repeat, "rounds": args.rounds, "ns_per_packet": ns,
            "median_ns": med, "round_differences_ns": diffs, "cost_ns": statistics.median(diffs),
            "cost_quartiles_ns": [q[0], q[2]], "entry_path": path, "path_rule_ids_expected": sorted(expected)}
@@ -131,7 +152,7 @@ def main(argv=None) -> int:
           f"medians of {args.rounds} rounds, the two builds back to back in each):")
     for k, v in ns.items():
         print(f"  {k:14} {med[k]:6.0f}   (runs: {', '.join(str(x) for x in v)})")
-    print(f"  recording the path costs {doc['cost_ns']:+.0f} ns/packet (median of the rounds' differences; "
+    print(f"  {what} costs {doc['cost_ns']:+.0f} ns/packet (median of the rounds' differences; "
           f"quartiles {q[0]:+.0f}, {q[2]:+.0f})")
     print(f"  the entry's path: rule ids {path} (eth5's chain 0 and chain 9 rules: {sorted(expected)})")
     ok = sorted(path) == sorted(expected)

@@ -53,7 +53,13 @@ static __always_inline __u32 hw_caps(void)
 	return cfg ? cfg->caps : 0;
 }
 
+static __always_inline struct ctctl_tcp_window *window_lookup(__u32 conn_id)
+{
+	return windows.lookup(&conn_id);
+}
+
 #include "nat.h"
+#include "csum.h"
 #include "rules.h"
 
 /*
@@ -127,7 +133,7 @@ int ctctl_ingress(struct __sk_buff *skb)
 	struct ctctl_state *st;
 	struct cursor c;
 	__u32 pull = skb->len < CTCTL_PULL_LEN ? skb->len : CTCTL_PULL_LEN;
-	__u32 zero = 0;
+	__u32 zero = 0, caps;
 	int r;
 
 	count(CTCTL_C_RX, 1);
@@ -153,6 +159,18 @@ int ctctl_ingress(struct __sk_buff *skb)
 		return punt(skb, st);
 	}
 	state_load(st, &pkt);
+	/*
+	 * Checksums the hardware verifies: here, once per packet, although
+	 * only a ct action acts on the result (as conntrack's error check):
+	 * a loop inside the interpreter's loops would be verified once per
+	 * hop and action, far beyond the verifier's budget.
+	 */
+	caps = hw_caps();
+	if ((caps & (CTCTL_CAP_CSUM_IPV4 | CTCTL_CAP_CSUM_L4)) && !csum_ok(skb, st, caps))
+		st->csum_bad = 1;
+	/* The same for a TCP segment's SACK blocks, which window tracking reads. */
+	if ((caps & CTCTL_CAP_TCP_WINDOW) && pkt.proto == IPPROTO_TCP)
+		tcp_sack_scan(skb, st);
 	r = interpret(skb, st);
 	if (r == CTCTL_PUNT)
 		return punt(skb, st);
@@ -237,5 +255,29 @@ int ctctl_age(struct __sk_buff *skb)
 	__sync_val_compare_and_swap(&slot->conn_id, id, 0);
 	expiries.ringbuf_submit(ev, 0);
 	count(CTCTL_C_AGED, 1);
+	return 1;
+}
+
+/*
+ * The driver's window merge (struct ctctl_window_merge): what software
+ * changed in a connection's windows after judging one of its segments,
+ * applied to the NIC's context under its lock.  Written by the driver into
+ * `window_merges`, run with BPF_PROG_TEST_RUN; 1 when the context was there.
+ */
+int ctctl_window_merge(struct __sk_buff *skb)
+{
+	struct ctctl_window_merge *m;
+	struct ctctl_tcp_window *w;
+	__u32 zero = 0;
+
+	m = window_merges.lookup(&zero);
+	if (!m)
+		return 0;
+	w = windows.lookup(&m->conn_id);
+	if (!w)
+		return 0;
+	bpf_spin_lock(&w->lock);
+	window_merge(w, m);
+	bpf_spin_unlock(&w->lock);
 	return 1;
 }

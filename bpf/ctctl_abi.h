@@ -13,6 +13,13 @@
 #define CTCTL_ABI_H
 
 #include <linux/types.h>
+/* struct bpf_spin_lock: BCC's kernel headers for the program, the uapi
+ * header for the host compiler of tests/unit/test_abi.py. */
+#ifdef __KERNEL__
+#include <uapi/linux/bpf.h>
+#else
+#include <linux/bpf.h>
+#endif
 
 /* Why the program stopped and handed the packet to software. */
 enum ctctl_reason {
@@ -32,7 +39,11 @@ enum ctctl_reason {
 	CTCTL_R_CT_FLAGS = 13,		/* ct action hit a TCP SYN/FIN/RST: establishment and teardown are software's */
 	CTCTL_R_TRAP = 14,		/* trap action, or a rule part the hardware cannot run */
 	CTCTL_R_NO_MATCH = 15,		/* no rule of the chain matched */
-	CTCTL_R_MAX = 16,
+	CTCTL_R_CT_INVALID = 16,	/* ct action: the hardware found the packet invalid (window,
+					 * checksum) and its caps say software judges such packets */
+	CTCTL_R_CT_WINDOW = 17,		/* ct action: a TCP segment the hardware's window tracking
+					 * cannot judge (SACK blocks, not ESTABLISHED, no context) */
+	CTCTL_R_MAX = 18,
 };
 
 /*
@@ -53,6 +64,9 @@ enum ctctl_counter {
 	CTCTL_C_NAT,			/* packets rewritten by NAT in the program */
 	CTCTL_C_AGED,			/* connections the hardware's own aging removed */
 	CTCTL_C_AGING_LOST,		/* ... that it kept a pass longer: the expiry ring was full */
+	CTCTL_C_WINDOW_INVALID,		/* TCP segments outside the window: +inv in hardware (or punted) */
+	CTCTL_C_WINDOW_IGNORED,		/* ... that conntrack lets through untracked-for-state (IGNORE) */
+	CTCTL_C_CSUM_INVALID,		/* bad IPv4 header or L4 checksum: +inv in hardware (or punted) */
 	CTCTL_C_MAX,
 };
 
@@ -168,11 +182,91 @@ struct ctctl_flow {
 enum ctctl_cap {
 	CTCTL_CAP_FLOW_COUNTERS = 0x01,	/* count packets/bytes per offloaded entry */
 	CTCTL_CAP_HW_AGING = 0x02,	/* keep last-used times for the hardware's own aging */
+	CTCTL_CAP_TCP_WINDOW = 0x04,	/* tcp_in_window on every TCP segment a ct action hits */
+	CTCTL_CAP_CSUM_IPV4 = 0x08,	/* verify the IPv4 header checksum at a ct action */
+	CTCTL_CAP_CSUM_L4 = 0x10,	/* verify the TCP/UDP/ICMP checksum at a ct action */
+	CTCTL_CAP_INVALID_PUNT = 0x20,	/* an invalid packet is punted (CT_INVALID), not +inv */
 };
 
 struct ctctl_hw_config {
 	__u32 caps;		/* enum ctctl_cap bits */
 	__u32 pad;
+};
+
+/*
+ * TCP window tracking in hardware (bpf/window.h): one context per
+ * offloaded TCP connection, keyed by its conn_id, seeded by the driver from
+ * the tracker and taken back by it when the connection leaves hardware.
+ * The fields are nf_conntrack's (struct ip_ct_tcp_state, the last_* of
+ * struct ip_ct_tcp), sequence numbers in host order.  Both directions live
+ * in one context under one lock: a segment is judged against its own
+ * direction and the other one, and updates both.
+ */
+struct ctctl_tcp_seen {
+	__u32 td_end;		/* max of seq + len */
+	__u32 td_maxend;	/* max of ack + max(win, 1) */
+	__u32 td_maxwin;	/* max(win) */
+	__u32 td_maxack;	/* max of ack */
+	__u8 td_scale;		/* window scale factor */
+	__u8 flags;		/* IP_CT_TCP_FLAG_* */
+	__u8 pad[2];
+};
+
+/* ctctl_tcp_window.check */
+enum ctctl_window_check {
+	CTCTL_WCHECK_ON = 0,		/* judge every segment */
+	CTCTL_WCHECK_LIBERAL = 1,	/* nf_conntrack_tcp_be_liberal: failures pass, no update */
+	CTCTL_WCHECK_OFF = 2,		/* nf_conntrack_tcp_no_window_check */
+};
+
+struct ctctl_tcp_window {
+	struct bpf_spin_lock lock;
+	__u8 state;		/* the tracker's TCP state; only ESTABLISHED is judged here */
+	__u8 check;		/* enum ctctl_window_check */
+	__u8 last_dir;
+	__u8 last_index;	/* the kernel's flag class of the last segment (3: ack) */
+	__u32 last_seq;
+	__u32 last_ack;
+	__u32 last_end;
+	__u16 last_win;
+	__u8 retrans;		/* saturates at 255 */
+	__u8 pad;
+	__u64 segments;		/* segments judged (for tests and stats) */
+	struct ctctl_tcp_seen seen[2];	/* original, reply */
+};
+
+/*
+ * The driver's request to merge what software changed in a connection's
+ * windows into the NIC's context (bpf/ctctl.c ctctl_window_merge, run by
+ * the driver with BPF_PROG_TEST_RUN): applied under the context's lock, so
+ * that no segment the NIC judges meanwhile is undone.  An edge software
+ * moved goes to the later of the two (edges only grow), td_maxwin to the
+ * larger; flag bits are set and cleared as software did.
+ */
+enum ctctl_wmerge {
+	CTCTL_WM_LAST = 0x01,		/* the last-ACK bookkeeping (last_*, retrans) */
+	CTCTL_WM_END = 0x02,		/* per direction, shifted by CTCTL_WMERGE_DIR_SHIFT * dir: */
+	CTCTL_WM_MAXEND = 0x04,
+	CTCTL_WM_MAXWIN = 0x08,
+	CTCTL_WM_MAXACK = 0x10,
+	CTCTL_WM_SCALE = 0x20,
+};
+#define CTCTL_WMERGE_DIR_SHIFT 5
+
+struct ctctl_window_merge {
+	__u32 conn_id;
+	__u32 changed;		/* enum ctctl_wmerge bits */
+	__u32 last_seq;
+	__u32 last_ack;
+	__u32 last_end;
+	__u16 last_win;
+	__u8 last_dir;
+	__u8 last_index;
+	__u8 retrans;
+	__u8 set_flags[2];	/* flag bits software set, per direction */
+	__u8 clear_flags[2];	/* ... and cleared */
+	__u8 pad[3];
+	struct ctctl_tcp_seen seen[2];	/* software's values */
 };
 
 /*

@@ -26,6 +26,9 @@
 #include "ctctl_abi.h"
 #include "parse.h"
 
+/* Bytes a checksum verification reads per step (bpf/csum.h). */
+#define CTCTL_CSUM_CHUNK 256
+
 struct ctctl_state {
 	struct ctctl_match key;		/* the packet's fields and ct metadata */
 	struct ctctl_tuple tuple;	/* the offload table key, built at a ct action */
@@ -61,6 +64,17 @@ struct ctctl_state {
 	__u16 path[CTCTL_PATH_LEN];
 	__u8 ct_nat_done;
 	__u8 ct_hit;			/* a ct action found its entry (not the cache) */
+	__u8 csum_bad;			/* a checksum the hardware verifies is wrong (bpf/csum.h) */
+	__u8 tcp_opts;			/* as struct ctctl_pkt */
+	__u8 tcp_has_sack;		/* a SACK option was read (bpf/window.h tcp_sack_scan) */
+	__u8 tcp_hlen;
+	__u16 tcp_win;
+	__u32 tcp_seq;
+	__u32 tcp_ack;
+	__u32 tcp_sack;			/* its highest right edge, or tcp_ack */
+	__u32 csum_left;		/* bytes of the segment still to sum (bpf/csum.h) */
+	/* Bytes of the packet being summed (bpf/csum.h): no room on the stack. */
+	__u32 csum_buf[CTCTL_CSUM_CHUNK / 4];
 };
 
 static __always_inline void state_reset(struct ctctl_state *st)
@@ -74,6 +88,8 @@ static __always_inline void state_reset(struct ctctl_state *st)
 	st->done = 0;
 	st->ct_nat_done = 0;
 	st->ct_hit = 0;
+	st->csum_bad = 0;
+	st->tcp_has_sack = 0;
 	__builtin_memset(st->path, 0, sizeof(st->path));
 }
 
@@ -93,6 +109,11 @@ static __always_inline void state_load(struct ctctl_state *st, const struct ctct
 	st->l3 = p->ip_version;
 	st->l4_kind = p->l4_kind;
 	st->tcp_flags = p->tcp_flags;
+	st->tcp_seq = p->tcp_seq;
+	st->tcp_ack = p->tcp_ack;
+	st->tcp_win = p->tcp_win;
+	st->tcp_hlen = p->tcp_hlen;
+	st->tcp_opts = p->tcp_opts;
 	st->csum_pseudo = 1;
 	st->csum_flags = 0;
 	switch (p->proto) {

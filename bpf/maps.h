@@ -52,6 +52,18 @@ BPF_ARRAY(aging_config, struct ctctl_aging_config, 1);
 BPF_ARRAY(aging_slots, struct ctctl_aging_slot, CTCTL_AGING_SLOTS);
 BPF_RINGBUF_OUTPUT(expiries, CTCTL_EXPIRY_PAGES);
 
+/*
+ * TCP window tracking in hardware (bpf/window.h): a context per offloaded
+ * TCP connection, by conn_id (sized by the controller when the NIC checks
+ * windows, 1 otherwise).
+ */
+#ifndef CTCTL_WINDOW_SLOTS
+#define CTCTL_WINDOW_SLOTS 1
+#endif
+BPF_HASH(windows, __u32, struct ctctl_tcp_window, CTCTL_WINDOW_SLOTS);
+/* The driver's merge request (ctctl_window_merge): one at a time. */
+BPF_ARRAY(window_merges, struct ctctl_window_merge, 1);
+
 /* The interpreter's per-packet state (bpf/key.h says why it is not on the stack). */
 BPF_PERCPU_ARRAY(scratch, struct ctctl_state, 1);
 
@@ -65,5 +77,6 @@ static __always_inline struct ctctl_chain *chain_lookup(struct ctctl_chain_key *
 static __always_inline struct ctctl_flow *flow_lookup(struct ctctl_tuple *t);
 static __always_inline struct ctctl_rule_stats *rule_stats_lookup(__u32 id);
 static __always_inline __u32 hw_caps(void);
+static __always_inline struct ctctl_tcp_window *window_lookup(__u32 conn_id);
 
 #endif /* CTCTL_MAPS_H */

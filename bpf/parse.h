@@ -88,7 +88,21 @@ struct ctctl_pkt {
 	__u8 icmp_type;		/* ICMP/ICMPv6 only, 0 otherwise */
 	__u8 icmp_code;
 	__u8 l4_kind;		/* enum ctctl_l4_kind */
+	/* TCP only, host order: what window tracking (bpf/window.h) reads. */
+	__u32 tcp_seq;
+	__u32 tcp_ack;
+	__u16 tcp_win;
+	__u8 tcp_hlen;		/* header length, options included */
+	__u8 tcp_opts;		/* enum ctctl_tcp_opts */
 };
+
+/* What a TCP header's options are, as far as window tracking cares. */
+enum ctctl_tcp_opts {
+	CTCTL_TCPOPT_NONE = 0,		/* no options */
+	CTCTL_TCPOPT_TS = 1,		/* NOP NOP TIMESTAMP only, as Linux sends */
+	CTCTL_TCPOPT_OTHER = 2,		/* anything else (a SACK block, say) */
+};
+#define CTCTL_TCPOPT_NOP_NOP_TS 0x0101080aU	/* NOP, NOP, kind 8, length 10 */
 
 /* Which of sport/dport mean something for the tuple. */
 enum ctctl_l4_kind {
@@ -221,6 +235,17 @@ static __always_inline int parse_l4(struct cursor *c, struct ctctl_pkt *p)
 			return CTCTL_R_TRUNC_L4;
 		/* The flags byte follows the data offset byte. */
 		p->tcp_flags = ((__u8 *)th)[13];
+		p->tcp_seq = bpf_ntohl(th->seq);
+		p->tcp_ack = bpf_ntohl(th->ack_seq);
+		p->tcp_win = bpf_ntohs(th->window);
+		p->tcp_hlen = hlen;
+		p->tcp_opts = CTCTL_TCPOPT_OTHER;
+		if (hlen == sizeof(*th)) {
+			p->tcp_opts = CTCTL_TCPOPT_NONE;
+		} else if (hlen == sizeof(*th) + 12 && (void *)(th + 1) + 4 <= c->end &&
+			   *(__be32 *)(th + 1) == bpf_htonl(CTCTL_TCPOPT_NOP_NOP_TS)) {
+			p->tcp_opts = CTCTL_TCPOPT_TS;
+		}
 		p->sport = th->source;
 		p->dport = th->dest;
 		p->l4_kind = CTCTL_L4_PORTS;

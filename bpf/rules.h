@@ -26,6 +26,7 @@
 #include "key.h"
 #include "maps.h"
 #include "nat.h"
+#include "window.h"
 
 #define CTCTL_PUNT (-1)
 #define CTCTL_CONTINUE 0
@@ -51,6 +52,27 @@ static __always_inline void count_rule(const struct ctctl_rule *r, __u32 len)
 		s->packets++;	/* per-CPU slot */
 		s->bytes += len;
 	}
+}
+
+/*
+ * A packet conntrack would call invalid (bpf/window.h, bpf/csum.h): +trk+inv
+ * in the action's zone, no connection (mark and label 0), so that the
+ * rules after it decide as software's would, +inv rules and the no-match
+ * drop included; or, by the caps, software's to judge (CT_INVALID).
+ */
+static __always_inline int ct_invalid(struct ctctl_state *st, const struct ctctl_action *act,
+				      __u32 caps, __u32 rule, __u32 a)
+{
+	if (caps & CTCTL_CAP_INVALID_PUNT)
+		return stop(st, CTCTL_R_CT_INVALID, rule, a);
+	st->key.ct_state = CTCTL_CS_TRK | CTCTL_CS_INV;
+	st->key.ct_zone = act->zone;
+	st->key.ct_mark = 0;
+	__builtin_memset(st->key.ct_label, 0, 16);
+	st->ct_flow.nat = 0;	/* no connection: a later ct here has no NAT to apply */
+	st->ct_flow.ct_state = 0;
+	st->done |= CTCTL_DONE_CT;
+	return CTCTL_CONTINUE;
 }
 
 /*
@@ -90,6 +112,13 @@ static __always_inline int do_ct(struct __sk_buff *skb, struct ctctl_state *st,
 		goto nat;
 	}
 
+	/* Checksums first, as conntrack's error check comes before its
+	 * lookup (verified on entry: bpf/ctctl.c). */
+	caps = hw_caps();
+	if (st->csum_bad) {
+		count(CTCTL_C_CSUM_INVALID, 1);
+		return ct_invalid(st, act, caps, rule, a);
+	}
 	/* No tuple the table can hold (an ICMP error, say): software's. */
 	if (state_tuple(st, act->zone) < 0)
 		return stop(st, CTCTL_R_CT_MISS, rule, a);
@@ -102,10 +131,25 @@ static __always_inline int do_ct(struct __sk_buff *skb, struct ctctl_state *st,
 		return stop(st, CTCTL_R_CT_FLAGS, rule, a);
 	if ((act->flags & CTCTL_CTF_FORCE) && f->dir == 1)
 		return stop(st, CTCTL_R_CT_MISS, rule, a);
+	if (st->key.ip_proto == IPPROTO_TCP && (caps & CTCTL_CAP_TCP_WINDOW)) {
+		switch (tcp_window(st, f)) {
+		case CTCTL_WIN_INVALID:
+			count(CTCTL_C_WINDOW_INVALID, 1);
+			return ct_invalid(st, act, caps, rule, a);
+		case CTCTL_WIN_PUNT:
+			return stop(st, CTCTL_R_CT_WINDOW, rule, a);
+		case CTCTL_WIN_IGNORE:
+			/* Through with the connection's metadata, but neither
+			 * counted nor refreshed: the kernel's NF_ACCEPT before
+			 * nf_ct_refresh_acct. */
+			count(CTCTL_C_WINDOW_IGNORED, 1);
+			caps &= ~(CTCTL_CAP_FLOW_COUNTERS | CTCTL_CAP_HW_AGING);
+			break;
+		}
+	}
 
 	count(CTCTL_C_CT_HIT, 1);
 	st->ct_hit = 1;
-	caps = hw_caps();
 	if (caps & CTCTL_CAP_FLOW_COUNTERS) {
 		__sync_fetch_and_add(&f->packets, 1);
 		/* IP bytes, as nf_conntrack accounts them: the counters fold into

@@ -40,13 +40,15 @@ class Reason(enum.IntEnum):
     CT_FLAGS = 13
     TRAP = 14
     NO_MATCH = 15
+    CT_INVALID = 16
+    CT_WINDOW = 17
 
     @property
     def label(self) -> str:
         return self.name.lower()
 
 
-REASON_MAX = 16
+REASON_MAX = 18
 
 
 class Counter(enum.IntEnum):
@@ -66,9 +68,12 @@ class Counter(enum.IntEnum):
     NAT = REASON_MAX + 10
     AGED = REASON_MAX + 11
     AGING_LOST = REASON_MAX + 12
+    WINDOW_INVALID = REASON_MAX + 13
+    WINDOW_IGNORED = REASON_MAX + 14
+    CSUM_INVALID = REASON_MAX + 15
 
 
-COUNTER_MAX = REASON_MAX + 13
+COUNTER_MAX = REASON_MAX + 16
 
 
 class CtState(enum.IntFlag):
@@ -112,6 +117,18 @@ class Nat(enum.IntFlag):
 class Cap(enum.IntFlag):
     FLOW_COUNTERS = 0x01
     HW_AGING = 0x02
+    TCP_WINDOW = 0x04
+    CSUM_IPV4 = 0x08
+    CSUM_L4 = 0x10
+    INVALID_PUNT = 0x20
+
+
+class WindowCheck(enum.IntEnum):
+    """enum ctctl_window_check: how a window context judges."""
+
+    ON = 0
+    LIBERAL = 1      # nf_conntrack_tcp_be_liberal
+    OFF = 2          # nf_conntrack_tcp_no_window_check
 
 
 class ActionKind(enum.IntEnum):
@@ -195,6 +212,77 @@ class Flow(ctypes.Structure):
 
 class HwConfig(ctypes.Structure):
     _fields_ = [("caps", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class TcpSeen(ctypes.Structure):
+    """struct ctctl_tcp_seen: one direction's window (ip_ct_tcp_state)."""
+
+    _fields_ = [
+        ("td_end", ctypes.c_uint32),
+        ("td_maxend", ctypes.c_uint32),
+        ("td_maxwin", ctypes.c_uint32),
+        ("td_maxack", ctypes.c_uint32),
+        ("td_scale", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 2),
+    ]
+
+
+class TcpWindow(ctypes.Structure):
+    """struct ctctl_tcp_window: a TCP connection's window tracking in
+    hardware; `lock` is the program's bpf_spin_lock (the kernel skips it
+    when user space writes or reads the value)."""
+
+    _fields_ = [
+        ("lock", ctypes.c_uint32),
+        ("state", ctypes.c_uint8),
+        ("check", ctypes.c_uint8),
+        ("last_dir", ctypes.c_uint8),
+        ("last_index", ctypes.c_uint8),
+        ("last_seq", ctypes.c_uint32),
+        ("last_ack", ctypes.c_uint32),
+        ("last_end", ctypes.c_uint32),
+        ("last_win", ctypes.c_uint16),
+        ("retrans", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("segments", ctypes.c_uint64),
+        ("seen", TcpSeen * 2),
+    ]
+
+
+class WMerge(enum.IntFlag):
+    """enum ctctl_wmerge: what a window merge request changes."""
+
+    LAST = 0x01
+    END = 0x02            # per direction, shifted by WM_DIR_SHIFT * direction
+    MAXEND = 0x04
+    MAXWIN = 0x08
+    MAXACK = 0x10
+    SCALE = 0x20
+
+
+WM_DIR_SHIFT = 5
+
+
+class WindowMerge(ctypes.Structure):
+    """struct ctctl_window_merge: the driver's request to merge software's
+    window changes into the NIC's context."""
+
+    _fields_ = [
+        ("conn_id", ctypes.c_uint32),
+        ("changed", ctypes.c_uint32),
+        ("last_seq", ctypes.c_uint32),
+        ("last_ack", ctypes.c_uint32),
+        ("last_end", ctypes.c_uint32),
+        ("last_win", ctypes.c_uint16),
+        ("last_dir", ctypes.c_uint8),
+        ("last_index", ctypes.c_uint8),
+        ("retrans", ctypes.c_uint8),
+        ("set_flags", ctypes.c_uint8 * 2),
+        ("clear_flags", ctypes.c_uint8 * 2),
+        ("pad", ctypes.c_uint8 * 3),
+        ("seen", TcpSeen * 2),
+    ]
 
 
 class Match(ctypes.Structure):
@@ -299,6 +387,8 @@ C_ENUMS = {
     "CTCTL_CAP_": Cap,
     "CTCTL_A_": ActionKind,
     "CTCTL_CTF_": CtFlags,
+    "CTCTL_WCHECK_": WindowCheck,
+    "CTCTL_WM_": WMerge,
 }
 C_CONSTANTS = {
     "CTCTL_R_MAX": REASON_MAX,
@@ -313,6 +403,7 @@ C_CONSTANTS = {
     "CTCTL_TRAP_AT_ACTION": TRAP_AT_ACTION,
     "CTCTL_TRAP_REMATCH": TRAP_REMATCH,
     "CTCTL_AGING_CLASSES": AGING_CLASSES,
+    "CTCTL_WMERGE_DIR_SHIFT": WM_DIR_SHIFT,
 }
 C_STRUCTS = {
     "ctctl_punt_hdr": PuntHdr,
@@ -328,6 +419,9 @@ C_STRUCTS = {
     "ctctl_aging_slot": AgingSlot,
     "ctctl_aging_config": AgingConfig,
     "ctctl_expiry": Expiry,
+    "ctctl_tcp_seen": TcpSeen,
+    "ctctl_tcp_window": TcpWindow,
+    "ctctl_window_merge": WindowMerge,
 }
 
 
@@ -353,6 +447,8 @@ MAPS = {
     "hw_config": MapSpec("BPF_ARRAY", ctypes.c_uint32, HwConfig, True),
     "aging_config": MapSpec("BPF_ARRAY", ctypes.c_uint32, AgingConfig, True),
     "aging_slots": MapSpec("BPF_ARRAY", ctypes.c_uint32, AgingSlot, True),
+    "windows": MapSpec("BPF_HASH", ctypes.c_uint32, TcpWindow, True),
+    "window_merges": MapSpec("BPF_ARRAY", ctypes.c_uint32, WindowMerge, True),
     # The hardware's expiry events (ctctl_expiry), read by the driver.
     "expiries": MapSpec("BPF_RINGBUF_OUTPUT", None, None, False),
     # The interpreter's per-packet state: internal to the program.

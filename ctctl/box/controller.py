@@ -133,6 +133,8 @@ class Controller:
                         if sc is not None:
                             return sc.output, pkt.data
                 before = tuple_of(pkt, 0) if fkey is not None else None
+                if self.offload is not None:
+                    self.offload.windows.punted_ns = punt.hdr.tstamp_ns
                 v = self.pipeline.process(pkt if pkt is not None else punt.frame, in_port, resume)
                 if self.offload is not None and v.cts:
                     last = v.cts[-1].result

@@ -12,19 +12,24 @@ that the same box can be modelled as different devices.
       table_size: 65536       # entries of the offload table (flows map)
       insert_rate: 0          # flows/s the table accepts, 0 = unlimited
       hw_aging: true          # the hardware ages entries itself
+      window: true            # TCP window validation (bpf/window.h)
+      csum: [ipv4, l4]        # checksums it verifies, by layer (bpf/csum.h)
+      invalid: inv            # what an invalid packet gets: inv (+trk+inv in
+                              # hardware) or punt (software judges it)
 
     hardware: {profile: minimal, nat: true}   # a named profile, then overrides
 
-Profiles (PROFILES): `full` (the defaults: everything the model has),
-`minimal` (the ct lookup and counters: no NAT, no ct_label or port-range
-matches, no aging of its own), `no-counters` (everything but per-entry
-counters).
+Profiles (PROFILES): `full` (the defaults: everything the model has, so it
+validates windows and checksums, counts, ages), `minimal` (the ct lookup
+and counters: no window or checksum validation, no NAT, no ct_label or
+port-range matches, no aging of its own), `no-counters` (everything but
+per-entry counters).
 
-The defaults are a device that supports everything.  ctctl.nic.device turns
+The defaults are a device that supports everything.  ctctl.nic.encode turns
 whatever the declared device cannot run into a trap to software; the
-program itself only honours `flow_counters` at run time (hw_config), and
-`table_size` is a compile-time size (cflags()).  insert_rate and hw_aging
-are carried for the offload manager.
+program honours flow_counters, hw_aging, window, csum and invalid at run
+time (hw_config), and `table_size` is a compile-time size (cflags()).
+insert_rate is the offload manager's to enforce.
 """
 
 from __future__ import annotations
@@ -51,7 +56,8 @@ class CapsError(ValueError):
 # Named devices: a profile's settings, over which a config's own keys go.
 PROFILES: dict[str, dict] = {
     "full": {},
-    "minimal": {"nat": False, "ct_label_match": False, "port_range_match": False, "hw_aging": False},
+    "minimal": {"nat": False, "ct_label_match": False, "port_range_match": False, "hw_aging": False,
+                "window": False, "csum": ()},
     "no-counters": {"flow_counters": False},
 }
 
@@ -67,7 +73,12 @@ _SPEC: dict[str, tuple[type, int | None, int | None, str]] = {
     "table_size": (int, 1, MAX_TABLE_SIZE, "offload table entries"),
     "insert_rate": (float, 0, None, "flows per second, 0 = unlimited"),
     "hw_aging": (bool, None, None, "hardware aging"),
+    "window": (bool, None, None, "TCP window validation"),
+    "csum": (tuple, None, None, "checksums verified"),
+    "invalid": (str, None, None, "what an invalid packet gets"),
 }
+CSUM_LAYERS = ("ipv4", "l4")
+INVALID_CHOICES = ("inv", "punt")
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,9 @@ class HwCaps:
     table_size: int = 65536
     insert_rate: float = 0
     hw_aging: bool = True
+    window: bool = True
+    csum: tuple = CSUM_LAYERS
+    invalid: str = "inv"
     profile: str = "full"        # the named profile it started from (PROFILES)
 
     def __post_init__(self):
@@ -97,6 +111,8 @@ class HwCaps:
         diff = [f"{f.name}={getattr(self, f.name)}" for f in fields(self)
                 if f.name != "profile" and getattr(self, f.name) != getattr(base, f.name)]
         off = [f.name for f in fields(self) if isinstance(getattr(self, f.name), bool) and not getattr(self, f.name)]
+        if not self.csum:
+            off.append("csum")
         return (f"profile {self.profile}" + (f" with {', '.join(diff)}" if diff else "")
                 + (f"; without {', '.join(off)}" if off else ""))
 
@@ -112,6 +128,8 @@ class HwCaps:
             raise CapsError(f"hardware must be a mapping of profile, {', '.join(_SPEC)}, "
                             f"not {type(mapping).__name__}", where)
         mapping = dict(mapping)
+        if isinstance(mapping.get("csum"), list):
+            mapping["csum"] = tuple(mapping["csum"])   # YAML's list, kept hashable
         profile = mapping.pop("profile", "full")
         if profile not in PROFILES:
             raise CapsError(f"hardware: unknown profile {profile!r} (expected {', '.join(PROFILES)})", where)
@@ -128,8 +146,10 @@ class HwCaps:
     @property
     def program_caps(self) -> int:
         """enum ctctl_cap bits for hw_config."""
-        return ((int(abi.Cap.FLOW_COUNTERS) if self.flow_counters else 0)
-                | (int(abi.Cap.HW_AGING) if self.hw_aging else 0))
+        bits = {abi.Cap.FLOW_COUNTERS: self.flow_counters, abi.Cap.HW_AGING: self.hw_aging,
+                abi.Cap.TCP_WINDOW: self.window, abi.Cap.CSUM_IPV4: "ipv4" in self.csum,
+                abi.Cap.CSUM_L4: "l4" in self.csum, abi.Cap.INVALID_PUNT: self.invalid == "punt"}
+        return sum(int(bit) for bit, on in bits.items() if on)
 
     @property
     def aging_slots(self) -> int:
@@ -137,13 +157,29 @@ class HwCaps:
         the table can hold (two entries each), none without the capability."""
         return self.table_size // 2 + 1 if self.hw_aging else 1
 
+    @property
+    def window_slots(self) -> int:
+        """Window contexts: one per connection the table can hold."""
+        return self.table_size // 2 + 1 if self.window else 1
+
     def cflags(self) -> list[str]:
         """Compile flags that size the program's maps as declared."""
-        return [f"-DCTCTL_FLOW_TABLE_SIZE={self.table_size}", f"-DCTCTL_AGING_SLOTS={self.aging_slots}"]
+        return [f"-DCTCTL_FLOW_TABLE_SIZE={self.table_size}", f"-DCTCTL_AGING_SLOTS={self.aging_slots}",
+                f"-DCTCTL_WINDOW_SLOTS={self.window_slots}"]
 
 
 def _check(key: str, value) -> None:
     kind, lo, hi, what = _SPEC[key]
+    if key == "csum":
+        if not isinstance(value, (list, tuple)) or any(v not in CSUM_LAYERS for v in value):
+            raise CapsError(f"hardware: csum ({what}) must be a list of {', '.join(CSUM_LAYERS)} "
+                            f"(or []), not {value!r}")
+        return
+    if key == "invalid":
+        if value not in INVALID_CHOICES:
+            raise CapsError(f"hardware: invalid ({what}) must be one of {', '.join(INVALID_CHOICES)}, "
+                            f"not {value!r}")
+        return
     if kind is bool:
         if not isinstance(value, bool):
             raise CapsError(f"hardware: {key} ({what}) must be true or false, not {value!r}")

@@ -20,6 +20,8 @@ from ctctl.kernel.offload.hw import DeviceError, DeviceIO, EntryStats, Expired, 
 from ctctl.nic.caps import HwCaps
 from ctctl.nic.encode import SCRATCH_ID, encode_chain, entry_record, flow_entry, hardware_filters, key_tuple
 from ctctl.nic.maps import Maps
+from ctctl.nic.progrun import prog_test_run
+from ctctl.nic.windows import merge_request, take_back, window_context
 from ctctl.rules import Filter, GotoAction, RuleSet
 
 
@@ -44,6 +46,7 @@ class Device:
         self.not_installed: list[str] = []   # devices of the last install without an ifindex
         self.ager = None                     # the NIC's own aging (ctctl.nic.aging), once started
         self.aging_on = False
+        self._merge_fd = None                # the NIC's window merge command, once loaded
 
     def _maps(self) -> Maps:
         if self.maps is None:
@@ -176,6 +179,55 @@ class Device:
             self.ager.track(conn.id, keys[0], keys[1], self.ktime())
         return kb
 
+    # -- TCP window contexts (bpf/window.h) ----------------------------------------
+    @property
+    def validates_windows(self) -> bool:
+        return self.caps.window
+
+    def seed_window(self, conn: Conn, check: str = "on") -> None:
+        """Give the hardware the tracker's windows of a TCP connection
+        (check: on, liberal or off, the tracker's sysctls)."""
+        if conn.tcp is None or not self.caps.window:
+            return
+        mode = {"on": abi.WindowCheck.ON, "liberal": abi.WindowCheck.LIBERAL, "off": abi.WindowCheck.OFF}[check]
+        self._maps().write_window(conn.id, window_context(conn.tcp, mode))
+
+    def pull_window(self, conn: Conn) -> bool:
+        """The hardware's windows of `conn` into the tracker's data; False
+        when the hardware has none for it."""
+        if conn.tcp is None or not self.caps.window:
+            return False
+        w = self._maps().read_window(conn.id)
+        if w is None:
+            return False
+        take_back(w, conn.tcp)
+        return True
+
+    def merge_window(self, conn: Conn, taken: tuple) -> None:
+        """What software changed in `conn`'s windows since it took them
+        (`taken`: TcpInfo.windows() then) into the NIC's context, by the
+        NIC itself (bpf/ctctl.c ctctl_window_merge, under the context's
+        lock): the segments it judges meanwhile keep their effect.  A plain
+        write of the tracker's copy would move their edges back, and the
+        next ACK would look like one of data never sent."""
+        if conn.tcp is None or not self.caps.window:
+            return
+        m = merge_request(conn.id, taken, conn.tcp)
+        if m is None:
+            return
+        maps = self._maps()
+        if self._merge_fd is None:
+            from bcc import BPF
+
+            self._merge_fd = maps.bpf.load_func(b"ctctl_window_merge", BPF.SCHED_CLS).fd
+        maps.write_window_merge(m)
+        prog_test_run(self._merge_fd, bytes(64))
+
+    def window_segments(self, conn_id: int) -> int | None:
+        """Segments the hardware judged for a connection (None: no context)."""
+        w = self._maps().read_window(conn_id) if self.caps.window else None
+        return None if w is None else int(w.segments)
+
     def remove_flow(self, key: bytes) -> EntryStats | None:
         flow = self._maps().take_flow(abi.Tuple.from_buffer_copy(key))
         self._forget(key)
@@ -190,6 +242,8 @@ class Device:
             keys[:] = [k if k is None or bytes(k) != key else None for k in keys]
             if all(k is None for k in keys):
                 del self._keys[cid]
+                if self.caps.window:
+                    self._maps().delete_window(cid)
         if self.aging_on:
             self.ager.untrack(cid)
 
@@ -252,6 +306,8 @@ class Device:
             for k in self._keys.pop(ev.conn_id, ()):
                 if k is not None:
                     self._conn_of.pop(bytes(k), None)
+            if self.caps.window:
+                self._maps().delete_window(ev.conn_id)
         return events
 
     def flush_flows(self) -> list[tuple[bytes, EntryStats]]:

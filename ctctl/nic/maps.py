@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import struct
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 from ctctl import abi
 from ctctl.kernel.offload.hw import DeviceError, DeviceIO, FlowExists, TableFull
 
-BPF_ANY, BPF_NOEXIST = 0, 1
+BPF_ANY, BPF_NOEXIST, BPF_F_LOCK = 0, 1, 4
 ENOTSUPP = 524  # the kernel's internal "operation not supported" (not in errno)
 _UNSUPPORTED = (errno.EINVAL, ENOTSUPP, errno.EOPNOTSUPP)
 
@@ -38,6 +39,14 @@ def _lib():
     from bcc import libbcc  # imported late: unit tests run without BCC
 
     return libbcc.lib
+
+
+@functools.cache
+def _libbpf():
+    """libbpf, which libbcc itself links: the one with the _flags calls
+    (BPF_F_LOCK) that libbcc does not export."""
+    _lib()
+    return ctypes.CDLL("libbpf.so.1", use_errno=True)
 
 
 class _NoBatch(Exception):
@@ -110,6 +119,45 @@ class Maps:
 
     def aging_slots(self) -> int:
         return int(self._table("aging_slots").max_entries)
+
+    # -- TCP window contexts (bpf/window.h) -----------------------------------------
+    # Written and read under the value's bpf_spin_lock (BPF_F_LOCK): a copy
+    # never mixes two of the program's updates.
+    def write_window(self, conn_id: int, w: abi.TcpWindow) -> None:
+        t = self._table("windows")
+        k, v = ctypes.c_uint32(conn_id), self._cast(t.Leaf, w)
+        self.io.syscalls += 1
+        res = _libbpf().bpf_map_update_elem(t.map_fd, ctypes.byref(k), ctypes.byref(v),
+                                            ctypes.c_uint64(BPF_F_LOCK))
+        if res < 0:
+            err = _errno(res)
+            if err in (errno.E2BIG, errno.ENOMEM):
+                raise TableFull(f"window contexts full ({t.max_entries})")
+            raise DeviceError(f"cannot write a window context: {os.strerror(err)}")
+
+    def read_window(self, conn_id: int) -> abi.TcpWindow | None:
+        t = self._table("windows")
+        k, v = ctypes.c_uint32(conn_id), t.Leaf()
+        self.io.syscalls += 1
+        res = _libbpf().bpf_map_lookup_elem_flags(t.map_fd, ctypes.byref(k), ctypes.byref(v),
+                                                  ctypes.c_uint64(BPF_F_LOCK))
+        if res < 0:
+            err = _errno(res)
+            if err == errno.ENOENT:
+                return None
+            raise DeviceError(f"cannot read a window context: {os.strerror(err)}")
+        return self._cast(abi.TcpWindow, v)
+
+    def write_window_merge(self, m: abi.WindowMerge) -> None:
+        t = self._table("window_merges")
+        t[t.Key(0)] = self._cast(t.Leaf, m)
+
+    def delete_window(self, conn_id: int) -> None:
+        t = self._table("windows")
+        try:
+            del t[t.Key(conn_id)]
+        except KeyError:
+            pass
 
     # -- chains ------------------------------------------------------------------
     def write_chain(self, ifindex: int, chain: int, encoded: abi.Chain | bytes) -> None:
@@ -363,5 +411,8 @@ def program_stats(counters: list[int]) -> dict:
         "passed": counters[c.PASS],
         "goto_loop": counters[c.GOTO_LOOP],
         "nat": counters[c.NAT],
+        "window_invalid": counters[c.WINDOW_INVALID],
+        "window_ignored": counters[c.WINDOW_IGNORED],
+        "csum_invalid": counters[c.CSUM_INVALID],
         "punts_by_reason": {r.label: counters[r] for r in abi.Reason if r and counters[r]},
     }

@@ -14,7 +14,7 @@ from ctctl.kernel.offload import OffloadManager, OffloadPolicy
 from ctctl.kernel.packet import parse
 from ctctl.nic.caps import HwCaps
 from ctctl.nic.driver import Device
-from ctctl.nic.loader import compile_program, flow_table_cflags
+from ctctl.nic.loader import compile_program
 from ctctl.nic.maps import Maps
 from ctctl.rules import RuleSet, parse_filter
 
@@ -28,7 +28,7 @@ CLIENT, SERVER = "192.0.2.1", "192.0.2.2"
 @pytest.fixture(scope="module")
 def small_hw():
     """A NIC whose table holds 2 entries: one connection."""
-    bpf = compile_program(flow_table_cflags(2))
+    bpf = compile_program(HwCaps(table_size=2).cflags())
     fn = bpf.load_func(b"ctctl_ingress", bpf.SCHED_CLS)
     yield bpf, Harness(bpf, fn)
     bpf.cleanup()
@@ -54,7 +54,9 @@ def box(small_hw):
 
 def frame(sport, flags="A", reply=False, payload=b""):
     src, dst, sp, dp = (SERVER, CLIENT, 80, sport) if reply else (CLIENT, SERVER, sport, 80)
-    return bytes(Ether() / IP(src=src, dst=dst) / TCP(sport=sp, dport=dp, flags=flags, seq=1001, ack=5001) / payload)
+    # In window both ways after handshake(): the NIC validates windows.
+    seq, ack = (5001, 1001) if reply else (1001, 5001)
+    return bytes(Ether() / IP(src=src, dst=dst) / TCP(sport=sp, dport=dp, flags=flags, seq=seq, ack=ack) / payload)
 
 
 def handshake(tracker, mgr, sport):

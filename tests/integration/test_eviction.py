@@ -72,4 +72,6 @@ def test_deleting_the_est_rule_evicts_a_transfer_and_its_packets_are_then_droppe
             wait_until(agree, 30, "the hosts' and the box's counts to agree")
         except Timeout:
             pass
-        assert seen["sent"] == seen["counted"], seen
+        p = b.stats()["program"]
+        judged = {k: p[k] for k in ("window_invalid", "window_ignored", "csum_invalid", "punts_by_reason")}
+        assert seen["sent"] == seen["counted"], (seen, judged, b.stats()["software"]["drops"])

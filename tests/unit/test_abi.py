@@ -115,4 +115,4 @@ def test_maps_match_maps_h():
         else:
             assert _c_type(value) is spec.value, name
     assert abi.PINNED_MAPS == ("counters", "chains", "flows", "rule_stats", "hw_config", "aging_config",
-                               "aging_slots")
+                               "aging_slots", "windows", "window_merges")

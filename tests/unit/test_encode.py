@@ -572,17 +572,29 @@ def test_flow_refused_without_reply():
 def test_caps_defaults_and_flags():
     c = HwCaps()
     assert c.max_rules_per_chain == abi.MAX_RULES and c.max_hops == abi.MAX_HOPS
-    assert c.table_size == 65536 and c.program_caps == abi.Cap.FLOW_COUNTERS | abi.Cap.HW_AGING
-    assert HwCaps(flow_counters=False).program_caps == abi.Cap.HW_AGING
-    assert HwCaps(flow_counters=False, hw_aging=False).program_caps == 0
+    validating = abi.Cap.TCP_WINDOW | abi.Cap.CSUM_IPV4 | abi.Cap.CSUM_L4
+    assert c.table_size == 65536
+    assert c.program_caps == abi.Cap.FLOW_COUNTERS | abi.Cap.HW_AGING | validating
+    assert HwCaps(flow_counters=False).program_caps == abi.Cap.HW_AGING | validating
+    assert HwCaps(flow_counters=False, hw_aging=False, window=False, csum=()).program_caps == 0
+    assert HwCaps(csum=("l4",), invalid="punt").program_caps & (abi.Cap.CSUM_IPV4 | abi.Cap.INVALID_PUNT) \
+        == abi.Cap.INVALID_PUNT
+    assert HwCaps.from_config({"profile": "minimal"}).program_caps == abi.Cap.FLOW_COUNTERS
+    assert HwCaps.from_config({"csum": ["l4"]}).csum == ("l4",)
     assert HwCaps.from_config(None) == c == HwCaps.from_config({})
-    # A NIC that ages its own entries has a connection context per connection.
+    # A NIC that ages its own entries has a connection context per
+    # connection, and one that validates windows a window context.
     assert HwCaps.from_config({"nat": False, "table_size": 16, "insert_rate": 2.5}).cflags() == \
-        ["-DCTCTL_FLOW_TABLE_SIZE=16", "-DCTCTL_AGING_SLOTS=9"]
-    assert HwCaps(table_size=16, hw_aging=False).cflags()[1] == "-DCTCTL_AGING_SLOTS=1"
+        ["-DCTCTL_FLOW_TABLE_SIZE=16", "-DCTCTL_AGING_SLOTS=9", "-DCTCTL_WINDOW_SLOTS=9"]
+    assert HwCaps(table_size=16, hw_aging=False, window=False).cflags()[1:] == \
+        ["-DCTCTL_AGING_SLOTS=1", "-DCTCTL_WINDOW_SLOTS=1"]
 
 
 @pytest.mark.parametrize("mapping,msg", [
+    ({"csum": ["ipv4", "l3"]}, "csum .* must be a list of ipv4, l4"),
+    ({"csum": "l4"}, "csum .* must be a list"),
+    ({"invalid": "drop"}, "invalid .* must be one of inv, punt"),
+    ({"window": "yes"}, "window .* must be true or false"),
     ({"natt": True}, "unknown key 'natt'"),
     ({"nat": 1}, "nat .* must be true or false"),
     ({"table_size": True}, "table_size .* must be an integer"),

@@ -22,6 +22,11 @@ def format_stats(s: dict) -> str:
     out = [head,
            f"program:  rx {prog['rx_packets']} packets ({human_bytes(prog['rx_bytes'])}), "
            f"punted {prog['punted']}, perf_lost {prog['perf_lost']}, too_big {prog['too_big']}"]
+    judged = {k: prog.get(k, 0) for k in ("window_invalid", "window_ignored", "csum_invalid")}
+    if any(judged.values()):
+        out.append(f"judged in hardware: {judged['window_invalid']} outside the TCP window, "
+                   f"{judged['window_ignored']} let through unrecorded (conntrack's ignore), "
+                   f"{judged['csum_invalid']} with a wrong checksum")
     if prog["punts_by_reason"]:
         out.append("punts by reason:")
         width = max(len(r) for r in prog["punts_by_reason"])

@@ -138,6 +138,12 @@ class TcpInfo:
         self.last_flags = 0
         self.retrans = 0
 
+    def windows(self) -> tuple:
+        """What window tracking keeps, both directions: to tell a change."""
+        return (self.last_dir, self.last_index, self.last_seq, self.last_ack, self.last_end,
+                self.last_win, self.retrans,
+                *((s.td_end, s.td_maxend, s.td_maxwin, s.td_maxack, s.td_scale, s.flags) for s in self.seen))
+
 
 def conntrack_index(flags: int) -> int:
     if flags & TCP_RST:

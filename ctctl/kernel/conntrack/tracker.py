@@ -49,6 +49,10 @@ class ConnTracker:
         self._bysrc: dict[tuple, Conn] = {}
         self._ids = itertools.count(1)
         self._subscribers: list[Callable[[str, Conn], None]] = []
+        # Who holds a TCP connection's windows while they are not the
+        # tracker's (a NIC that validates windows): asked to hand them back
+        # before a segment of the connection is judged here.
+        self.window_keeper: Callable[[Conn], None] | None = None
         # conntrack -S style counters
         self.stats = {"found": 0, "invalid": 0, "insert": 0, "insert_failed": 0,
                       "drop": 0, "early_drop": 0, "error": 0, "search_restart": 0,
@@ -414,6 +418,8 @@ class ConnTracker:
         proto = conn.proto
         to = self.config.timeouts
         if proto == IPPROTO_TCP:
+            if self.window_keeper is not None:
+                self.window_keeper(conn)
             return tcpmod.tcp_packet(conn.tcp, pkt, direction,
                                      seen_reply=bool(conn.bits & Bits.SEEN_REPLY),
                                      assured=bool(conn.bits & Bits.ASSURED),

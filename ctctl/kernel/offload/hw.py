@@ -119,3 +119,18 @@ class FlowDevice(Protocol):
 
     def stop_aging(self) -> None:
         """Stop the hardware's own aging."""
+
+    # TCP window validation (slide 22), for a device whose caps have it:
+    validates_windows: bool
+
+    def seed_window(self, conn, check: str = "on") -> None:
+        """Hand the tracker's windows of a TCP connection to the hardware
+        (check: on, liberal or off, as the tracker's sysctls say)."""
+
+    def pull_window(self, conn) -> bool:
+        """The hardware's windows of `conn` into the tracker's data; False
+        when it has none."""
+
+    def merge_window(self, conn, taken: tuple) -> None:
+        """What the tracker changed in `conn`'s windows since pull_window
+        (`taken`: TcpInfo.windows() then) onto the hardware's current ones."""

@@ -51,19 +51,20 @@ from .hw import DeviceError, EntryStats, Expired, FlowDevice, TableFull
 from .owners import Owners
 from .policy import OffloadPolicy, state_timeout
 from .rate import InsertRate
+from .windows import HwWindows
 
 HW = Status.OFFLOAD | Status.HW_OFFLOAD
 
 
 @dataclass
 class HwConn:
-    """A connection in hardware: its two entries' keys and what was already
-    folded from each entry's counters."""
+    """A connection in hardware: its entries' keys, what was folded from their counters."""
 
     conn: Conn
     keys: tuple[Hashable, Hashable]   # (original, reply), as the device gave them
     folded: list = field(default_factory=lambda: [[0, 0], [0, 0]])  # [dir][packets, bytes]
     last_used_ns: int = 0        # the latest use either entry showed, or the offload (device clock)
+    since_ns: int = 0            # when it went in (device clock)
     written: tuple = (0, 0)      # the (mark, label) the entries carry
 
 
@@ -98,10 +99,10 @@ class OffloadManager:
         self.owners = Owners()
         self.eviction = Eviction(eviction or EvictionConfig(), clock)
         self.counters = Tally()
-        # Connections a FIN took out of hardware, whose later packets
-        # software handles (counted: a server that half-closes early
-        # sends the rest of a transfer that way).
+        # Connections a FIN took out of hardware, whose later packets software
+        # handles (counted: a server that half-closes early sends the rest so).
         self.after_fin: set[int] = set()
+        self.windows = HwWindows(tracker, device, self.hw, self.counters)
         self.aging = agingmod.make(aging or AgingConfig(), clock)
         self.earlier_aging: list[dict] = []     # the reports of the modes set_aging replaced
         self._device_ages = False
@@ -127,6 +128,8 @@ class OffloadManager:
                 why = self.policy.leaving(conn)
                 if why:
                     self.remove(conn, why)
+                else:
+                    self.windows.give_back(conn)
             elif conn.id in self.soft:
                 why = self.policy.leaving(conn)
                 if why:
@@ -160,6 +163,7 @@ class OffloadManager:
         try:
             for d in (0, 1):
                 keys.append(self.device.add_flow(conn, d))
+            in_hw = self.windows.seed(conn)
         except DeviceError as e:
             for key in keys:
                 self.device.remove_flow(key)
@@ -174,10 +178,12 @@ class OffloadManager:
             return False
         if conn.id in self.soft:
             self.leave_soft(conn, None)
-        hc = HwConn(conn, (keys[0], keys[1]), last_used_ns=self.ktime(), written=(conn.mark, conn.label))
+        hc = HwConn(conn, (keys[0], keys[1]), written=(conn.mark, conn.label))
+        hc.last_used_ns = hc.since_ns = self.ktime()
         self.hw[conn.id] = hc
         self.aging.added(hc)
-        self.tracker.set_liberal(conn)
+        if not in_hw:
+            self.tracker.set_liberal(conn)       # act_ct's choice: nobody checks its windows now
         self.tracker.set_status(conn, HW)
         self.tracker.set_timeout(conn, self.policy.timeout_for(conn))
         self.counters["offloaded"] += 1
@@ -193,6 +199,7 @@ class OffloadManager:
         hc = self.hw.pop(conn.id, None)
         if hc is None:
             return
+        self.windows.leaving(conn)
         self.aging.removed(hc)
         for d, key in enumerate(hc.keys):
             stats = self.device.remove_flow(key)
@@ -257,10 +264,8 @@ class OffloadManager:
         if self.soft.pop(conn.id, None) is None:
             return
         self.fastpath.forget(conn)
-        try:
+        if conn in self.pending:
             self.pending.remove(conn)
-        except ValueError:
-            pass
         if why is None:
             return
         if why == "fin":
@@ -406,9 +411,8 @@ class OffloadManager:
         return hc.last_used_ns + int(self.policy.timeout_for(hc.conn) * 1e9)
 
     def _read(self, hc: HwConn, stats) -> None:
-        # A full pass calls this for every connection in hardware: _fold()
-        # is called only when an entry counted something since the last
-        # read (its own test), and last_used_ns is written once.
+        # A full pass calls this for every connection in hardware: _fold() only when an
+        # entry counted something since the last read, and last_used_ns written once.
         folded, last = hc.folded, hc.last_used_ns
         for d, st in enumerate(stats):
             if st is not None:

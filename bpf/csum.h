@@ -1,0 +1,133 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Checksum verification in the "NIC" (slide 22: "packet checksum (by
+ * layer) ... used for -inv/+inv"): what nf_conntrack_checksum=1 makes
+ * conntrack check before a lookup, at the first ct action a packet meets.
+ *
+ * Contract: csum_ok() returns 1 when every layer the hardware was asked to
+ * verify (CTCTL_CAP_CSUM_IPV4, CTCTL_CAP_CSUM_L4) is right, 0 when one is
+ * wrong.  As the kernel, it trusts what needs no verifying:
+ *  - a packet the receiving stack already verified (CHECKSUM_UNNECESSARY)
+ *    or that a receiver aggregated (GRO: gso_size set);
+ *  - a TCP/UDP checksum a sender left to its NIC (CHECKSUM_PARTIAL, veth's
+ *    default): its field holds exactly the pseudo-header sum.  The skb's
+ *    flag is not visible here, so the field tells, as software's
+ *    complete_partial_checksum (ctctl/kernel/csum.py) tells it: a corrupt
+ *    packet whose field happens to hold that sum (1 in 65,536) passes;
+ *  - a UDP checksum of 0 ("none"), over IPv6 too, as conntrack does.
+ *
+ * The L4 sum reads the segment in CTCTL_CSUM_CHUNK steps into the state's
+ * buffer (bpf_skb_load_bytes: paged data too), at most CTCTL_MAX_PUNT bytes.
+ */
+#ifndef CTCTL_CSUM_H
+#define CTCTL_CSUM_H
+
+#include "ctctl_abi.h"
+#include "key.h"
+
+#define CTCTL_CSUM_STEPS (CTCTL_MAX_PUNT / CTCTL_CSUM_CHUNK + 1)
+
+static __always_inline __u32 csum_fold16(__u64 s)
+{
+	s = (s & 0xffffffff) + (s >> 32);
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (s & 0xffff) + (s >> 16);
+}
+
+/* The IPv4 header (no options reach here: they punt) sums to 0xffff. */
+static __always_inline int csum_ipv4_ok(struct __sk_buff *skb, const struct ctctl_state *st)
+{
+	__u32 hdr[5];
+
+	if (bpf_skb_load_bytes(skb, st->l3_off, hdr, sizeof(hdr)) < 0)
+		return 0;
+	return csum_fold16((__u32)bpf_csum_diff(0, 0, hdr, sizeof(hdr), 0)) == 0xffff;
+}
+
+/* The pseudo-header's sum, in the packet's byte order like the rest. */
+static __always_inline __u64 csum_pseudo(const struct ctctl_state *st, __u32 l4_len)
+{
+	struct {
+		__u32 addrs[8];
+		__u32 len;
+		__u8 zero[3];
+		__u8 proto;
+	} ph = {};
+
+	if (st->l3 == 4) {
+		__builtin_memcpy(ph.addrs, st->key.src, 4);
+		__builtin_memcpy(&ph.addrs[1], st->key.dst, 4);
+	} else {
+		__builtin_memcpy(ph.addrs, st->key.src, 16);
+		__builtin_memcpy(&ph.addrs[4], st->key.dst, 16);
+	}
+	/* The 32-bit length and the protocol sum as IPv4's 16-bit ones do. */
+	ph.len = bpf_htonl(l4_len);
+	ph.proto = st->key.ip_proto;
+	return (__u32)bpf_csum_diff(0, 0, (__be32 *)&ph, sizeof(ph), 0);
+}
+
+static __always_inline int csum_l4_ok(struct __sk_buff *skb, struct ctctl_state *st)
+{
+	__u32 off = st->l4_off, l4_len = st->l3_len - (st->l4_off - st->l3_off);
+	__u32 end = off + l4_len, i;
+	__u16 field;
+	__u64 sum = 0;
+
+	if (st->key.ip_proto != IPPROTO_TCP && st->key.ip_proto != IPPROTO_UDP &&
+	    st->key.ip_proto != IPPROTO_ICMP && st->key.ip_proto != IPPROTO_ICMPV6)
+		return 1;
+	if (bpf_skb_load_bytes(skb, st->csum_off, &field, sizeof(field)) < 0)
+		return 0;
+	if (st->key.ip_proto == IPPROTO_UDP && field == 0)
+		return 1;
+	if (st->csum_pseudo) {
+		sum = csum_pseudo(st, l4_len);
+		/* CHECKSUM_PARTIAL: the field is the folded pseudo-header sum. */
+		if (st->key.ip_proto != IPPROTO_ICMPV6 && field == csum_fold16(sum))
+			return 1;
+	}
+#pragma clang loop unroll(disable)
+	for (i = 0; i < CTCTL_CSUM_STEPS; i++) {
+		__u64 n, m;
+
+		if (off >= end)
+			break;
+		/*
+		 * The step's length goes through the map and is bounded after
+		 * it: the verifier then does not trace it (a helper's size must
+		 * be exact) back to `off`, which would make every step's state
+		 * new to it and its work grow with each one.
+		 */
+		st->csum_left = end - off;
+		n = *(volatile __u32 *)&st->csum_left;
+		if (n > CTCTL_CSUM_CHUNK)
+			n = CTCTL_CSUM_CHUNK;
+		asm volatile("" : "+r"(n));
+		/* A short last step sums as if padded with zeros (RFC 1071). */
+		st->csum_buf[(n >> 2) & (CTCTL_CSUM_CHUNK / 4 - 1)] = 0;
+		if (n == 0 || bpf_skb_load_bytes(skb, off, st->csum_buf, n) < 0)
+			return 0;
+		m = (n + 3) & ~3ULL;
+		if (m > CTCTL_CSUM_CHUNK)
+			m = CTCTL_CSUM_CHUNK;
+		asm volatile("" : "+r"(m));
+		sum += (__u32)bpf_csum_diff(0, 0, st->csum_buf, m, 0);
+		off += n;
+	}
+	return csum_fold16(sum) == 0xffff;
+}
+
+static __always_inline int csum_ok(struct __sk_buff *skb, struct ctctl_state *st, __u32 caps)
+{
+	if (skb->gso_size || bpf_csum_level(skb, BPF_CSUM_LEVEL_QUERY) >= 0)
+		return 1;
+	if ((caps & CTCTL_CAP_CSUM_IPV4) && st->l3 == 4 && !csum_ipv4_ok(skb, st))
+		return 0;
+	if ((caps & CTCTL_CAP_CSUM_L4) && !csum_l4_ok(skb, st))
+		return 0;
+	return 1;
+}
+
+#endif /* CTCTL_CSUM_H */
