@@ -104,10 +104,15 @@ static __always_inline int csum_l4_ok(struct __sk_buff *skb, struct ctctl_state 
 		n = *(volatile __u32 *)&st->csum_left;
 		if (n > CTCTL_CSUM_CHUNK)
 			n = CTCTL_CSUM_CHUNK;
+		if (n == 0)
+			return 0;
+		/* 1..256 as arithmetic: 6.1's verifier learns no lower bound
+		 * from the test above, and a helper's size must be at least 1. */
+		n = ((n - 1) & (CTCTL_CSUM_CHUNK - 1)) + 1;
 		asm volatile("" : "+r"(n));
 		/* A short last step sums as if padded with zeros (RFC 1071). */
 		st->csum_buf[(n >> 2) & (CTCTL_CSUM_CHUNK / 4 - 1)] = 0;
-		if (n == 0 || bpf_skb_load_bytes(skb, off, st->csum_buf, n) < 0)
+		if (bpf_skb_load_bytes(skb, off, st->csum_buf, n) < 0)
 			return 0;
 		m = (n + 3) & ~3ULL;
 		if (m > CTCTL_CSUM_CHUNK)

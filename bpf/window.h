@@ -165,6 +165,9 @@ static __always_inline void tcp_sack_scan(struct __sk_buff *skb, struct ctctl_st
 	st->tcp_has_sack = 0;
 	if (st->tcp_opts != CTCTL_TCPOPT_OTHER || len > CTCTL_TCPOPT_MAX || len == 0)
 		return;
+	/* 1..40 as arithmetic, not a test: 6.1's verifier learns no lower
+	 * bound from `len == 0`, and a helper's size must be at least 1. */
+	len = ((len - 1) & 63) + 1;
 	asm volatile("" : "+r"(len));
 	if (bpf_skb_load_bytes(skb, st->l4_off + 20, st->csum_buf, len) < 0)
 		return;
@@ -175,14 +178,14 @@ static __always_inline void tcp_sack_scan(struct __sk_buff *skb, struct ctctl_st
 
 		if (i >= len)
 			break;
-		kind = opt[i & (CTCTL_TCPOPT_MAX * 2 - 1)];
+		kind = opt[i & 63];
 		if (kind == 0)
 			break;
 		size = 1;
 		if (kind != 1) {
 			if (i + 2 > len)
 				break;
-			size = opt[(i + 1) & (CTCTL_TCPOPT_MAX * 2 - 1)];
+			size = opt[(i + 1) & 63];
 			if (size < 2 || size > len - i)
 				break;
 		}

@@ -226,8 +226,11 @@ def test_sack_blocks_are_read_as_the_kernel_reads_them(box):
         (seg("r", "A", SISN + 1, CISN + 1, opts=ts + [("NOP", None), ("NOP", None),
                                                       ("SAck", (CISN + 101, CISN + 201, CISN + 301, CISN + 401))]),
          1, TC_ACT_OK),
-        # A block beyond the data seen: the ACK of data never sent.
+        # A block beyond the data seen: the ACK of data never sent; also
+        # when the option starts deep in the header (offset 18).
         (seg("r", "A", SISN + 1, CISN + 1, opts=[("SAck", (CISN + 101, CISN + 901))]), 1, TC_ACT_SHOT),
+        (seg("r", "A", SISN + 1, CISN + 1, opts=[("NOP", None)] * 6 + ts + [("SAck", (CISN + 101, CISN + 901))]),
+         1, TC_ACT_SHOT),
     ]
     for frame, d, want in frames:
         assert VERDICT[judge(ref, frame, d)] == want
