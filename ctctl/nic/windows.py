@@ -48,8 +48,6 @@ def take_back(w: abi.TcpWindow, info: TcpInfo) -> None:
             setattr(info.seen[d], name, getattr(w.seen[d], name))
 
 
-
-
 def merge_request(conn_id: int, taken: tuple, info: TcpInfo) -> abi.WindowMerge | None:
     """The NIC command that applies what software changed in the windows
     since it took them (`taken`: TcpInfo.windows() then) to the NIC's

@@ -20,9 +20,9 @@ when it moves.
   retransmission of acknowledged data (ignored, uncounted).  What it
   changed is merged as above: the device must know of a segment that only
   software saw, or the ACK of it looks like one of data never sent.
-- The connection leaves hardware: the tracker takes the windows back,
-  unless it has just taken them to judge this very segment (its copy is
-  then the newer one).  Nothing is made window-liberal on the way.
+- The connection leaves hardware: what software just changed is merged
+  as above, and the tracker takes the result back.  Nothing is made
+  window-liberal on the way.
 
 The device applies the merge itself, under the context's lock
 (ctctl.nic.driver.Device.merge_window): no segment it judges is undone.
@@ -92,6 +92,12 @@ class HwWindows:
             self.counters["windows_given_back"] += 1
 
     def leaving(self, conn: Conn) -> None:
-        """Before its entries go: the windows back to the tracker."""
-        if self._taken.pop(conn.id, None) is None and self.on and conn.tcp is not None:
-            self.device.pull_window(conn)
+        """Before its entries go: the windows back to the tracker, with what
+        software just changed merged in first (the device may have judged
+        more of the connection's segments meanwhile)."""
+        before = self._taken.pop(conn.id, None)
+        if not self.on or conn.tcp is None:
+            return
+        if before is not None and conn.tcp.windows() != before:
+            self.device.merge_window(conn, before)
+        self.device.pull_window(conn)
