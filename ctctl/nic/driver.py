@@ -223,11 +223,6 @@ class Device:
         maps.write_window_merge(m)
         prog_test_run(self._merge_fd, bytes(64))
 
-    def window_segments(self, conn_id: int) -> int | None:
-        """Segments the hardware judged for a connection (None: no context)."""
-        w = self._maps().read_window(conn_id) if self.caps.window else None
-        return None if w is None else int(w.segments)
-
     def remove_flow(self, key: bytes) -> EntryStats | None:
         flow = self._maps().take_flow(abi.Tuple.from_buffer_copy(key))
         self._forget(key)
