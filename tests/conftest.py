@@ -12,6 +12,9 @@ from ctctl.lab import topology
 from ctctl.lab.boxproc import BoxProcess
 
 IS_ROOT = os.geteuid() == 0
+# Rows of the three-way differential test (test_conntrack_tcct.py), printed
+# as a table at the end of the run.
+THREE_WAY = pytest.StashKey[list]()
 
 
 def _bcc_usable() -> str | None:
@@ -33,6 +36,15 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason="needs root (BPF, network namespaces)"))
             elif no_bcc:
                 item.add_marker(pytest.mark.skip(reason=no_bcc))
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    rows = config.stash.get(THREE_WAY, None)
+    if rows:
+        from tcct import agreement_table
+
+        terminalreporter.write_sep("=", "three-way agreement: ctctl, act_ct, nf_conntrack")
+        terminalreporter.write_line(agreement_table(rows))
 
 
 @pytest.fixture

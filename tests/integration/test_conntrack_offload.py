@@ -128,6 +128,21 @@ OFFLOADED = {
         T("r", "A", S1, C1, opts=[("SAck", (C1 + 100, C1 + 200))]),
         T("r", "A", S1, C1, opts=[("SAck", (C1 + 100, C1 + 900))]),
     ],
+    "in hardware: data beyond the window after a FIN": lambda: handshake() + [
+        IN_HW, T("o", "PA", C1, S1, data=10), T("r", "A", S1, C1 + 10), T("o", "FA", C1 + 10, S1),
+        T("r", "A", S1, C1 + 11), T("r", "PA", S1 + 10_000_000, C1 + 11, data=10),
+    ],
+    "in hardware: IPv6 data beyond the window": lambda: handshake(v=6, swin=1000) + [
+        IN_HW, T("o", "PA", C1, S1, data=1000, v=6), T("o", "PA", C1 + 3000, S1, data=100, v=6),
+        T("r", "A", S1, C1 + 1000, v=6),
+    ],
+    "in hardware: IPv6 segment without ACK": lambda: handshake(v=6) + [IN_HW, T("o", "P", C1, S1, data=5, v=6)],
+    "in hardware: data past a zero window": lambda: handshake(swin=0) + [
+        IN_HW, T("o", "PA", C1, S1, data=1), T("o", "PA", C1 + 5000, S1, data=1),
+    ],
+    "in hardware: the handshake's ACK again": lambda: handshake() + [
+        IN_HW, T("o", "A", C1, S1), T("o", "PA", C1, S1, data=20), T("r", "A", S1, C1 + 20),
+    ],
     "in hardware: close after data": lambda: handshake() + [
         IN_HW, T("o", "PA", C1, S1, data=300), T("r", "PA", S1, C1 + 300, data=200),
         T("o", "FA", C1 + 300, S1 + 200), T("r", "FA", S1 + 200, C1 + 301), T("o", "A", C1 + 301, S1 + 201),
@@ -137,6 +152,7 @@ ALL = {**SEQUENCES, **OFFLOADED}
 
 # The rows of docs/conntrack.md's "With offload" table, by how they start.
 W, A, F, C = "TCP segment outside the window", "TCP segment without ACK", "FIN or RST", "wrong TCP/UDP/ICMP checksum"
+S = "SYN or SYN-ACK on an established connection"
 
 # The minimal NIC's deviations: sequence -> {packet index: the row of
 # docs/conntrack.md "With offload" it falls under}.  Indices count the
@@ -153,24 +169,30 @@ MINIMAL = {
     "in hardware: SACK beyond the data seen": {5: W},
     "in hardware: data beyond the window": {5: W},
     "in hardware: window scaling": {6: W},
+    "in hardware: IPv6 data beyond the window": {4: W},
+    "in hardware: data past a zero window": {4: W},
     "invalid flags after handshake (no flags)": {3: A},
     "tcp ESTABLISHED orig none": {3: A},
     "tcp ESTABLISHED reply none": {3: A},
     "in hardware: segment without ACK": {3: A},
+    "in hardware: IPv6 segment without ACK": {3: A},
+    "tcp ESTABLISHED orig synack": {3: S},
+    "tcp ESTABLISHED reply syn": {3: S},
     "RST below the acknowledged data": {5: F},
     "RST out of window": {5: F},
     "out-of-window FIN both ways shrinks the timeout": {3: F, 4: F},
     "in hardware: FIN out of window": {4: F},
     "in hardware: RST out of window": {5: F},
+    "in hardware: data beyond the window after a FIN": {7: F},
     "in hardware: bad TCP checksum": {3: C},
     "in hardware: bad UDP checksum": {2: C, 4: C},
 }
 
 
-def docs_rows() -> set[str]:
-    """The `what` column of docs/conntrack.md's "With offload" table."""
+def docs_rows(heading: str = "### With offload") -> set[str]:
+    """The `what` column of the table under `heading` in docs/conntrack.md."""
     text = DOCS.read_text()
-    table = text[text.index("| what |", text.index("### With offload")):]
+    table = text[text.index("| what |", text.index(heading)):]
     table = table[:table.index("\n\n")]
     return {re.split(r"\s*\|\s*", line)[1] for line in table.splitlines()[2:]}
 

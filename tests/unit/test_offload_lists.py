@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 
+from ctctl.abi import CtState
 from ctctl.kernel.conntrack import ConnTracker, Status
 from ctctl.kernel.offload import OffloadManager, OffloadPolicy
 
@@ -128,6 +129,26 @@ def test_closing_keeps_a_finned_flow_until_time_wait(world):
     segment(tracker, mgr, conn, "r", "FA", 5001, 1002)
     segment(tracker, mgr, conn, "o", "A", 1002, 5002)
     assert conn.state == "TIME_WAIT" and conn.id not in mgr.hw
+
+
+def test_a_syn_of_a_connection_in_a_liberal_nic_is_answered_as_act_cts_flowtable_does(world):
+    """MemoryTable validates no windows: the connection is window-liberal in
+    hardware, and a SYN-flagged segment the NIC punts is established without
+    the tracker (act_ct's flowtable gives conntrack only FIN and RST)."""
+    clock, tracker, table, mgr, log = world
+    conn = handshake(tracker, mgr)
+    res = segment(tracker, mgr, conn, "o", "SA", 1000, 5001)     # conntrack alone: INVALID
+    assert res.ct_state & CtState.EST and not res.ct_state & CtState.INV
+    assert conn.state == "ESTABLISHED" and conn.id in mgr.hw and mgr.counters["flowtable_hits"] == 1
+    assert conn.packets[0] == 3                                  # counted, as the flowtable counts
+    segment(tracker, mgr, conn, "o", "FA", 1001, 5001)           # a FIN is conntrack's
+    assert conn.state == "FIN_WAIT" and mgr.counters["flowtable_hits"] == 1
+    # Nothing in a flowtable: the same SYN-ACK is the tracker's, and invalid.
+    alone = ConnTracker(clock=clock)
+    for d, flags, seq, ack in (("o", "S", 1000, 0), ("r", "SA", 5000, 1001), ("o", "A", 1001, 5001),
+                               ("o", "SA", 1000, 5001)):
+        res = alone.ct(pkt(tcp_seg(d, flags, seq, ack)), commit=True)
+    assert res.ct_state & CtState.INV
 
 
 def test_a_new_mark_rewrites_the_entries_after_folding(world):

@@ -53,6 +53,9 @@ class ConnTracker:
         # tracker's (a NIC that validates windows): asked to hand them back
         # before a segment of the connection is judged here.
         self.window_keeper: Callable[[Conn], None] | None = None
+        # act_ct's flowtable in front of conntrack: true for a TCP segment it
+        # answers itself (established, counted, nothing else changes).
+        self.flowtable_hit: Callable[[Conn, Packet], bool] | None = None
         # conntrack -S style counters
         self.stats = {"found": 0, "invalid": 0, "insert": 0, "insert_failed": 0,
                       "drop": 0, "early_drop": 0, "error": 0, "search_restart": 0,
@@ -418,6 +421,8 @@ class ConnTracker:
         proto = conn.proto
         to = self.config.timeouts
         if proto == IPPROTO_TCP:
+            if self.flowtable_hit is not None and self.flowtable_hit(conn, pkt):
+                return tcpmod.ACCEPT, conn.timeout_rel, False
             if self.window_keeper is not None:
                 self.window_keeper(conn)
             return tcpmod.tcp_packet(conn.tcp, pkt, direction,

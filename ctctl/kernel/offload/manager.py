@@ -102,7 +102,7 @@ class OffloadManager:
         # Connections a FIN took out of hardware, whose later packets software
         # handles (counted: a server that half-closes early sends the rest so).
         self.after_fin: set[int] = set()
-        self.windows = HwWindows(tracker, device, self.hw, self.counters)
+        self.windows = HwWindows(tracker, device, self.hw, self.counters, soft=self.soft)
         self.aging = agingmod.make(aging or AgingConfig(), clock)
         self.earlier_aging: list[dict] = []     # the reports of the modes set_aging replaced
         self._device_ages = False

@@ -29,7 +29,9 @@ The device applies the merge itself, under the context's lock
 
 A device that does not validate windows leaves the tracker's data stale
 while the connection is in hardware, so the manager makes the connection
-window-liberal instead (act_ct's choice), and nothing here runs.
+window-liberal instead (act_ct's choice), and nothing above runs; a SYN
+such a device punts is answered as act_ct's flowtable answers it:
+established, without the tracker (`flowtable_hit`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from __future__ import annotations
 from collections import Counter as Tally
 
 from ctctl.kernel.conntrack import Conn, ConnTracker
+from ctctl.kernel.packet import TCP_FIN, TCP_RST
 
 
 def window_check(tracker: ConnTracker) -> str:
@@ -48,10 +51,11 @@ def window_check(tracker: ConnTracker) -> str:
 
 
 class HwWindows:
-    def __init__(self, tracker: ConnTracker, device, in_hw: dict, counters: Tally):
+    def __init__(self, tracker: ConnTracker, device, in_hw: dict, counters: Tally, soft: dict | None = None):
         self.tracker = tracker
         self.device = device
         self.in_hw = in_hw                  # the manager's hardware list (conn id -> HwConn)
+        self.soft = soft if soft is not None else {}   # and its soft list
         self.counters = counters
         self.on = bool(getattr(device, "validates_windows", False))
         self._taken: dict[int, tuple] = {}  # conn id -> its windows as taken back
@@ -60,6 +64,22 @@ class HwWindows:
         self.punted_ns: int | None = None
         if self.on:
             tracker.window_keeper = self.take
+        tracker.flowtable_hit = self.flowtable_hit
+
+    def flowtable_hit(self, conn: Conn, pkt) -> bool:
+        """act_ct's flowtable answers a segment of a connection it holds
+        before conntrack sees it, and hands conntrack only FIN and RST
+        (tcf_ct_flow_table_lookup): a SYN on an established connection is
+        forwarded as established.  So here for a window-liberal connection
+        (on the soft list, or in a NIC that validates no windows) whose SYN
+        the NIC punted; with a NIC that validates windows the tracker
+        judges every segment software sees."""
+        if pkt.tcp_flags & (TCP_FIN | TCP_RST) or conn.state != "ESTABLISHED":
+            return False     # (a flow kept through its close is the tracker's)
+        if conn.id in self.soft or (conn.id in self.in_hw and not self.on):
+            self.counters["flowtable_hits"] += 1
+            return True
+        return False
 
     def seed(self, conn: Conn) -> bool:
         """Into the device with the connection; False when the device does
