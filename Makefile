@@ -5,7 +5,7 @@ PYTEST  := $(PY) -m pytest
 # Results of the VM stage and benchmarks go here.
 OUT     ?= build
 
-.PHONY: all provision demo test test-unit test-bpf test-integration bench bench-aging bench-fastpath bench-hitpath clean help
+.PHONY: all provision demo test test-unit test-bpf test-integration bench bench-aging bench-fastpath bench-hitpath bench-connrate clean help
 
 all: help
 
@@ -20,6 +20,7 @@ help:
 	@echo "make bench-aging       aging at a full 1M-entry table: full pass, sampling ticks, NIC pass (3 min, 2 GB)"
 	@echo "make bench-fastpath    the soft list's fast path against the full pipeline, punts/s"
 	@echo "make bench-hitpath     what recording a flow's rules costs the program's hit path, ns/packet"
+	@echo "make bench-connrate    short TCP connections per second: bare, kernel, ctctl"
 
 provision:
 	@bash vm/provision.sh
@@ -49,6 +50,7 @@ bench: provision
 	$(PY) bench/bench_fastpath.py --repeat 3
 	$(PY) bench/bench_aging.py --entries 100000
 	$(PY) bench/bench_hitpath.py
+	$(PY) bench/bench_connrate.py --repeat 3
 
 bench-aging: provision
 	$(PY) bench/bench_aging.py
@@ -58,6 +60,9 @@ bench-fastpath: provision
 
 bench-hitpath: provision
 	$(PY) bench/bench_hitpath.py
+
+bench-connrate: provision
+	$(PY) bench/bench_connrate.py --repeat 3
 
 include vm/vm.mk
 

@@ -42,14 +42,13 @@ import datetime as dt
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 
-from common import RESULTS, ROOT, csv, machine  # noqa: E402  (bench/ is the script's own directory)
+from common import RESULTS, ROOT, csv, machine, unwind_on_signals  # noqa: E402  (bench/ is the script's own directory)
 sys.path.insert(0, str(ROOT))
 
 from pyroute2 import IPRoute  # noqa: E402
@@ -524,18 +523,7 @@ def main(argv=None) -> int:
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
 
-    # SIGTERM/SIGHUP unwind through the finally blocks like Ctrl-C does.
-    # Only in this process: pyroute2 forks helpers (netns.create) that
-    # inherit the handler and are ended with SIGTERM; unwinding there would
-    # run our cleanup in the child and delete the namespaces just made.
-    me = os.getpid()
-
-    def stop(signum, _frame):
-        if os.getpid() != me:
-            os._exit(128 + signum)
-        raise SystemExit(128 + signum)
-    for s in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, stop)
+    unwind_on_signals()
 
     started = dt.datetime.now(dt.timezone.utc).astimezone()
     load0 = [round(x, 2) for x in os.getloadavg()]

@@ -1,5 +1,6 @@
 """What the benchmarks share: where results go, the machine a result was
-measured on, and a comma-separated choice for argparse.  (Frames are
+measured on, a comma-separated choice for argparse, and the signals that
+end a run through its clean-ups.  (Frames are
 checksummed with ctctl.kernel.csum, the controller's own.)"""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +42,18 @@ def csv(choices):
             raise argparse.ArgumentTypeError(f"{', '.join(bad) or 'nothing'} not in {', '.join(choices)}")
         return items
     return parse
+
+
+def unwind_on_signals() -> None:
+    """SIGTERM and SIGHUP unwind through the finally blocks as Ctrl-C does.
+    Only in this process: pyroute2 forks helpers (netns.create) that
+    inherit the handler and are ended with SIGTERM; unwinding there would
+    run our clean-up in the child and delete the namespaces just made."""
+    me = os.getpid()
+
+    def stop(signum, _frame):
+        if os.getpid() != me:
+            os._exit(128 + signum)
+        raise SystemExit(128 + signum)
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, stop)
