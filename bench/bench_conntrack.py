@@ -6,6 +6,11 @@ parsing included, as the controller does it per packet.
                 window init, commit: insertion and a NEW event path)
   established:  in-window data segments of one established connection
   nat-new:      new connections committed with SNAT (port allocation)
+  events:       whole connections (handshake, a byte each way, FIN/ACK
+                close) with a `conntrack -E` recorder subscribed, as the
+                controller has one: each event formatted when it happens,
+                against ctctl's EventLog (a snapshot, formatted when read);
+                µs per connection, the two alternating, medians of 7
 
 Run:  .venv/bin/python bench/bench_conntrack.py [--packets N] [--no-checksum]
 """
@@ -13,6 +18,7 @@ Run:  .venv/bin/python bench/bench_conntrack.py [--packets N] [--no-checksum]
 from __future__ import annotations
 
 import argparse
+import statistics
 import struct
 import sys
 import time
@@ -20,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ctctl.kernel.conntrack import ConnTracker, CtConfig, NatSpec  # noqa: E402
+from ctctl.kernel.conntrack import ConnTracker, CtConfig, EventLog, NatSpec, format_event  # noqa: E402
 from ctctl.kernel.csum import checksum  # noqa: E402
 from ctctl.kernel.packet import parse  # noqa: E402
 
@@ -81,6 +87,37 @@ def bench_established(n: int, cfg: CtConfig) -> float:
     return len(frames) / dt
 
 
+def bench_events(n: int, cfg: CtConfig) -> tuple[float, float]:
+    """µs per connection with each event formatted at once, and with
+    EventLog: (eager, logged), medians of 7 alternating rounds."""
+    c, s = bytes([10, 1, 0, 1]), bytes([10, 2, 0, 1])
+    conns = []
+    for i in range(n):
+        p = 1024 + i % 60000
+        conns.append([tcp_frame(c, s, p, 80, 0x02, 1000, 0), tcp_frame(s, c, 80, p, 0x12, 5000, 1001),
+                      tcp_frame(c, s, p, 80, 0x10, 1001, 5001), tcp_frame(c, s, p, 80, 0x18, 1001, 5001, b"x"),
+                      tcp_frame(s, c, 80, p, 0x18, 5001, 1002, b"x"), tcp_frame(c, s, p, 80, 0x11, 1002, 5002),
+                      tcp_frame(s, c, 80, p, 0x11, 5002, 1003), tcp_frame(c, s, p, 80, 0x10, 1003, 5003)])
+
+    def one(eager: bool) -> float:
+        clock = Clock()
+        tr = ConnTracker(clock=clock, config=cfg)
+        if eager:
+            lines: list[str] = []
+            tr.subscribe(lambda ev, conn: lines.append(format_event(ev, conn, clock())))
+        else:
+            log = EventLog(maxlen=4096)
+            tr.subscribe(lambda ev, conn: log.record(ev, conn, clock()))
+        t0 = time.perf_counter()
+        for frames in conns:
+            for f in frames:
+                tr.ct(parse(bytearray(f)), commit=True)
+        return (time.perf_counter() - t0) / n * 1e6
+
+    rounds = [(one(True), one(False)) for _ in range(7)]
+    return statistics.median(r[0] for r in rounds), statistics.median(r[1] for r in rounds)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--packets", type=int, default=50000, help="packets per measurement (default 50000)")
@@ -96,6 +133,9 @@ def main(argv=None) -> int:
     print(f"  established TCP (data/ACK)   {bench_established(args.packets, cfg):>10,.0f} pkt/s")
     print(f"  new TCP with SNAT            "
           f"{bench_new(args.packets, cfg, NatSpec('src', '192.0.2.1')):>10,.0f} pkt/s")
+    eager, logged = bench_events(max(1, args.packets // 25), cfg)
+    print(f"  connection with conntrack -E {eager:>10,.0f} µs formatted at once, {logged:,.0f} µs with EventLog "
+          f"({eager - logged:,.0f} µs less)")
     return 0
 
 

@@ -13,7 +13,7 @@
 VM_PYTHON   ?= .venv/bin/python
 VM_TESTS    ?= tests/bpf tests/integration tests/vm -v --durations=10
 VM_TIMEOUT  ?= 7200
-VM_STAGE_TESTS   ?= -m vm tests -v
+VM_STAGE_TESTS   ?= -m vm tests -v --durations=8
 VM_STAGE_TIMEOUT ?= 1800
 KERNEL      ?=
 VM_ACCEL    ?= auto

@@ -19,13 +19,13 @@ import sys
 import threading
 import time
 import traceback
-from collections import Counter as Tally, deque
+from collections import Counter as Tally
 from dataclasses import asdict
 
 from ctctl import abi
 from ctctl.box import control, requests, state
 from ctctl.box.config import BoxConfig
-from ctctl.kernel.conntrack import ConnTracker, format_event, tuple_of
+from ctctl.kernel.conntrack import ConnTracker, EventLog, tuple_of
 from ctctl.kernel.csum import complete_partial_checksum
 from ctctl.kernel.offload import OffloadManager
 from ctctl.kernel.offload.fastpath import FastPath
@@ -71,8 +71,8 @@ class Controller:
         self.offload: OffloadManager | None = None
         # The last events, conntrack -E style, with the offload decisions
         # between them: a connection's life as `ctctl events` shows it.
-        self.events: deque[str] = deque(maxlen=4096)
-        self.tracker.subscribe(lambda ev, conn: self.events.append(format_event(ev, conn, self.clock())))
+        self.events = EventLog(maxlen=4096)
+        self.tracker.subscribe(lambda ev, conn: self.events.record(ev, conn, self.clock()))
         # The control thread changes rules while the data path runs them.
         self.lock = threading.Lock()
 

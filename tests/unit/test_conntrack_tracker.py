@@ -10,7 +10,7 @@ pytest.importorskip("scapy.all")
 from scapy.all import IP, UDP, Raw  # noqa: E402
 
 from ctctl.abi import CtState  # noqa: E402
-from ctctl.kernel.conntrack import ConnTracker, CtResult, Status, format_conntrack, format_event  # noqa: E402
+from ctctl.kernel.conntrack import ConnTracker, CtResult, EventLog, Status, format_conntrack, format_event  # noqa: E402
 
 from helpers import FakeClock, pkt, tcp_seg  # noqa: E402
 from ktrack import parse_conntrack_line  # noqa: E402
@@ -173,6 +173,29 @@ def test_format_event(tr, clock):
     assert lines[-1].startswith("[DESTROY] tcp      6 CLOSE src=")
     with pytest.raises(ValueError):
         format_event("BOGUS", tr.ct(pkt(UDP_O), commit=True).conn, clock())
+
+
+def test_event_log_formats_when_read_what_the_entry_was_then(tr, clock):
+    """Lines read later are the lines formatted at each event, although
+    the entry kept changing after it; text lines keep their place."""
+    eager, log = [], EventLog(maxlen=100)
+    tr.subscribe(lambda ev, c: eager.append(format_event(ev, c, clock())))
+    tr.subscribe(lambda ev, c: log.record(ev, c, clock()))
+    handshake(tr)
+    clock.advance(3)
+    tr.ct(pkt(tcp_seg("o", "PA", 1001, 5001, data=10)), commit=True, mark=(7, 0xFFFFFFFF))
+    log.append("   [HW] a decision between events")
+    eager.append("   [HW] a decision between events")
+    tr.ct(pkt(tcp_seg("o", "R", 1011)), commit=True)
+    clock.advance(10)
+    tr.sweep()
+    assert len(eager) >= 5 and list(log) == eager
+    short = EventLog(maxlen=2)
+    for line in ("a", "b", "c"):
+        short.append(line)
+    assert list(short) == ["b", "c"] and len(short) == 2
+    with pytest.raises(ValueError):
+        log.record("BOGUS", tr.ct(pkt(UDP_O), commit=True).conn, clock())
 
 
 def test_icmp_and_gre_lines(tr, clock):

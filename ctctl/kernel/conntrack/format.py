@@ -5,6 +5,7 @@ named fields for scripts."""
 from __future__ import annotations
 
 import math
+from collections import deque
 
 from ctctl.protocols import IP_PROTO_NAMES, PORTED
 
@@ -62,6 +63,49 @@ def format_event(event: str, conn: Conn, now: float, flags=()) -> str:
     body = format_conntrack(conn, now, flags, with_timeout=event != "DESTROY")
     body = body.replace(" use=1", "")
     return f"{tag:>9} {body}"
+
+
+class _Frozen:
+    """What format_conntrack reads of a connection, as it was at an event."""
+
+    __slots__ = ("proto", "l3", "timeout_at", "state", "orig", "reply", "packets", "bytes", "bits",
+                 "mark", "label", "zone")
+
+    def __init__(self, conn: Conn):
+        self.orig, self.reply = conn.orig, conn.reply        # tuples are immutable
+        self.proto, self.l3, self.state = conn.orig.proto, conn.orig.l3, conn.state
+        self.timeout_at, self.bits = conn.timeout_at, conn.bits
+        self.packets, self.bytes = tuple(conn.packets), tuple(conn.bytes)
+        self.mark, self.label, self.zone = conn.mark, conn.label, conn.zone
+
+    @property
+    def status(self) -> Status:
+        return Status(self.bits)
+
+
+class EventLog:
+    """The last `maxlen` conntrack events (and any text lines between
+    them), formatted as ``conntrack -E`` prints them when read: recording
+    one keeps a snapshot of the entry, formatting it costs ~100 µs, and the
+    tracker raises several events for every connection."""
+
+    def __init__(self, maxlen: int = 4096):
+        self._items: deque = deque(maxlen=maxlen)
+
+    def record(self, event: str, conn: Conn, now: float) -> None:
+        if event not in _EVENT_TAGS:
+            raise ValueError(f"unknown conntrack event {event!r}")
+        self._items.append((event, _Frozen(conn), now))
+
+    def append(self, line: str) -> None:
+        self._items.append(line)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self):
+        for item in list(self._items):
+            yield item if isinstance(item, str) else format_event(item[0], item[1], item[2])
 
 
 def _side(t, packets: int, nbytes: int) -> dict:
