@@ -27,17 +27,15 @@ examples:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
 import traceback
 from pathlib import Path
 
-from common import RESULTS, ROOT, csv, machine, unwind_on_signals  # noqa: E402  (bench/ is the script's own directory)
+from common import RESULTS, ROOT, csv, machine, start_run, unwind_on_signals  # noqa: E402  (bench/ is the script's own directory)
 sys.path.insert(0, str(ROOT))
 
 from bench_offload import CLIENT, PATH_CLASSES, SERVER, Ctctl, Procs, wait_path_up  # noqa: E402
@@ -132,11 +130,7 @@ def main(argv=None) -> int:
         ap.error("--duration, --repeat and --concurrency must be positive")
     unwind_on_signals()
 
-    started = dt.datetime.now(dt.timezone.utc).astimezone()
-    load0 = [round(x, 2) for x in os.getloadavg()]
-    command = ".venv/bin/python bench/bench_connrate.py" + "".join(
-        f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
-    print(f"load average {load0[0]:.2f} on {os.cpu_count()} CPUs (other work on the machine skews the numbers)")
+    started, load0, command = start_run("bench_connrate.py", argv)
     print(f"bench_connrate: {args.concurrency} connections in flight from {args.client_procs} client processes, "
           f"{args.duration:g} s per run, paths {','.join(args.paths)}", flush=True)
     procs = Procs()

@@ -38,17 +38,15 @@ examples:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import shlex
 import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 
-from common import RESULTS, ROOT, csv, machine, unwind_on_signals  # noqa: E402  (bench/ is the script's own directory)
+from common import RESULTS, ROOT, csv, machine, start_run, unwind_on_signals  # noqa: E402  (bench/ is the script's own directory)
 sys.path.insert(0, str(ROOT))
 
 from pyroute2 import IPRoute  # noqa: E402
@@ -525,11 +523,7 @@ def main(argv=None) -> int:
 
     unwind_on_signals()
 
-    started = dt.datetime.now(dt.timezone.utc).astimezone()
-    load0 = [round(x, 2) for x in os.getloadavg()]
-    command = ".venv/bin/python bench/bench_offload.py" + "".join(
-        f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
-    print(f"load average {load0[0]:.2f} on {os.cpu_count()} CPUs (other work on the machine skews the numbers)")
+    started, load0, command = start_run("bench_offload.py", argv)
     print(f"bench_offload: client -- {CLIENT} [box] {SERVER} -- server, iperf3 client -> server, "
           f"{args.duration:g} s each; paths {','.join(args.paths)}", flush=True)
     procs = Procs()

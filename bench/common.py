@@ -6,7 +6,9 @@ checksummed with ctctl.kernel.csum, the controller's own.)"""
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
+import shlex
 import platform
 import signal
 import subprocess
@@ -57,3 +59,14 @@ def unwind_on_signals() -> None:
         raise SystemExit(128 + signum)
     for s in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, stop)
+
+
+def start_run(script: str, argv) -> tuple[dt.datetime, list[float], str]:
+    """When the run started, the load then (said out loud: other work skews
+    the numbers) and the command that reproduces it."""
+    started = dt.datetime.now(dt.timezone.utc).astimezone()
+    load0 = [round(x, 2) for x in os.getloadavg()]
+    command = f".venv/bin/python bench/{script}" + "".join(
+        f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
+    print(f"load average {load0[0]:.2f} on {os.cpu_count()} CPUs (other work on the machine skews the numbers)")
+    return started, load0, command
