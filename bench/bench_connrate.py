@@ -35,12 +35,11 @@ import sys
 import traceback
 from pathlib import Path
 
-from common import RESULTS, ROOT, csv, machine, start_run, unwind_on_signals  # noqa: E402  (bench/ is the script's own directory)
+from common import ROOT, csv, machine, start_run, unwind_on_signals, write_results  # noqa: E402  (bench/ is the script's own directory)
 sys.path.insert(0, str(ROOT))
 
-from bench_offload import CLIENT, PATH_CLASSES, SERVER, Ctctl, Procs, wait_path_up  # noqa: E402
+from bench_offload import CLIENT, PATH_CLASSES, SERVER, Ctctl, Procs, running_path, wait_path_up  # noqa: E402
 
-from ctctl.lab import topology  # noqa: E402
 from ctctl.lab.topology import ns_exec  # noqa: E402
 from ctctl.lab.waiting import wait_until  # noqa: E402
 
@@ -76,11 +75,8 @@ def one_run(procs: Procs, topo, args) -> dict:
 
 
 def measure_path(name: str, args, procs: Procs, log) -> list[dict]:
-    topo = topology.build(topology.unique_tag("ctc"), [CLIENT, SERVER], ["client", "server"])
-    path = PATH_CLASSES[name](topo)
     out = []
-    try:
-        path.start()
+    with running_path(name, procs, "ctc") as (topo, path):
         wait_path_up(topo)
         for i in range(args.repeat):
             if isinstance(path, Ctctl):
@@ -99,12 +95,6 @@ def measure_path(name: str, args, procs: Procs, log) -> list[dict]:
             log(f"  {name:6} run {i + 1}: {r['conn_per_s']:9,.1f} conn/s, {r['failed']} failed, "
                 f"latency p50 {r['latency_ms']['p50']} ms p99 {r['latency_ms']['p99']} ms"
                 + (f", {r['punts_per_conn']} punts/conn, ring lost {r['ring_lost']}" if "punted" in r else ""))
-    finally:
-        procs.reap()
-        try:
-            path.stop()
-        finally:
-            topo.destroy()
     return out
 
 
@@ -167,11 +157,7 @@ def main(argv=None) -> int:
                        f"{args.client_procs} client and {args.server_procs} server processes",
            "duration_s": args.duration, "repeat": args.repeat, "note": args.note,
            "summary": rows, "failed": failed, "results": results}
-    out = args.output or RESULTS / f"connrate-{started.strftime('%Y-%m-%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"\nresults: {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
-    print(f"reproduce: sudo {command}")
+    write_results(doc, args.output, "connrate", started, command)
     return 1 if failed else 0
 
 

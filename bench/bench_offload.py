@@ -44,9 +44,10 @@ import subprocess
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
-from common import RESULTS, ROOT, csv, machine, start_run, unwind_on_signals  # noqa: E402  (bench/ is the script's own directory)
+from common import ROOT, csv, machine, start_run, unwind_on_signals, write_results  # noqa: E402  (bench/ is the script's own directory)
 sys.path.insert(0, str(ROOT))
 
 from pyroute2 import IPRoute  # noqa: E402
@@ -367,13 +368,28 @@ def iperf3(procs: Procs, topo: topology.Topology, test: str, port: int, duration
     return res
 
 
-def measure_path(name: str, args, procs: Procs, log) -> list[dict]:
-    topo = topology.build(topology.unique_tag("ctb"), [CLIENT, SERVER], ["client", "server"])
+@contextmanager
+def running_path(name: str, procs: Procs, tag: str = "ctb"):
+    """A fresh topology with path `name` started on it; on the way out,
+    the processes of `procs` reaped, the path stopped, the namespaces
+    removed, whatever happened."""
+    topo = topology.build(topology.unique_tag(tag), [CLIENT, SERVER], ["client", "server"])
     path = PATH_CLASSES[name](topo)
-    out = []
-    port = BASE_PORT
     try:
         path.start()
+        yield topo, path
+    finally:
+        procs.reap()
+        try:
+            path.stop()
+        finally:
+            topo.destroy()
+
+
+def measure_path(name: str, args, procs: Procs, log) -> list[dict]:
+    out = []
+    port = BASE_PORT
+    with running_path(name, procs) as (topo, path):
         plan = [(off, t) for off in ("off", "on") for t in TESTS
                 if off in (args.udp_offloads if t == "udp" else args.tcp_offloads)]
         current = None
@@ -398,12 +414,6 @@ def measure_path(name: str, args, procs: Procs, log) -> list[dict]:
                     r[k] = c1[k] - c0[k]
             out.append(r)
             log(f"  {name:6} offloads {off:3} {test}: " + summary_line(r))
-    finally:
-        procs.reap()
-        try:
-            path.stop()
-        finally:
-            topo.destroy()
     return out
 
 
@@ -565,11 +575,7 @@ def main(argv=None) -> int:
         "failed": failed,
         "results": results,
     }
-    out = args.output or RESULTS / f"offload-{started.strftime('%Y-%m-%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"\nresults: {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
-    print(f"reproduce: sudo {command}")
+    write_results(doc, args.output, "offload", started, command)
     return 1 if failed else 0
 
 

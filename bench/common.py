@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import shlex
 import platform
@@ -70,3 +71,13 @@ def start_run(script: str, argv) -> tuple[dt.datetime, list[float], str]:
         f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
     print(f"load average {load0[0]:.2f} on {os.cpu_count()} CPUs (other work on the machine skews the numbers)")
     return started, load0, command
+
+
+def write_results(doc: dict, output: Path | None, kind: str, started: dt.datetime, command: str) -> Path:
+    """The run's JSON under bench/results/ (or `output`), and where it went."""
+    out = output or RESULTS / f"{kind}-{started.strftime('%Y-%m-%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"\nresults: {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    print(f"reproduce: sudo {command}")
+    return out
