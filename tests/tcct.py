@@ -5,11 +5,11 @@ box namespace's ports.
 
     [o<n>] host-o ---- [a<n>] box (tc rules) [b<n>] ---- host-r [r<n>]
 
-Every sequence gets a port pair of its own (`fresh_ports`): act_ct keys its
-flowtable by input interface, and keeps an entry after the connection has
-closed until its own garbage collection notices, so a new pair of ifindexes
-(and a conntrack flush in the box namespace) is what guarantees that nothing
-carries over from one sequence to the next.
+Every sequence gets a port pair of its own (`fresh_ports`) and a conntrack
+flush in the box namespace: act_ct keeps a flow in its flowtable after the
+connection has closed, until its garbage collection notices, and with new
+ports and an empty table nothing of one sequence can answer a packet of
+the next.
 
 A crafted frame is written on a host's end with an AF_PACKET socket; right
 behind it goes a marker, an ARP frame that the rules forward whatever the
@@ -20,7 +20,8 @@ the other host before the marker does.
 
 Needs a kernel with act_ct (Debian's 6.1 has it as a module; this project's
 6.18 host kernel does not): `TcCt.__enter__` raises `Unavailable`, with tc's
-own message, where the rules cannot be installed.
+own message, where the kernel lacks the classifier or an action; any other
+refusal by tc is an error (a line ctctl accepts and tc does not).
 """
 
 from __future__ import annotations
