@@ -26,9 +26,9 @@ work=${CTCTL_FRESH_DIR:-/var/tmp/ctctl-fresh}
 repo=${CTCTL_FRESH_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 targets=${CTCTL_FRESH_TARGETS:-test demo}
 suite=bookworm
-# What a new machine of this kind has before the project's scripts run
-# (/work/.library/env/machines/python.md): CPython, make, git, gcc, and the
-# CA certificates the registries are reached through.  Deliberately not
+# What a new Debian machine of the kind CI runs on has before the
+# project's scripts run: CPython, make, git, gcc, and the CA certificates
+# the registries are reached through.  Deliberately not
 # python3-venv/pip, BCC, headers, iproute2 or any traffic tool: provision
 # must install those.
 # debootstrap installs no Recommends, so gcc comes without libc6-dev: a C
