@@ -15,8 +15,8 @@ with offload on, compared packet by packet: delivered or dropped.
 ctctl's "offload on" box is configured as act_ct behaves: its software
 flowtable checks neither windows, flags nor checksums (the `minimal`
 hardware profile) and takes TCP once ESTABLISHED and ASSURED, UDP once
-replied (6.1 sets a UDP connection ASSURED at its first reply, and act_ct
-takes it then), ICMP never.
+replied (act_ct on 6.1 adds a UDP flow at its first reply: `[OFFLOAD]` in
+`conntrack -L` from then on), ICMP never.
 
 act_ct needs cls_flower, act_ct and act_mirred, which Debian's 6.1 kernel
 has and this project's 6.18 host kernel does not: on the host the module
@@ -67,8 +67,9 @@ ON_VS_ACT_CT: dict[str, tuple[set[int], str]] = {
     "in hardware: bad UDP checksum": (
         {2, 4}, "act_ct on 6.1 drops a UDP datagram with a bad checksum although conntrack -L shows its "
                 "connection [OFFLOAD]: nf_conntrack judged it (its udp_error()), so act_ct's flowtable did "
-                "not answer it; ctctl's minimal NIC forwards it, as it does a TCP segment with a bad checksum, "
-                "which act_ct forwards too"),
+                "not answer it (likely: the flow is not yet ASSURED, which UDP becomes after 2 s, and act_ct "
+                "leaves such a flow to conntrack); ctctl's minimal NIC forwards it, as it does a TCP segment "
+                "with a bad checksum, which act_ct forwards too"),
 }
 
 # The VM stage's short version: one sequence per kind of difference, and
