@@ -169,6 +169,21 @@ def test_a_half_closing_server_is_named_in_stats(fw):
     assert f"fin {o['removed_fin']} ({o['punted_after_fin']} packets through software after it)" in line
 
 
+def test_stats_show_how_long_offloading_took(fw):
+    """One new TCP connection: its offload latency (eligible packet punted
+    -> both entries in hardware, the program's clock) is measured, and
+    `stats` prints the percentiles."""
+    before = fw.stats()["offload"]
+    assert traffic.tcp_transfer(fw.client.netns, fw.server.netns, fw.server.addr4, 100_000, port=5012).ok
+    o = fw.stats()["offload"]
+    lat, lat0 = o["latency"], before["latency"]
+    assert o["offloaded"] - before.get("offloaded", 0) == 1, o
+    assert lat["offloaded"] - lat0["offloaded"] == 1, o
+    assert 0 < lat["p50_us"] <= lat["p99_us"] <= lat["max_us"], lat
+    r = ctctl("stats", "--name", fw.name)
+    assert f"p50 {lat['p50_us']:,.0f} µs" in next(x for x in r.stdout.splitlines() if x.startswith("latency:"))
+
+
 # -- messages ---------------------------------------------------------------------
 
 def test_a_dead_controller_is_named_with_the_way_out(topo):

@@ -59,6 +59,10 @@ def _offload(o: dict | None) -> list[str]:
     out = [f"offload:  {o['hardware']} connections in hardware, {o.get('soft', 0)} on the soft list "
            f"({o['pending']} pending); offloaded {o.get('offloaded', 0)}, table full {o.get('table_full', 0)} "
            f"(from pending {o.get('from_pending', 0)})"]
+    lat = o.get("latency") or {}
+    if lat.get("offloaded"):
+        out.append(f"latency:  eligible packet punted -> both entries in hardware, {lat['offloaded']} connections: "
+                   f"p50 {lat['p50_us']:,.0f} µs, p99 {lat['p99_us']:,.0f} µs, max {lat['max_us']:,.0f} µs")
     fp = o.get("fastpath") or {}
     if fp.get("learned"):
         out.append(f"fast path: {fp.get('hits', 0)} packets forwarded, {fp.get('shortcuts', 0)} shortcuts "

@@ -48,6 +48,7 @@ from .aging import AgingConfig, Staleness, lane
 from .fastpath import FastPath
 from .eviction import Eviction, EvictionConfig
 from .hw import DeviceError, EntryStats, Expired, FlowDevice, TableFull
+from .latency import OffloadLatency
 from .owners import Owners
 from .policy import OffloadPolicy, state_timeout
 from .rate import InsertRate
@@ -95,6 +96,7 @@ class OffloadManager:
         self.pending: deque[Conn] = deque()        # on the soft list, waiting for room in hardware
         self.rate = InsertRate(insert_rate, clock) if insert_rate else None
         self.pending_waits = Staleness()           # how long pending connections waited to go in
+        self.latency = OffloadLatency()            # eligible packet's punt -> both entries in hardware
         self.fastpath = FastPath()
         self.owners = Owners()
         self.eviction = Eviction(eviction or EvictionConfig(), clock)
@@ -138,8 +140,8 @@ class OffloadManager:
                     # The tracker just gave it its state's timeout: the
                     # soft list ages it on the offload timeout.
                     self.tracker.set_timeout(conn, self.policy.timeout_for(conn))
-            elif forwarded and self.policy.eligible(conn):
-                self.offload(conn)
+            elif forwarded and self.policy.eligible(conn) and self.offload(conn):
+                self.latency.add(self.windows.punted_ns, self.hw[conn.id].since_ns)
 
     # -- the two lists ---------------------------------------------------------
     def offload(self, conn: Conn, by_hand: bool = False) -> bool:
@@ -313,10 +315,8 @@ class OffloadManager:
                 self.fastpath.forget(conn)
                 self.counters["soft_removed_expired" if conn.timeout_at <= self.clock()
                               else "soft_removed_destroyed"] += 1
-            try:
+            if conn in self.pending:
                 self.pending.remove(conn)
-            except ValueError:
-                pass
 
     def _rewrite(self, hc: HwConn) -> None:
         """Software changed the mark or label (a `ct commit mark ...`): the
@@ -388,10 +388,7 @@ class OffloadManager:
         self.policy.set_timeouts(changes)
         if self._device_ages:
             self.device.set_aging_timeouts(self.policy.timeouts())
-        reached = {"hardware": 0, "soft": 0}
-        for hc in self.hw.values():
-            if lane(hc.conn.proto) in changes:
-                reached["hardware"] += 1
+        reached = {"hardware": sum(lane(hc.conn.proto) in changes for hc in self.hw.values()), "soft": 0}
         for sc in self.soft.values():
             conn = sc.conn
             if lane(conn.proto) in changes:
@@ -491,7 +488,8 @@ class OffloadManager:
                 **dict(self.counters), "fastpath": self.fastpath.stats(), "aging": self.aging.report(),
                 "insert_rate": self.rate.rate if self.rate else None,
                 "pending_wait": {"went_in": waits["removed"], "p50_s": waits["p50_s"], "p99_s": waits["p99_s"],
-                                 "max_s": waits["max_s"]}}
+                                 "max_s": waits["max_s"]},
+                "latency": self.latency.summary()}
 
     def soft_list(self) -> list[dict]:
         """The soft list as plain data (`ctctl offload`)."""
