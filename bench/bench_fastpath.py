@@ -147,9 +147,9 @@ def udp_frame(out: bool, payload: bytes) -> bytes:
     return _eth(out) + _ip(src, dst, 17, udp) + udp
 
 
-def tcp_frame(out: bool, flags: int, seq: int, ack: int, payload: bytes = b"") -> bytes:
+def tcp_frame(out: bool, flags: int, seq: int, ack: int, payload: bytes = b"", cport: int = CPORT) -> bytes:
     src, dst = (CLIENT, SERVER) if out else (SERVER, CLIENT)
-    sport, dport = (CPORT, SPORT_TCP) if out else (SPORT_TCP, CPORT)
+    sport, dport = (cport, SPORT_TCP) if out else (SPORT_TCP, cport)
     tcp = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, 5 << 4, flags,
                       65535, 0, 0) + payload
     c = checksum(src + dst + struct.pack("!BBH", 0, 6, len(tcp)) + tcp)

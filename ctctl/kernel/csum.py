@@ -11,6 +11,10 @@ import sys
 from ctctl.protocols import IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP
 
 
+_V4_ADDRS = struct.Struct("!4H")     # source and destination, as 16-bit words
+_V6_ADDRS = struct.Struct("!16H")
+
+
 def fold(s: int) -> int:
     """A ones' complement sum folded to 16 bits."""
     while s >> 16:
@@ -83,8 +87,17 @@ def complete_partial_checksum(pkt) -> bool:
             or pkt.l4_csum_off is None or pkt.l4_csum_off + 2 > pkt.l3_end):
         return False
     c = pkt.l4_csum_off
-    field = (pkt.data[c] << 8) | pkt.data[c + 1]
-    pseudo = pseudo_sum(pkt.ip_version, pkt.src.packed, pkt.dst.packed, pkt.proto, pkt.l3_end - pkt.l4_off)
+    data = pkt.data
+    field = (data[c] << 8) | data[c + 1]
+    # Every punted TCP/UDP packet comes through here: the pseudo-header's
+    # addresses are summed from the frame's bytes as they are, without
+    # building address objects.
+    length = pkt.l3_end - pkt.l4_off
+    if pkt.ip_version == 4:
+        words = sum(_V4_ADDRS.unpack_from(data, pkt.l3_off + 12)) + pkt.proto + length
+    else:
+        words = sum(_V6_ADDRS.unpack_from(data, pkt.l3_off + 8)) + (length >> 16) + (length & 0xFFFF) + pkt.proto
+    pseudo = fold(words)
     if field != pseudo or pkt.verify_l4_checksum():
         return False
     fix_l4_checksum(pkt)

@@ -71,7 +71,7 @@ class CtMeta:
 
     @classmethod
     def of(cls, res: CtResult) -> "CtMeta":
-        return cls(CtState(res.ct_state), res.zone, res.mark, res.label, res.conn, res.reply)
+        return cls(res.ct_state, res.zone, res.mark, res.label, res.conn, res.reply)   # a CtState already
 
 
 @dataclass(frozen=True)

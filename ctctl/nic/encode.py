@@ -13,11 +13,11 @@ or half in each.  ctctl.nic.driver writes what is encoded here.
 from __future__ import annotations
 
 import ipaddress
-import struct
+import sys
 
 from ctctl import abi
 from ctctl.abi import TRAP_AT_ACTION, TRAP_REMATCH, ActionKind, CtFlags, CtState, Nat
-from ctctl.kernel.conntrack import Conn, Status, nat_ct_state, tuple_of
+from ctctl.kernel.conntrack import Bits, Conn, nat_ct_state, tuple_of
 from ctctl.kernel.conntrack.tuples import Tuple as CtTuple
 from ctctl.kernel.offload.hw import DeviceError
 from ctctl.kernel.packet import Packet
@@ -36,24 +36,34 @@ from ctctl.rules import (
 SCRATCH_ID = 0
 
 _TERMINAL = (GotoAction, MirredAction, DropAction, PassAction)
+_EST = int(CtState.TRK | CtState.EST)        # an entry's ct_state, as plain ints
+_EST_RPL = int(CtState.TRK | CtState.EST | CtState.RPL)
 
 
 # ---------------------------------------------------------------------------
 # Byte order helpers
 
+# Entries are encoded for every offload (two per connection): the byte
+# swaps are arithmetic, not struct round trips.
+_SWAP = sys.byteorder == "little"
+
+
 def be16(v: int) -> int:
     """A host-order 16-bit number as the u16 whose memory holds it in network
     order (the __be16 fields of struct ctctl_tuple / ctctl_flow)."""
-    return struct.unpack("=H", struct.pack("!H", v))[0]
+    return ((v & 0xFF) << 8) | ((v >> 8) & 0xFF) if _SWAP else v & 0xFFFF
 
 
 def from_be16(v: int) -> int:
-    return struct.unpack("!H", struct.pack("=H", v))[0]
+    return be16(v)       # a swap is its own inverse
 
 
 def _addr16(addr) -> bytes:
     """An address as the 16 bytes of the ABI: IPv4 in the first 4."""
-    return ipaddress.ip_address(addr).packed.ljust(16, b"\0")
+    packed = getattr(addr, "packed", None)    # an ipaddress object already (a tuple's): no parsing
+    if packed is None:
+        packed = ipaddress.ip_address(addr).packed
+    return packed.ljust(16, b"\0")
 
 
 def _u8_16(b: bytes):
@@ -367,7 +377,7 @@ def flow_entry(conn: Conn, direction: int, conn_id: int | None = None) -> tuple[
     """
     if direction not in (0, 1):
         raise ValueError(f"direction {direction!r}: 0 (original) or 1 (reply)")
-    if not conn.status & Status.SEEN_REPLY:
+    if not conn.bits & Bits.SEEN_REPLY:
         raise ValueError(f"{conn!r} has seen no reply: its original direction is +new, "
                          "which an offloaded entry cannot keep up to date")
     cur = conn.tuple(direction)
@@ -380,12 +390,12 @@ def flow_entry(conn: Conn, direction: int, conn_id: int | None = None) -> tuple[
     fl.dir = direction
     fl.mark = conn.mark
     fl.label = _u8_16(conn.label.to_bytes(16, "big"))
-    nat = nat_rewrite(cur, target)
-    state = CtState.TRK | CtState.EST | (CtState.RPL if direction else 0)
+    nat = int(nat_rewrite(cur, target))
+    state = _EST_RPL if direction else _EST
     if nat:
-        state |= nat_ct_state(conn.bits, direction)
-    fl.ct_state = int(state)
-    fl.nat = int(nat)
+        state |= int(nat_ct_state(conn.bits, direction))
+    fl.ct_state = state
+    fl.nat = nat
     fl.nat_src = _u8_16(_addr16(target.src))
     fl.nat_dst = _u8_16(_addr16(target.dst))
     fl.nat_sport = be16(target.sport)

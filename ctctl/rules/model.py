@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Union
 
 from ctctl.abi import CtState
@@ -61,11 +62,12 @@ class CtStateMatch:
     set: CtState = CtState(0)
     clear: CtState = CtState(0)
 
-    @property
+    # Plain ints, computed once: matches() runs for every packet a ct_state rule sees.
+    @cached_property
     def value(self) -> int:
         return int(self.set)
 
-    @property
+    @cached_property
     def mask(self) -> int:
         return int(self.set | self.clear)
 
@@ -169,6 +171,17 @@ class Filter:
     actions: tuple[Action, ...] = ()
     skip_hw: bool = False
     skip_sw: bool = False
+
+    def __hash__(self) -> int:
+        # A filter keys its counters and its flows' owners, looked up for
+        # every packet it matches: its hash (over every match and action)
+        # is computed once.  (A frozen dataclass keeps an explicit __hash__.)
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.dev, self.chain, self.prio, self.handle, self.protocol, self.matches, self.actions,
+                      self.skip_hw, self.skip_sw))
+            object.__setattr__(self, "_hash", h)
+        return h
 
     @property
     def key(self) -> tuple[str, int, int | None, int | None]:

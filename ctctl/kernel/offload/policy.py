@@ -20,9 +20,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ctctl.kernel.conntrack import Conn, Status
+from ctctl.kernel.conntrack import Bits, Conn
 from ctctl.kernel.conntrack.timeouts import state_key
 from ctctl.protocols import ICMPS, IPPROTO_TCP, IPPROTO_UDP
+
+_NOT_ELIGIBLE = Bits.HELPER | Bits.DYING
 
 TERMINAL_STATES = ("TIME_WAIT", "CLOSE")
 
@@ -63,17 +65,18 @@ class OffloadPolicy:
     # -- decisions ------------------------------------------------------------
     def eligible(self, conn: Conn) -> bool:
         """Does the connection qualify for the hardware now?"""
-        st = conn.status
-        if not st & Status.CONFIRMED or st & (Status.HELPER | Status.DYING):
+        st = conn.bits          # asked after every packet: plain ints, no Status per call
+        if not st & Bits.CONFIRMED or st & _NOT_ELIGIBLE:
             return False
-        if conn.proto == IPPROTO_TCP:
-            return self.tcp == "established" and conn.state == "ESTABLISHED" and bool(st & Status.ASSURED)
-        if conn.proto == IPPROTO_UDP:
+        proto = conn.proto
+        if proto == IPPROTO_TCP:
+            return self.tcp == "established" and conn.state == "ESTABLISHED" and bool(st & Bits.ASSURED)
+        if proto == IPPROTO_UDP:
             if self.udp == "assured":
-                return bool(st & Status.ASSURED)
-            return self.udp == "replied" and bool(st & Status.SEEN_REPLY)
-        if conn.proto in ICMPS:
-            return self.icmp == "replied" and bool(st & Status.SEEN_REPLY)
+                return bool(st & Bits.ASSURED)
+            return self.udp == "replied" and bool(st & Bits.SEEN_REPLY)
+        if proto in ICMPS:
+            return self.icmp == "replied" and bool(st & Bits.SEEN_REPLY)
         return False
 
     def leaving(self, conn: Conn) -> str | None:
