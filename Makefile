@@ -5,7 +5,7 @@ PYTEST  := $(PY) -m pytest
 # Results of the VM stage and benchmarks go here.
 OUT     ?= build
 
-.PHONY: all provision demo test test-unit test-bpf test-integration bench bench-aging bench-fastpath bench-hitpath bench-connrate clean help
+.PHONY: all provision demo test test-unit test-bpf test-integration bench bench-aging bench-fastpath bench-hitpath bench-connrate bench-punts clean help
 
 all: help
 
@@ -20,7 +20,8 @@ help:
 	@echo "make bench-aging       aging at a full 1M-entry table: full pass, sampling ticks, NIC pass (3 min, 2 GB)"
 	@echo "make bench-fastpath    the soft list's fast path against the full pipeline, punts/s"
 	@echo "make bench-hitpath     what recording a flow's rules costs the program's hit path, ns/packet"
-	@echo "make bench-connrate    short TCP connections per second: bare, kernel, ctctl"
+	@echo "make bench-connrate    short TCP connections per second: bare, kernel, ctctl; what one costs the controller"
+	@echo "make bench-punts       packets/s the controller takes through the whole pipeline, nothing offloaded"
 
 provision:
 	@bash vm/provision.sh
@@ -51,6 +52,8 @@ bench: provision
 	$(PY) bench/bench_aging.py --entries 100000
 	$(PY) bench/bench_hitpath.py
 	$(PY) bench/bench_connrate.py --repeat 3
+	$(PY) bench/bench_conncost.py
+	$(PY) bench/bench_punts.py
 
 bench-aging: provision
 	$(PY) bench/bench_aging.py
@@ -63,6 +66,10 @@ bench-hitpath: provision
 
 bench-connrate: provision
 	$(PY) bench/bench_connrate.py --repeat 3
+	$(PY) bench/bench_conncost.py
+
+bench-punts: provision
+	$(PY) bench/bench_punts.py
 
 include vm/vm.mk
 

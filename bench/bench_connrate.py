@@ -17,7 +17,10 @@ reaches it, the client is the bottleneck, not the box.
 
 Reported per path: connections/s (median over --repeat), failures
 (connections that took longer than the client's timeout or were refused),
-the connection latency's p50/p99, and for ctctl the punts per connection.
+the connection latency's p50/p99, and for ctctl the punts per connection,
+the controller's CPU time per connection (/proc/PID/stat) and the offload
+latency (`ctctl stats`: from the punt of the packet that
+made a connection eligible to both of its entries in the table).
 
 examples:
   .venv/bin/python bench/bench_connrate.py                      # about a minute
@@ -35,7 +38,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from common import ROOT, csv, machine, start_run, unwind_on_signals, write_results  # noqa: E402  (bench/ is the script's own directory)
+from common import ROOT, cpu_seconds, csv, machine, start_run, unwind_on_signals, write_results  # noqa: E402  (bench/ is the script's own directory)
 sys.path.insert(0, str(ROOT))
 
 from bench_offload import CLIENT, PATH_CLASSES, SERVER, Ctctl, Procs, running_path, wait_path_up  # noqa: E402
@@ -81,21 +84,39 @@ def measure_path(name: str, args, procs: Procs, log) -> list[dict]:
         for i in range(args.repeat):
             if isinstance(path, Ctctl):
                 path.settle()
-            c0 = path.counters()
+            c0, cpu0 = path.counters(), controller_cpu(path)
             r = one_run(procs, topo, args)
             if isinstance(path, Ctctl):
                 path.settle()
-            c1 = path.counters()
+            c1, cpu1 = path.counters(), controller_cpu(path)
             r.update(path=name, run=i)
             if isinstance(path, Ctctl):
                 r["punted"] = c1["punted"] - c0["punted"]
                 r["ring_lost"] = c1["ring_lost"] - c0["ring_lost"]
                 r["punts_per_conn"] = round(r["punted"] / max(1, r["done"]), 2)
+                r["offload_latency"] = c1["offload_latency"]
+                # The controller's CPU per connection: what bounds the rate
+                # where the controller, not the client, is saturated.
+                r["controller_cpu_s"] = round(cpu1 - cpu0, 3)
+                r["controller_us_per_conn"] = round((cpu1 - cpu0) / max(1, r["done"]) * 1e6)
             out.append(r)
             log(f"  {name:6} run {i + 1}: {r['conn_per_s']:9,.1f} conn/s, {r['failed']} failed, "
                 f"latency p50 {r['latency_ms']['p50']} ms p99 {r['latency_ms']['p99']} ms"
-                + (f", {r['punts_per_conn']} punts/conn, ring lost {r['ring_lost']}" if "punted" in r else ""))
+                + (f", {r['punts_per_conn']} punts/conn, controller {r['controller_us_per_conn']:,} µs CPU/conn, "
+                   f"ring lost {r['ring_lost']}" + latency_text(r["offload_latency"]) if "punted" in r else ""))
     return out
+
+
+def latency_text(lat: dict | None) -> str:
+    if not lat or not lat["offloaded"]:
+        return ""
+    return (f"; offload latency p50 {lat['p50_us']:,} µs p99 {lat['p99_us']:,} µs "
+            f"({lat['offloaded']:,} connections so far)")
+
+
+def controller_cpu(path) -> float | None:
+    """The ctctl controller's CPU seconds so far; None for the other paths."""
+    return cpu_seconds(path.box.proc.pid) if isinstance(path, Ctctl) else None
 
 
 def median(xs):
@@ -139,7 +160,11 @@ def main(argv=None) -> int:
                          "failed": sum(r["failed"] for r in rs),
                          "p50_ms": median([r["latency_ms"]["p50"] for r in rs]),
                          "p99_ms": median([r["latency_ms"]["p99"] for r in rs]),
-                         "punts_per_conn": median([r["punts_per_conn"] for r in rs]) if name == "ctctl" else None})
+                         "punts_per_conn": median([r["punts_per_conn"] for r in rs]) if name == "ctctl" else None,
+                         "controller_us_per_conn": (median([r["controller_us_per_conn"] for r in rs])
+                                                    if name == "ctctl" else None),
+                         # the box's own summary after its last run: every run's connections
+                         "offload_latency": rs[-1].get("offload_latency")})
     by = {r["path"]: r["conn_per_s"] for r in rows}
     print(f"\n{'path':8} {'conn/s':>10} {'x bare':>7} {'x kernel':>9} {'failed':>7} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'punts/conn':>10}")
@@ -150,6 +175,12 @@ def main(argv=None) -> int:
         print(f"{r['path']:8} {r['conn_per_s']:10,.1f} {xb if xb is not None else float('nan'):7.2f} "
               f"{xk if xk is not None else float('nan'):9.2f} {r['failed']:7} {r['p50_ms']:8} {r['p99_ms']:8} "
               f"{r['punts_per_conn'] if r['punts_per_conn'] is not None else '':>10}")
+    for r in rows:
+        lat = r["offload_latency"]
+        if lat and lat["offloaded"]:
+            print(f"\n{r['path']}: offload latency (eligible packet punted -> both entries in hardware), "
+                  f"{lat['offloaded']:,} connections: p50 {lat['p50_us']:,} µs, p99 {lat['p99_us']:,} µs, "
+                  f"max {lat['max_us']:,} µs")
     doc = {"benchmark": "connrate", "date": started.isoformat(timespec="seconds"), "command": command,
            "machine": {**machine(), "loadavg_at_start": load0},
            "paths": {n: PATH_CLASSES[n].describe for n in args.paths},

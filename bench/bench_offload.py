@@ -213,6 +213,8 @@ class Ctctl:
     name = "ctctl"
     describe = "ctctl load with the slide-9 firewall (ctctl.lab.firewall.rules): program + controller"
 
+    offload: dict | None = None     # the box's `offload:` (None: the default policy)
+
     def __init__(self, topo: topology.Topology):
         self.topo = topo
         self.box = None
@@ -222,6 +224,8 @@ class Ctctl:
 
         cfg = {"name": self.topo.box.removesuffix("-box"), "netns": self.topo.box,
                "ports": [CLIENT, SERVER], "rules": firewall.rules(CLIENT, SERVER)}
+        if self.offload is not None:
+            cfg["offload"] = self.offload
         self.box = BoxProcess(cfg)
         self.box.start()
 
@@ -231,7 +235,9 @@ class Ctctl:
         return {"program_rx": p["rx_packets"], "punted": p["punted"], "perf_lost": p["perf_lost"],
                 "too_big": p["too_big"], "punts_by_reason": p["punts_by_reason"],
                 "software_received": sw["received"], "ring_lost": sw["ring_lost"],
-                "software_drops": sw["drops"], "conntrack_entries": s["conntrack"]["entries"]}
+                "software_drops": sw["drops"], "conntrack_entries": s["conntrack"]["entries"],
+                # Eligible packet punted -> both entries in, over the box's life so far.
+                "offload_latency": (s.get("offload") or {}).get("latency")}
 
     def settle(self, timeout: float = 120) -> None:
         """Wait until the controller has drained its perf ring (what it
@@ -252,7 +258,16 @@ class Ctctl:
             self.box = None
 
 
-PATH_CLASSES = {c.name: c for c in (Bare, Kernel, Ctctl)}
+class CtctlSoftware(Ctctl):
+    """ctctl with nothing offloaded: every packet is a punt the controller
+    handles (bench_punts.py); not one of the default paths."""
+    name = "ctctl-sw"
+    describe = ("ctctl load with the slide-9 firewall and offload: {tcp: never, udp: never, icmp: never}: "
+                "every packet through the controller")
+    offload = {"tcp": "never", "udp": "never", "icmp": "never"}
+
+
+PATH_CLASSES = {c.name: c for c in (Bare, Kernel, Ctctl, CtctlSoftware)}
 
 
 # -- traffic --------------------------------------------------------------

@@ -1,6 +1,6 @@
 """What the benchmarks share: where results go, the machine a result was
-measured on, a comma-separated choice for argparse, and the signals that
-end a run through its clean-ups.  (Frames are
+measured on, a process's CPU time, a comma-separated choice for argparse,
+and the signals that end a run through its clean-ups.  (Frames are
 checksummed with ctctl.kernel.csum, the controller's own.)"""
 
 from __future__ import annotations
@@ -34,6 +34,15 @@ def machine() -> dict:
     return {"host": platform.node(), "kernel": platform.release(), "cpus": os.cpu_count(), "cpu": cpu,
             "python": sys.version.split()[0], "loadavg": [round(x, 2) for x in os.getloadavg()],
             "git": git.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (fields 14 and 15 of
+    /proc/PID/stat; the command name, field 2, may hold spaces, hence the
+    split after it)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def csv(choices):
