@@ -38,7 +38,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from common import ROOT, cpu_seconds, csv, machine, start_run, unwind_on_signals, write_results  # noqa: E402  (bench/ is the script's own directory)
+from common import ROOT, cpu_seconds, csv, machine, median, start_run, unwind_on_signals, write_results  # noqa: E402  (bench/ is the script's own directory)
 sys.path.insert(0, str(ROOT))
 
 from bench_offload import CLIENT, PATH_CLASSES, SERVER, Ctctl, Procs, running_path, wait_path_up  # noqa: E402
@@ -117,11 +117,6 @@ def latency_text(lat: dict | None) -> str:
 def controller_cpu(path) -> float | None:
     """The ctctl controller's CPU seconds so far; None for the other paths."""
     return cpu_seconds(path.box.proc.pid) if isinstance(path, Ctctl) else None
-
-
-def median(xs):
-    xs = sorted(xs)
-    return xs[len(xs) // 2] if xs else None
 
 
 def main(argv=None) -> int:

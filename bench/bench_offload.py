@@ -47,7 +47,7 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
-from common import ROOT, csv, machine, start_run, unwind_on_signals, write_results  # noqa: E402  (bench/ is the script's own directory)
+from common import ROOT, csv, machine, median, start_run, unwind_on_signals, write_results  # noqa: E402  (bench/ is the script's own directory)
 sys.path.insert(0, str(ROOT))
 
 from pyroute2 import IPRoute  # noqa: E402
@@ -453,14 +453,6 @@ def summary_line(r: dict) -> str:
 
 def ratio(a, b):
     return round(a / b, 4) if a is not None and b else None
-
-
-def median(xs):
-    xs = sorted(x for x in xs if x is not None)
-    if not xs:
-        return None
-    m = len(xs) // 2
-    return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
 
 
 def summarize(results: list[dict]) -> list[dict]:

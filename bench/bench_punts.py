@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, cpu_seconds, machine, start_run, unwind_on_signals, write_results  # noqa: E402  (bench/ is the script's own directory)
+from common import ROOT, cpu_seconds, machine, median, start_run, unwind_on_signals, write_results  # noqa: E402  (bench/ is the script's own directory)
 sys.path.insert(0, str(ROOT))
 
 from bench_offload import (BASE_PORT, CLIENT, SERVER, CtctlSoftware, Procs, link_stats,  # noqa: E402
@@ -108,11 +108,6 @@ def one_run(procs: Procs, topo, path: CtctlSoftware, port: int, args) -> dict:
             "samples": [(round(t - samples[0][0], 3), a, b) for t, a, b in samples]}
 
 
-def median(xs):
-    xs = sorted(x for x in xs if x is not None)
-    return xs[len(xs) // 2] if xs else None
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=3, help="seconds of sending per run (default 3)")
@@ -140,9 +135,9 @@ def main(argv=None) -> int:
                   f"the controller read {r['received']:,} punts in {r['cpu_s']} CPU s "
                   f"({r['per_cpu_s'] or 0:,} per CPU s), the ring lost {r['lost']:,}"
                   + (f", software drops {r['software_drops']}" if r["software_drops"] else ""), flush=True)
-    summary = {k: median([r[k] for r in runs]) for k in ("offered_pps", "forwarded_pps", "per_cpu_s")}
+    summary = {k: round(median([r[k] for r in runs]) or 0) for k in ("offered_pps", "forwarded_pps", "per_cpu_s")}
     print(f"\n{'offered pkt/s':>14} {'forwarded pkt/s':>16} {'punts per CPU s':>16}")
-    print(f"{summary['offered_pps'] or 0:14,} {summary['forwarded_pps'] or 0:16,} {summary['per_cpu_s'] or 0:16,}")
+    print(f"{summary['offered_pps']:14,} {summary['forwarded_pps']:16,} {summary['per_cpu_s']:16,}")
     print(f"(medians of {args.repeat} runs)")
     doc = {"benchmark": "punts", "date": started.isoformat(timespec="seconds"), "command": command,
            "machine": {**machine(), "loadavg_at_start": load0}, "path": CtctlSoftware.describe,

@@ -1,5 +1,5 @@
 """What the benchmarks share: where results go, the machine a result was
-measured on, a process's CPU time, a comma-separated choice for argparse,
+measured on, a process's CPU time, medians, a comma-separated choice for argparse,
 and the signals that end a run through its clean-ups.  (Frames are
 checksummed with ctctl.kernel.csum, the controller's own.)"""
 
@@ -43,6 +43,16 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def median(xs):
+    """The median of the values that are there (None left out); None when
+    there are none."""
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    m = len(xs) // 2
+    return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
 
 
 def csv(choices):
