@@ -7,6 +7,7 @@
     perf_pages: 2048            # perf buffer pages per CPU
     aging: {mode: full}         # how offloaded connections die: full | sample | hardware
     eviction: {max_idle: 10, flow_limit: 200000}   # OVS-style eviction of rules' flows (off by default)
+    metrics: {listen: 127.0.0.1:9464}   # serve the counters on /metrics for Prometheus (off by default)
 
 Every error names the file, line and column of the offending node.
 """
@@ -21,6 +22,7 @@ import yaml
 from pyroute2 import netns as pr_netns
 
 from ctctl import netns
+from ctctl.box.metrics import MetricsConfig
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 KEYS = {
@@ -34,6 +36,7 @@ KEYS = {
     "perf_pages": "perf buffer pages per CPU",
     "aging": "expiry of offloaded connections",
     "eviction": "eviction of rules' flows from hardware",
+    "metrics": "Prometheus endpoint",
 }
 REQUIRED = ("name", "netns", "ports")
 
@@ -54,6 +57,7 @@ class BoxConfig:
     offload: object = None             # ctctl.kernel.offload.OffloadPolicy
     aging: object = None               # ctctl.kernel.offload.aging.AgingConfig
     eviction: object = None            # ctctl.kernel.offload.eviction.EvictionConfig
+    metrics: object = None             # ctctl.box.metrics.MetricsConfig
     perf_pages: int = 2048
     # key -> (key node, value node): positions for check_system's errors
     nodes: dict = field(default_factory=dict, repr=False, compare=False)
@@ -130,6 +134,7 @@ def parse(text: str, path: str = "<config>") -> BoxConfig:
     cfg.offload = _offload(path, seen.get("offload", (None, None))[1])
     cfg.aging = _aging(path, seen.get("aging", (None, None))[1], cfg.hardware)
     cfg.eviction = _eviction(path, seen.get("eviction", (None, None))[1])
+    cfg.metrics = _section(path, seen.get("metrics", (None, None))[1], "metrics", MetricsConfig)
     if "perf_pages" in seen:
         n = seen["perf_pages"][1]
         pages = _scalar(path, n, int, "perf_pages")

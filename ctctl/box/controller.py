@@ -23,7 +23,7 @@ from collections import Counter as Tally
 from dataclasses import asdict
 
 from ctctl import abi
-from ctctl.box import control, requests, state
+from ctctl.box import control, metrics, requests, state
 from ctctl.box.config import BoxConfig
 from ctctl.kernel.conntrack import ConnTracker, EventLog, tuple_of
 from ctctl.kernel.csum import complete_partial_checksum
@@ -69,6 +69,7 @@ class Controller:
         self.pipeline = Pipeline(self.ruleset, self.tracker, cfg.ports) if self.ruleset is not None else None
         self.device: Device | None = None
         self.offload: OffloadManager | None = None
+        self.metrics: metrics.Endpoint | None = None   # /metrics, when the config asks for it
         # The last events, conntrack -E style, with the offload decisions
         # between them: a connection's life as `ctctl events` shows it.
         self.events = EventLog(maxlen=4096)
@@ -209,6 +210,8 @@ class Controller:
                 self.port_by_ifindex = {a.ifindex: a.ifname for a in dp.attached}
                 server = control.Server(name, self.dispatch)
                 server.start()
+                if self.cfg.metrics is not None and self.cfg.metrics.enabled:
+                    self.metrics = metrics.Endpoint(self.cfg.metrics, lambda: requests.stats(self, {})["stats"])
                 if on_ready:
                     on_ready()
                 next_sweep = self.clock() + SWEEP_EVERY_S
@@ -225,6 +228,8 @@ class Controller:
                 self.offload.close()                 # the NIC's aging timer, before its program goes
             if server:
                 server.close()
+            if self.metrics:
+                self.metrics.close()
             if getattr(self, "transmitter", None):
                 self.transmitter.close()
             self.dp = None

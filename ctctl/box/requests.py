@@ -50,6 +50,7 @@ def stats(ctl, req: dict) -> dict:
                 "tx_packets": ctl.tx_pkts[p], "tx_bytes": ctl.tx_bytes[p]}
             for p in ctl.cfg.ports
         },
+        "metrics": ctl.metrics.url if ctl.metrics else None,     # where Prometheus scrapes, if anywhere
     }}
 
 
@@ -100,8 +101,15 @@ def conntrack(ctl, req: dict) -> dict:
 
 
 def events(ctl, req: dict) -> dict:
-    with ctl.lock:
-        return {"lines": list(ctl.events)}
+    """The recent events; with "since": N only those numbered N and later,
+    with "next" (the number to ask from next time) and "missed" (events
+    the log dropped before the reader came back for them)."""
+    since = req.get("since", 0)
+    if not isinstance(since, int) or isinstance(since, bool) or since < 0:
+        raise ValueError(f"events since: expected a number >= 0, not {since!r}")
+    with ctl.lock:          # the data path records under it; formatting waits until after
+        items, nxt, missed = ctl.events.since(since)
+    return {"lines": ctl.events.lines(items), "next": nxt, "missed": missed}
 
 
 def _aggregates(ctl) -> dict:

@@ -6,8 +6,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 from ctctl.box import control, state
+
+
+FOLLOW_POLL_S = 0.2   # how often `events -f` asks the box for new events
 
 
 def die(msg: str, code: int = 1) -> int:
@@ -81,19 +85,39 @@ def cmd_unload(args) -> int:
 def cmd_stats(args) -> int:
     from ctctl.box.views.stats import format_stats
 
+    if args.watch is not None and args.prometheus:
+        return die("stats --prometheus --watch: scrape the box's /metrics instead "
+                   "(metrics: {listen: ADDR:PORT} in its config)")
     try:
-        name = _box_name(args)
-        stats = control.request(name, "stats")["stats"]
-    except control.ControlError as e:
-        stats = _stats_from_pins(args.name)
-        if stats is None:
-            return die(str(e))
-        print(f"ctctl: {e}; showing the data path's pinned counters", file=sys.stderr)
-    if args.json:
-        _print_json(stats)
-    else:
-        print(format_stats(stats))
-    return 0
+        while True:
+            try:
+                name = _box_name(args)
+                stats = control.request(name, "stats")["stats"]
+            except control.ControlError as e:
+                stats = _stats_from_pins(args.name)
+                if stats is None:
+                    # A box that goes away while watched ends the watch, as an error.
+                    return die(str(e))
+                print(f"ctctl: {e}; showing the data path's pinned counters", file=sys.stderr)
+            if args.prometheus:
+                from ctctl.box.metrics import exposition
+
+                sys.stdout.write(exposition(stats))
+            elif args.json:
+                if args.watch is None:
+                    _print_json(stats)
+                else:
+                    print(json.dumps(stats), flush=True)
+            else:
+                if args.watch is not None:
+                    # Home and clear, as watch(1) redraws; then the time and the interval.
+                    print(f"\x1b[H\x1b[2J{time.strftime('%H:%M:%S')}  every {args.watch:g} s, Ctrl-C to stop")
+                print(format_stats(stats), flush=True)
+            if args.watch is None:
+                return 0
+            time.sleep(args.watch)      # the redraw period, not a wait for a condition
+    except KeyboardInterrupt:
+        return 0
 
 
 def _stats_from_pins(name: str | None) -> dict | None:
@@ -347,7 +371,28 @@ def _print_lines(args, op: str) -> int:
 
 
 def cmd_events(args) -> int:
-    return _print_lines(args, "events")
+    if not args.follow:
+        return _print_lines(args, "events")
+    shown = 0
+    try:
+        name = _box_name(args)
+        nxt = control.request(name, "events", since=1 << 62)["next"]    # from now on
+        while True:
+            reply = control.request(name, "events", since=nxt)
+            if reply["missed"]:
+                print(f"ctctl events: {reply['missed']} events were dropped before they could be shown "
+                      "(the box keeps the last 4096)", file=sys.stderr)
+            for line in reply["lines"]:
+                print(line, flush=True)
+            shown += len(reply["lines"])
+            nxt = reply["next"]
+            time.sleep(FOLLOW_POLL_S)     # a polling period, not a wait for a condition
+    except KeyboardInterrupt:
+        # conntrack -E's own closing line, on stderr as there.
+        print(f"ctctl events: {shown} flow events have been shown.", file=sys.stderr)
+        return 0
+    except control.ControlError as e:
+        return die(str(e))
 
 
 def cmd_dump_flows(args) -> int:

@@ -45,6 +45,8 @@ config (YAML; every key but name, netns and ports optional):
                                           # or {mode: timeout} (a NIC without flow counters)
   eviction: {max_idle: 10, flow_limit: 200000}   # OVS's: evict idle rules' flows, cap them (off by default)
   perf_pages: 2048                # punt ring pages per CPU (a power of two)
+  metrics: {listen: 127.0.0.1:9464}   # serve the counters on /metrics for Prometheus (off by default;
+                                      # port 0: any free one, which `ctctl stats` names)
 
 examples:
   ctctl load --config box.yaml            # runs until Ctrl-C or `ctctl unload`
@@ -116,6 +118,17 @@ def _name_arg(s: argparse.ArgumentParser, short: bool = True) -> None:
                    help="the box (default: the only loaded box)")
 
 
+def _seconds(text: str) -> float:
+    """A positive number of seconds."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds must be > 0")
+    return v
+
+
 def _port(text: str) -> int:
     if not text.isdigit() or int(text) > 0xFFFF:
         raise argparse.ArgumentTypeError(f"invalid port {text!r} (0-65535)")
@@ -158,9 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = _sub(sub, "stats", "counters of the program, software and the flowtable",
              "examples:\n  ctctl stats\n  ctctl stats --json | jq .offload\n"
+             "  ctctl stats --watch            # redraw every 2 s until Ctrl-C\n"
+             "  ctctl stats --watch 1 --json   # one JSON object per line, every second\n"
+             "  ctctl stats --prometheus       # the Prometheus text format (the config's\n"
+             "                                 # metrics: {listen: ADDR:PORT} serves it on /metrics)\n"
              "With the controller gone, the pinned counters of the program are shown.\n", run.cmd_stats)
     _name_arg(s)
-    s.add_argument("--json", action="store_true", help="machine-readable output")
+    out = s.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="machine-readable output")
+    out.add_argument("--prometheus", action="store_true", help="the Prometheus text exposition format")
+    s.add_argument("--watch", "-w", nargs="?", type=_seconds, const=2.0, default=None, metavar="S",
+                   help="show the stats again every S seconds (default 2) until interrupted; "
+                        "the text is redrawn, --json prints one line each time")
 
     s = _sub(sub, "filter", "add, delete, flush or show tc rules of a running box (tc syntax)", FILTER_EPILOG,
              run.cmd_filter)
@@ -204,9 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     _name_arg(s, short=False)
 
     s = _sub(sub, "events", "the box's recent conntrack events (as conntrack -E) and offload decisions",
-             "examples:\n  ctctl events\n  ctctl events | grep '\\[HW\\]'     # the offload decisions only\n",
+             "examples:\n  ctctl events\n  ctctl events | grep '\\[HW\\]'     # the offload decisions only\n"
+             "  ctctl events -f                 # the new ones as they happen, until Ctrl-C\n",
              run.cmd_events)
     _name_arg(s)
+    s.add_argument("-f", "--follow", action="store_true",
+                   help="print the events from now on as they happen, as conntrack -E does, until interrupted")
 
     s = _sub(sub, "offload", "the hardware's offload table; put a connection in or out by hand",
              "examples:\n  ctctl offload                 # list hardware entries, both directions\n"

@@ -216,3 +216,23 @@ def test_counters_and_timestamps(tr, clock):
     assert conn.packets == [1, 1] and conn.bytes == [29, 29]
     assert conn.created == clock() - 2 and conn.last_seen == clock()
     assert tr.stats["insert"] == 1 and tr.stats["found"] == 1
+
+
+def test_event_log_since_gives_what_came_after_and_counts_what_it_dropped():
+    """What `ctctl events -f` polls with: the items numbered N and later,
+    the number to ask from next, and how many the log dropped meanwhile."""
+    log = EventLog(maxlen=3)
+    items, nxt, missed = log.since(0)
+    assert (items, nxt, missed) == ([], 0, 0)
+    for line in ("a", "b"):
+        log.append(line)
+    items, nxt, missed = log.since(0)
+    assert (log.lines(items), nxt, missed) == (["a", "b"], 2, 0)
+    log.append("c")
+    items, nxt, missed = log.since(nxt)
+    assert (log.lines(items), nxt, missed) == (["c"], 3, 0)
+    for line in ("d", "e", "f", "g"):      # the reader falls behind: d is gone
+        log.append(line)
+    items, nxt, missed = log.since(3)
+    assert (log.lines(items), nxt, missed) == (["e", "f", "g"], 7, 1)
+    assert log.since(1 << 62)[1:] == (7, 0)    # "from now on"

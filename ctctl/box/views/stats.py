@@ -39,6 +39,8 @@ def format_stats(s: dict) -> str:
                + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(sw['drops'].items())) + ")" if sw["drops"] else "")
                + (f", checksums completed {sw['csum_completed']}" if sw.get("csum_completed") else ""))
     out += _offload(s.get("offload"))
+    if s.get("metrics"):
+        out.append(f"metrics:  {s['metrics']}")
     out.append(f"{'port':<10}{'rx_packets':>12}{'rx_bytes':>14}{'tx_packets':>12}{'tx_bytes':>14}")
     for p, c in s["ports"].items():
         out.append(f"{p:<10}{c['rx_packets']:>12}{c['rx_bytes']:>14}{c['tx_packets']:>12}{c['tx_bytes']:>14}")

@@ -14,29 +14,41 @@ from .conn import Conn, Status
 _EVENT_TAGS = {"NEW": "[NEW]", "UPDATE": "[UPDATE]", "DESTROY": "[DESTROY]"}
 
 
+def remaining(conn, now: float) -> int:
+    """Whole seconds left, as the kernel reports them: it counts in jiffies
+    (1-4 ms), so an entry read within a millisecond of its refresh still
+    shows its whole timeout, not one second less."""
+    return max(0, math.floor(round(conn.timeout_at - now, 3)))
+
+
 def format_conntrack(conn: Conn, now: float, flags: list[str] | tuple[str, ...] = (),
-                     *, extended: bool = False, with_timeout: bool = True) -> str:
+                     *, extended: bool = False, with_timeout: bool = True, counters: bool = True,
+                     zero_mark: bool = True) -> str:
     """One ``conntrack -L`` line.  ``flags`` are extra bracketed flags such
     as "OFFLOAD" or "HW_OFFLOAD"; OFFLOAD/HW_OFFLOAD status bits add them
-    too.  ``extended`` prefixes the L3 family as ``-o extended`` does."""
+    too.  ``extended`` prefixes the L3 family as ``-o extended`` does.
+    Events leave out what the kernel's event messages leave out: the
+    counters (in DESTROY only) and a zero mark."""
     proto = conn.proto
     parts = []
     if extended:
         parts.append(f"{'ipv4' if conn.l3 == 4 else 'ipv6':<8} {2 if conn.l3 == 4 else 10}")
     parts.append(f"{IP_PROTO_NAMES.get(proto, 'unknown'):<8} {proto}")
     if with_timeout:
-        parts.append(str(max(0, math.floor(conn.timeout_at - now))))
+        parts.append(str(remaining(conn, now)))
     extra = [f.strip("[]").upper() for f in flags]
     offloaded = conn.status & (Status.OFFLOAD | Status.HW_OFFLOAD) or "OFFLOAD" in extra or "HW_OFFLOAD" in extra
     if conn.state is not None and not offloaded:
         # The kernel prints no TCP state for an offloaded entry.
         parts.append(conn.state)
     parts.append(conn.orig.fields())
-    parts.append(f"packets={conn.packets[0]} bytes={conn.bytes[0]}")
+    if counters:
+        parts.append(f"packets={conn.packets[0]} bytes={conn.bytes[0]}")
     if not conn.status & Status.SEEN_REPLY:
         parts.append("[UNREPLIED]")
     parts.append(conn.reply.fields())
-    parts.append(f"packets={conn.packets[1]} bytes={conn.bytes[1]}")
+    if counters:
+        parts.append(f"packets={conn.packets[1]} bytes={conn.bytes[1]}")
     if conn.status & Status.HW_OFFLOAD and "HW_OFFLOAD" not in extra:
         extra.insert(0, "HW_OFFLOAD")
     elif conn.status & Status.OFFLOAD and "OFFLOAD" not in extra:
@@ -45,7 +57,8 @@ def format_conntrack(conn: Conn, now: float, flags: list[str] | tuple[str, ...] 
         parts.append(f"[{f}]")
     if conn.status & Status.ASSURED:
         parts.append("[ASSURED]")
-    parts.append(f"mark={conn.mark}")
+    if conn.mark or zero_mark:
+        parts.append(f"mark={conn.mark}")
     if conn.label:
         parts.append(f"labels=0x{conn.label:x}")
     if conn.zone:
@@ -56,11 +69,13 @@ def format_conntrack(conn: Conn, now: float, flags: list[str] | tuple[str, ...] 
 
 def format_event(event: str, conn: Conn, now: float, flags=()) -> str:
     """One ``conntrack -E`` line: the tag right-aligned as the tool does,
-    no timeout on DESTROY."""
+    no timeout on DESTROY; counters only on DESTROY and the mark only when
+    set, as ctnetlink's event messages carry them (accounting on)."""
     tag = _EVENT_TAGS.get(event)
     if tag is None:
         raise ValueError(f"unknown conntrack event {event!r}")
-    body = format_conntrack(conn, now, flags, with_timeout=event != "DESTROY")
+    destroy = event == "DESTROY"
+    body = format_conntrack(conn, now, flags, with_timeout=not destroy, counters=destroy, zero_mark=False)
     body = body.replace(" use=1", "")
     return f"{tag:>9} {body}"
 
@@ -91,21 +106,44 @@ class EventLog:
 
     def __init__(self, maxlen: int = 4096):
         self._items: deque = deque(maxlen=maxlen)
+        self.seq = 0        # items ever recorded: the number the next one gets
 
     def record(self, event: str, conn: Conn, now: float) -> None:
         if event not in _EVENT_TAGS:
             raise ValueError(f"unknown conntrack event {event!r}")
         self._items.append((event, _Frozen(conn), now))
+        self.seq += 1
 
     def append(self, line: str) -> None:
         self._items.append(line)
+        self.seq += 1
 
     def __len__(self) -> int:
         return len(self._items)
 
     def __iter__(self):
         for item in list(self._items):
-            yield item if isinstance(item, str) else format_event(item[0], item[1], item[2])
+            yield _line(item)
+
+    def since(self, seq: int) -> tuple[list, int, int]:
+        """The items numbered `seq` and later (`lines()` formats them: do
+        it outside any lock the recording side takes, as formatting is the
+        slow part), the number the next item will get, and how many items
+        after `seq` the log no longer holds (a reader that fell behind, as
+        conntrack -E's ENOBUFS)."""
+        items, end = list(self._items), self.seq
+        first = end - len(items)          # the number of the oldest item held
+        seq = max(0, min(seq, end))
+        missed = max(0, first - seq)
+        return items[max(seq, first) - first:], end, missed
+
+    @staticmethod
+    def lines(items: list) -> list[str]:
+        return [_line(x) for x in items]
+
+
+def _line(item) -> str:
+    return item if isinstance(item, str) else format_event(item[0], item[1], item[2])
 
 
 def _side(t, packets: int, nbytes: int) -> dict:
@@ -134,7 +172,7 @@ def conntrack_record(conn: Conn, now: float) -> dict:
         "family": "ipv4" if conn.l3 == 4 else "ipv6",
         "proto": IP_PROTO_NAMES.get(conn.proto, "unknown"),
         "protonum": conn.proto,
-        "timeout": max(0, math.floor(conn.timeout_at - now)),
+        "timeout": remaining(conn, now),
         "state": conn.state,
         "original": _side(conn.orig, conn.packets[0], conn.bytes[0]),
         "reply": _side(conn.reply, conn.packets[1], conn.bytes[1]),
