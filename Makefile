@@ -54,6 +54,7 @@ bench: provision
 	$(PY) bench/bench_connrate.py --repeat 3
 	$(PY) bench/bench_conncost.py
 	$(PY) bench/bench_punts.py
+	$(PY) bench/bench_fuzz.py
 
 bench-aging: provision
 	$(PY) bench/bench_aging.py

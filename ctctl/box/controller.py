@@ -70,6 +70,7 @@ class Controller:
         self.device: Device | None = None
         self.offload: OffloadManager | None = None
         self.metrics: metrics.Endpoint | None = None   # /metrics, when the config asks for it
+        self.control_server: control.Server | None = None
         # The last events, conntrack -E style, with the offload decisions
         # between them: a connection's life as `ctctl events` shows it.
         self.events = EventLog(maxlen=4096)
@@ -208,7 +209,7 @@ class Controller:
                         "pin_dir": str(dp.pin_dir),
                     })
                 self.port_by_ifindex = {a.ifindex: a.ifname for a in dp.attached}
-                server = control.Server(name, self.dispatch)
+                server = self.control_server = control.Server(name, self.dispatch)
                 server.start()
                 if self.cfg.metrics is not None and self.cfg.metrics.enabled:
                     self.metrics = metrics.Endpoint(self.cfg.metrics, lambda: requests.stats(self, {})["stats"])

@@ -99,6 +99,10 @@ def families(s: dict) -> list:
             gauge("offload_latency_seconds", "Eligible packet punted -> both entries in hardware, over "
                   "the last 100,000 connections offloaded on their eligible packet.", None, ["quantile"],
                   [(("0.5",), lat["p50_us"] / 1e6), (("0.99",), lat["p99_us"] / 1e6)])
+    ctl = s.get("control")
+    if ctl:
+        counter("control", "The control socket: requests served, and bad clients answered or dropped, by what.",
+                None, ["what"], sorted(((k,), v) for k, v in ctl.items()))
     ports = s.get("ports") or {}
     for key, doc in (("rx_packets", "Punts software received, by port."),
                      ("rx_bytes", "Bytes of the punts software received, by port."),

@@ -51,6 +51,7 @@ def stats(ctl, req: dict) -> dict:
             for p in ctl.cfg.ports
         },
         "metrics": ctl.metrics.url if ctl.metrics else None,     # where Prometheus scrapes, if anywhere
+        "control": dict(ctl.control_server.counters) if ctl.control_server else None,
     }}
 
 

@@ -39,6 +39,10 @@ def format_stats(s: dict) -> str:
                + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(sw['drops'].items())) + ")" if sw["drops"] else "")
                + (f", checksums completed {sw['csum_completed']}" if sw.get("csum_completed") else ""))
     out += _offload(s.get("offload"))
+    bad = {k: v for k, v in (s.get("control") or {}).items() if k != "requests" and v}
+    if bad:
+        out.append("control:  " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(bad.items()))
+                   + f" (of {s['control']['requests']} requests)")
     if s.get("metrics"):
         out.append(f"metrics:  {s['metrics']}")
     out.append(f"{'port':<10}{'rx_packets':>12}{'rx_bytes':>14}{'tx_packets':>12}{'tx_bytes':>14}")
