@@ -18,6 +18,7 @@ import pytest
 
 from conftest import firewall_config, running
 from ctctl.box import control
+from ctctl.box.state import sock_path
 from ctctl.lab import traffic
 from ctctl.lab.fuzz import connect, fuzz
 from ctctl.lab.waiting import wait_until
@@ -133,3 +134,29 @@ def test_a_thousand_bad_requests_during_a_transfer(topo):
         st = b.stats()
         assert st["control"]["malformed"] >= 100, st["control"]
         assert b.request("ping")["pid"] == b.proc.pid       # still answering, the same controller
+
+
+def test_only_root_reaches_the_socket_and_the_pins(topo):
+    """The socket is root's alone (0600), and so are the pinned maps; an
+    unprivileged user (nobody, through setpriv) can open neither."""
+    import stat
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ctctl.box import state
+
+    with running(firewall_config(topo), topo) as b:
+        path = sock_path(b.name)
+        st = os.stat(path)
+        assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0, oct(st.st_mode)
+        pins = [p for p in Path(state.read_state(b.name)["pin_dir"]).rglob("*") if p.is_file()]
+        assert pins and all(stat.S_IMODE(p.stat().st_mode) & 0o077 == 0 for p in pins), \
+            [(str(p), oct(p.stat().st_mode)) for p in pins]
+        probe = ("import socket, sys\n"
+                 "s = socket.socket(socket.AF_UNIX)\n"
+                 "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    print('socket refused')\n"
+                 "try:\n    open(sys.argv[2], 'rb')\nexcept PermissionError:\n    print('pin refused')\n")
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+                            "-c", probe, str(path), str(pins[0])], capture_output=True, text=True, timeout=60)
+        assert r.stdout.split("\n")[:2] == ["socket refused", "pin refused"], (r.stdout, r.stderr)
