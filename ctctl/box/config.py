@@ -8,6 +8,7 @@
     aging: {mode: full}         # how offloaded connections die: full | sample | hardware
     eviction: {max_idle: 10, flow_limit: 200000}   # OVS-style eviction of rules' flows (off by default)
     metrics: {listen: 127.0.0.1:9464}   # serve the counters on /metrics for Prometheus (off by default)
+    port_lost: keep             # a port deleted under the box: keep the others (default) | stop
 
 Every error names the file, line and column of the offending node.
 """
@@ -37,6 +38,7 @@ KEYS = {
     "aging": "expiry of offloaded connections",
     "eviction": "eviction of rules' flows from hardware",
     "metrics": "Prometheus endpoint",
+    "port_lost": "what a deleted port does to the box",
 }
 REQUIRED = ("name", "netns", "ports")
 
@@ -58,6 +60,7 @@ class BoxConfig:
     aging: object = None               # ctctl.kernel.offload.aging.AgingConfig
     eviction: object = None            # ctctl.kernel.offload.eviction.EvictionConfig
     metrics: object = None             # ctctl.box.metrics.MetricsConfig
+    port_lost: str = "keep"            # keep | stop
     perf_pages: int = 2048
     # key -> (key node, value node): positions for check_system's errors
     nodes: dict = field(default_factory=dict, repr=False, compare=False)
@@ -135,6 +138,11 @@ def parse(text: str, path: str = "<config>") -> BoxConfig:
     cfg.aging = _aging(path, seen.get("aging", (None, None))[1], cfg.hardware)
     cfg.eviction = _eviction(path, seen.get("eviction", (None, None))[1])
     cfg.metrics = _section(path, seen.get("metrics", (None, None))[1], "metrics", MetricsConfig)
+    if "port_lost" in seen:
+        n = seen["port_lost"][1]
+        cfg.port_lost = _scalar(path, n, str, "port_lost")
+        if cfg.port_lost not in ("keep", "stop"):
+            raise ConfigError(_where(path, n), f"port_lost must be keep or stop, not {cfg.port_lost!r}")
     if "perf_pages" in seen:
         n = seen["perf_pages"][1]
         pages = _scalar(path, n, int, "perf_pages")

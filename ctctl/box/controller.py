@@ -34,6 +34,7 @@ from ctctl.kernel.pipeline import Pipeline, Resume
 from ctctl.nic import loader
 from ctctl.nic.driver import Device
 from ctctl.nic.loader import Datapath, LoadError
+from ctctl.nic.ports import PortWatch
 from ctctl.nic.punts import Punt, PuntReader
 from ctctl.nic.transmit import Transmitter
 from ctctl.rules import RuleSet
@@ -71,6 +72,7 @@ class Controller:
         self.offload: OffloadManager | None = None
         self.metrics: metrics.Endpoint | None = None   # /metrics, when the config asks for it
         self.control_server: control.Server | None = None
+        self.ports_gone: list[str] = []     # ports deleted under the running box
         # The last events, conntrack -E style, with the offload decisions
         # between them: a connection's life as `ctctl events` shows it.
         self.events = EventLog(maxlen=4096)
@@ -112,7 +114,11 @@ class Controller:
         try:
             self.transmitter.send(out, frame)
         except OSError as e:
-            self.drops["tx_" + (errno.errorcode.get(e.errno, str(e.errno)).lower())] += 1
+            why = "tx_" + errno.errorcode.get(e.errno, str(e.errno)).lower()
+            if not self.drops[why]:
+                print(f"ctctl: sending on {out}: {e.strerror or e}; the packet is dropped "
+                      f"(counted in stats as {why}; logged once)", file=sys.stderr, flush=True)
+            self.drops[why] += 1
             return
         self.tx_pkts[out] += 1
         self.tx_bytes[out] += len(frame)
@@ -155,6 +161,23 @@ class Controller:
             return None
         return v.output, v.packet.data
 
+    def _check_ports(self, watch: PortWatch) -> None:
+        """A port deleted under the box (or its namespace): said once; then
+        the box goes on with the others (`port_lost: keep`, what is sent
+        there is dropped and counted), or stops and detaches everything
+        (`port_lost: stop`)."""
+        gone = [p for p in watch.missing() if p not in self.ports_gone]
+        if not gone:
+            return
+        self.ports_gone += gone
+        stop = self.cfg.port_lost == "stop"
+        print(f"ctctl: port {', '.join(gone)} of netns {self.cfg.netns} is gone; "
+              + ("stopping the box (port_lost: stop)" if stop else
+                 "the box goes on with the others (port_lost: keep): what goes there is dropped and counted"),
+              file=sys.stderr, flush=True)
+        if stop:
+            self.stop_requested = True
+
     def _bug(self, e: Exception) -> None:
         """A bug must cost one packet, not the box: count the drop by the
         exception's type, and log the first of each type."""
@@ -181,7 +204,7 @@ class Controller:
                             f"run `ctctl unload --name {name}` first")
         check_ports_free(name, self.cfg.netns, self.cfg.ports)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        server = None
+        server = watch = None
         try:
             with Datapath(name, self.cfg.netns, self.cfg.ports, self.cfg.hardware.cflags()) as dp:
                 self.dp = dp
@@ -215,7 +238,8 @@ class Controller:
                     self.metrics = metrics.Endpoint(self.cfg.metrics, lambda: requests.stats(self, {})["stats"])
                 if on_ready:
                     on_ready()
-                next_sweep = self.clock() + SWEEP_EVERY_S
+                next_sweep = next_port_check = self.clock() + SWEEP_EVERY_S
+                watch = PortWatch(self.cfg.netns, self.cfg.ports)
                 while not self.stop_requested:
                     self.reader.poll(POLL_MS)
                     with self.lock:
@@ -224,7 +248,12 @@ class Controller:
                         if self.clock() >= next_sweep:
                             self.tracker.sweep()     # what is not in hardware
                             next_sweep = self.clock() + SWEEP_EVERY_S
+                    if self.clock() >= next_port_check:
+                        self._check_ports(watch)
+                        next_port_check = self.clock() + SWEEP_EVERY_S
         finally:
+            if watch is not None:
+                watch.close()
             if self.offload:
                 self.offload.close()                 # the NIC's aging timer, before its program goes
             if server:

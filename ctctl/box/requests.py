@@ -52,6 +52,7 @@ def stats(ctl, req: dict) -> dict:
         },
         "metrics": ctl.metrics.url if ctl.metrics else None,     # where Prometheus scrapes, if anywhere
         "control": dict(ctl.control_server.counters) if ctl.control_server else None,
+        "ports_gone": list(ctl.ports_gone),
     }}
 
 

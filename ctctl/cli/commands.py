@@ -60,11 +60,14 @@ def cmd_load(args) -> int:
             # comparable with another of the same.
             print(f"ctctl: hardware: {cfg.hardware.describe()}; aging: {cfg.aging.mode}", flush=True)
 
+    ctl = Controller(cfg)
     try:
-        Controller(cfg).run(on_ready=ready)
+        ctl.run(on_ready=ready)
     except loader.LoadError as e:
         return die(str(e))
     print(f"ctctl: box {cfg.name} unloaded", flush=True)
+    if ctl.ports_gone and cfg.port_lost == "stop":
+        return die(f"box {cfg.name} stopped: port {', '.join(ctl.ports_gone)} was deleted under it")
     return 0
 
 

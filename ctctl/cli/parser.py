@@ -47,6 +47,7 @@ config (YAML; every key but name, netns and ports optional):
   perf_pages: 2048                # punt ring pages per CPU (a power of two)
   metrics: {listen: 127.0.0.1:9464}   # serve the counters on /metrics for Prometheus (off by default;
                                       # port 0: any free one, which `ctctl stats` names)
+  port_lost: keep                 # a port deleted under the box: keep the others, or stop
 
 examples:
   ctctl load --config box.yaml            # runs until Ctrl-C or `ctctl unload`

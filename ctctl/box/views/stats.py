@@ -43,6 +43,8 @@ def format_stats(s: dict) -> str:
     if bad:
         out.append("control:  " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(bad.items()))
                    + f" (of {s['control']['requests']} requests)")
+    if s.get("ports_gone"):
+        out.append(f"gone:     port {', '.join(s['ports_gone'])} was deleted under the box")
     if s.get("metrics"):
         out.append(f"metrics:  {s['metrics']}")
     out.append(f"{'port':<10}{'rx_packets':>12}{'rx_bytes':>14}{'tx_packets':>12}{'tx_bytes':>14}")

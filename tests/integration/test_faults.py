@@ -1,0 +1,128 @@
+"""Faults under a running box (issue 14), each handled with a log line and
+a counter, never a crash or a stuck flow: sends that fail (a port's MTU
+too small, a port down), a port deleted under the box (kept going, or
+stopped cleanly, as `port_lost` says), and the punt ring overflowing for
+seconds while a TCP transfer crosses the box.  (A map insert refused for
+a full table is test_soft_list's: the connection waits on the pending
+list.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from conftest import firewall_config, running
+from ctctl.box import state
+from ctctl.lab import traffic
+from ctctl.lab.topology import ns_exec, ns_popen
+from ctctl.lab.waiting import wait_until
+from ctctl.nic import loader
+
+pytestmark = [pytest.mark.root, pytest.mark.integration]
+
+
+def box_ip(b, *words: str) -> None:
+    r = ns_exec(b.topo.box, "ip", *words, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def nothing_attached(b) -> None:
+    """No ctctl filter on any remaining port, no state file, no pins."""
+    left = loader.programs_on(b.topo.box, [p for p in ("eth5", "eth6")
+                                           if ns_exec(b.topo.box, "ip", "link", "show", p,
+                                                      capture_output=True).returncode == 0])
+    assert not left, left
+    assert state.read_state(b.name) is None
+    assert not (loader.PIN_ROOT / b.name).exists()
+
+
+def test_failed_sends_are_counted_and_logged_and_the_box_goes_on(topo):
+    cfg = {**firewall_config(topo), "offload": {"icmp": "never"}}     # every ping through software
+    with running(cfg, topo) as b:
+        assert traffic.ping(b.client.netns, b.server.addr4, count=2, interval=0.05).ok
+        box_ip(b, "link", "set", "eth6", "mtu", "576")
+        r = ns_exec(b.client.netns, "ping", "-c", "1", "-W", "2", "-s", "1000", b.server.addr4,
+                    capture_output=True, text=True)
+        assert r.returncode != 0                       # the 1042-byte frame cannot leave by eth6
+        box_ip(b, "link", "set", "eth6", "mtu", "1500")
+        box_ip(b, "link", "set", "eth6", "down")
+        assert not traffic.ping(b.client.netns, b.server.addr4, count=1).ok
+        box_ip(b, "link", "set", "eth6", "up")
+        wait_until(lambda: traffic.ping(b.client.netns, b.server.addr4, count=1).ok, 30, "eth6 back")
+        drops = b.stats()["software"]["drops"]
+        assert drops.get("tx_emsgsize", 0) >= 1 and drops.get("tx_enetdown", 0) >= 1, drops
+        log = b.log()
+        assert "sending on eth6: Message too long; the packet is dropped (counted in stats as tx_emsgsize" in log
+        assert "sending on eth6: Network is down" in log
+        assert log.count("counted in stats as tx_emsgsize") == 1      # once, not per packet
+
+
+def test_a_deleted_port_leaves_the_box_running_on_the_others(topo):
+    """port_lost: keep (the default): the box says so, counts what it can
+    no longer send there, and unloads cleanly later."""
+    cfg = {**firewall_config(topo), "offload": {"icmp": "never"}}
+    with running(cfg, topo) as b:
+        box_ip(b, "link", "del", "eth6")            # the veth pair goes, the server's end too
+        wait_until(lambda: b.stats()["ports_gone"] == ["eth6"], 30, "the box to notice eth6 is gone")
+        assert "port eth6 of netns" in b.log() and "port_lost: keep" in b.log()
+        assert not traffic.ping(b.client.netns, b.server.addr4, count=1).ok
+        st = b.stats()
+        assert sum(v for k, v in st["software"]["drops"].items() if k.startswith("tx_")) >= 1, st["software"]
+        assert b.request("ping")["pid"] == b.proc.pid
+        r = subprocess.run([sys.executable, "-m", "ctctl", "stats", "--name", b.name], capture_output=True, text=True)
+        assert "gone:     port eth6 was deleted under the box" in r.stdout
+    nothing_attached(b)
+
+
+def test_a_deleted_port_stops_the_box_when_the_config_says_so(topo):
+    cfg = {**firewall_config(topo), "port_lost": "stop"}
+    b = running(cfg, topo)
+    with b:
+        box_ip(b, "link", "del", "eth6")
+        b.proc.wait(timeout=60)
+        assert b.proc.returncode == 1
+        assert "stopping the box (port_lost: stop)" in b.log()
+        assert "was deleted under it" in b.log()
+        nothing_attached(b)
+
+
+def test_punt_ring_overflow_for_seconds_is_counted_and_tcp_recovers(topo):
+    """UDP is never offloaded: a 64-byte flood for 3 s fills the punt ring
+    (the program counts what it could not submit) while a TCP connection
+    is set up and torn down through the same ring.  The transfer arrives
+    intact (retransmissions), and its entry ends TIME_WAIT in the tracker:
+    none is left half-open by the lost punts."""
+    cfg = {**firewall_config(topo), "offload": {"udp": "never"}}
+    with running(cfg, topo) as b:
+        srv = ns_popen(b.server.netns, "iperf3", "-s", "-1", "-p", "5210", stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: traffic.listening(b.server.netns, "tcp", 5210), 30, "iperf3 to listen")
+            flood = ns_popen(b.client.netns, "iperf3", "-c", b.server.addr4, "-p", "5210", "-u", "-l", "64",
+                             "-b", "0", "-t", "3", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_until(lambda: b.stats()["program"]["perf_lost"] > 0, 30, "the punt ring to overflow")
+            result = {}
+            t = threading.Thread(target=lambda: result.update(res=traffic.tcp_transfer(
+                b.client.netns, b.server.netns, b.server.addr4, 5_000_000, port=5211, timeout=300)))
+            t.start()
+            t.join(timeout=320)
+            flood.wait(timeout=120)
+        finally:
+            for p in (srv, locals().get("flood")):
+                if p is not None and p.poll() is None:
+                    p.kill()
+                    p.wait()
+        assert result["res"].ok, result["res"]
+        st = b.stats()
+        assert st["program"]["perf_lost"] > 1000, st["program"]      # seconds of overflow, counted
+
+        def closed():
+            out = subprocess.run([sys.executable, "-m", "ctctl", "conntrack", "-L", "-p", "tcp", "--dport", "5211",
+                                  "--json", "--name", b.name], capture_output=True, text=True).stdout
+            states = [e["state"] for e in json.loads(out)]
+            return states if states and all(s == "TIME_WAIT" for s in states) else None
+        wait_until(closed, 60, "the transfer's entry to reach TIME_WAIT")
