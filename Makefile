@@ -5,7 +5,7 @@ PYTEST  := $(PY) -m pytest
 # Results of the VM stage and benchmarks go here.
 OUT     ?= build
 
-.PHONY: all provision demo test test-unit test-bpf test-integration bench bench-aging bench-fastpath bench-hitpath bench-connrate bench-punts clean help
+.PHONY: all provision demo test test-unit test-bpf test-integration bench bench-aging bench-fastpath bench-hitpath bench-connrate bench-punts soak clean help
 
 all: help
 
@@ -16,6 +16,7 @@ help:
 	@echo "make test-bpf          BPF_PROG_TEST_RUN tier (root)"
 	@echo "make test-integration  netns/veth tier with real programs (root)"
 	@echo "make vm-test           bpf + integration tiers inside a virtme-ng guest (KERNEL=...)"
+	@echo "make soak              10 minutes of short connections through a box, then its books checked (make test: 60 s)"
 	@echo "make bench             benchmarks, reports under bench/results/ (aging at 100k entries)"
 	@echo "make bench-aging       aging at a full 1M-entry table: full pass, sampling ticks, NIC pass (3 min, 2 GB)"
 	@echo "make bench-fastpath    the soft list's fast path against the full pipeline, punts/s"
@@ -43,6 +44,11 @@ test-bpf: provision
 
 test-integration: provision
 	$(PYTEST) tests/integration -ra
+
+# The soak of tests/integration/test_soak.py for 10 minutes; `make test`
+# runs the same test for 60 s.
+soak: provision
+	CTCTL_SOAK_S=600 $(PYTEST) tests/integration/test_soak.py -s -ra
 
 bench: provision
 	@mkdir -p bench/results

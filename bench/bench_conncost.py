@@ -3,7 +3,7 @@
 I/O: the ceiling of bench_connrate.py's ctctl figure, and where the time
 goes (--profile).
 
-Each connection is the punts a box's controller gets for bench/connload.py's
+Each connection is the punts a box's controller gets for ctctl/lab/connload.py's
 connections with the default policy (slide-9 firewall, an in-memory flow
 device that takes every offload): SYN, SYN-ACK and the third ACK (which
 offloads the connection: two entries in), then, after the data that the

@@ -11,7 +11,7 @@ topology, one after another in one run:
           controller its handshake and teardown (punts), two map inserts
           and two removals
 
-The client and server are bench/connload.py (asyncio, several processes,
+The client and server are ctctl/lab/connload.py (asyncio, several processes,
 SO_REUSEPORT on the server).  The bare path's rate is theirs: where ctctl
 reaches it, the client is the bottleneck, not the box.
 
@@ -48,20 +48,20 @@ from ctctl.lab.waiting import wait_until  # noqa: E402
 
 PATHS = ("bare", "kernel", "ctctl")
 PORT = 7000
-LOAD = str(Path(__file__).resolve().parent / "connload.py")
+LOAD = ("-m", "ctctl.lab.connload")
 
 
 def one_run(procs: Procs, topo, args) -> dict:
     client, server = topo.port(CLIENT).host, topo.port(SERVER).host
-    srv = procs.popen(server.netns, sys.executable, LOAD, "server", "--port", str(PORT),
+    srv = procs.popen(server.netns, sys.executable, *LOAD, "server", "--port", str(PORT),
                       "--procs", str(args.server_procs), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         if srv.stdout.readline().strip() != "listening":
             raise RuntimeError(f"connload server did not start: {srv.stderr.read()}")
-        wait_until(lambda: ns_exec(client.netns, sys.executable, LOAD, "client", "--addr", server.addr4,
+        wait_until(lambda: ns_exec(client.netns, sys.executable, *LOAD, "client", "--addr", server.addr4,
                                    "--port", str(PORT), "--duration", "0.2", "--concurrency", "1",
                                    capture_output=True, text=True).returncode == 0, 30, "the server to answer")
-        r = ns_exec(client.netns, sys.executable, LOAD, "client", "--addr", server.addr4, "--port", str(PORT),
+        r = ns_exec(client.netns, sys.executable, *LOAD, "client", "--addr", server.addr4, "--port", str(PORT),
                     "--procs", str(args.client_procs), "--concurrency", str(args.concurrency),
                     "--duration", str(args.duration), capture_output=True, text=True,
                     timeout=args.duration + 120)
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     doc = {"benchmark": "connrate", "date": started.isoformat(timespec="seconds"), "command": command,
            "machine": {**machine(), "loadavg_at_start": load0},
            "paths": {n: PATH_CLASSES[n].describe for n in args.paths},
-           "workload": f"bench/connload.py: connect, 1 byte each way, close; {args.concurrency} in flight, "
+           "workload": f"ctctl.lab.connload: connect, 1 byte each way, close; {args.concurrency} in flight, "
                        f"{args.client_procs} client and {args.server_procs} server processes",
            "duration_s": args.duration, "repeat": args.repeat, "note": args.note,
            "summary": rows, "failed": failed, "results": results}

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Short TCP connections, as many per second as the path allows: the two
-ends of bench_connrate.py, each run inside a host namespace.
+ends of bench/bench_connrate.py and of the soak test, each run inside a
+host namespace as `python -m ctctl.lab.connload ...`.
 
   connload.py server --port P --procs N
       N processes on one SO_REUSEPORT port; per connection: read one byte,
