@@ -44,6 +44,7 @@ POLL_MS = 100
 # without rules) start at chain 0.
 RESUMABLE = {abi.Reason.CT_MISS, abi.Reason.CT_FLAGS, abi.Reason.TRAP, abi.Reason.NO_MATCH}
 SWEEP_EVERY_S = 1.0   # conntrack's periodic sweep, besides lazy expiry on lookup
+STOP_WAIT_S = 10.0    # how long a stopping box waits for a request in progress
 
 
 class Controller:
@@ -205,6 +206,7 @@ class Controller:
         check_ports_free(name, self.cfg.netns, self.cfg.ports)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         server = watch = None
+        locked = False
         try:
             with Datapath(name, self.cfg.netns, self.cfg.ports, self.cfg.hardware.cflags()) as dp:
                 self.dp = dp
@@ -240,17 +242,23 @@ class Controller:
                     on_ready()
                 next_sweep = next_port_check = self.clock() + SWEEP_EVERY_S
                 watch = PortWatch(self.cfg.netns, self.cfg.ports)
-                while not self.stop_requested:
-                    self.reader.poll(POLL_MS)
-                    with self.lock:
-                        if self.offload:
-                            self.offload.tick()      # the aging mode looks at what is due
-                        if self.clock() >= next_sweep:
-                            self.tracker.sweep()     # what is not in hardware
-                            next_sweep = self.clock() + SWEEP_EVERY_S
-                    if self.clock() >= next_port_check:
-                        self._check_ports(watch)
-                        next_port_check = self.clock() + SWEEP_EVERY_S
+                try:
+                    while not self.stop_requested:
+                        self.reader.poll(POLL_MS)
+                        with self.lock:
+                            if self.offload:
+                                self.offload.tick()      # the aging mode looks at what is due
+                            if self.clock() >= next_sweep:
+                                self.tracker.sweep()     # what is not in hardware
+                                next_sweep = self.clock() + SWEEP_EVERY_S
+                        if self.clock() >= next_port_check:
+                            self._check_ports(watch)
+                            next_port_check = self.clock() + SWEEP_EVERY_S
+                finally:
+                    # A request still running (a flush taking entries out of the
+                    # maps, say) finishes before the maps go; a stuck one does not
+                    # keep the box from stopping.
+                    locked = self.lock.acquire(timeout=STOP_WAIT_S)
         finally:
             if watch is not None:
                 watch.close()
@@ -266,6 +274,8 @@ class Controller:
             state.remove_state(name)
             for s, h in previous.items():
                 signal.signal(s, h)
+            if locked:
+                self.lock.release()
 
 
 def check_ports_free(name: str, netns_name: str, ports: list[str]) -> None:

@@ -9,6 +9,7 @@ list.)"""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -126,3 +127,58 @@ def test_punt_ring_overflow_for_seconds_is_counted_and_tcp_recovers(topo):
             states = [e["state"] for e in json.loads(out)]
             return states if states and all(s == "TIME_WAIT" for s in states) else None
         wait_until(closed, 60, "the transfer's entry to reach TIME_WAIT")
+
+
+CLIENTS = """
+import socket, sys
+addr, n = sys.argv[1], int(sys.argv[2])
+for i in range(n):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        s.connect((addr, 5300))
+        msg = b"flow-%d" % i
+        s.send(msg)
+        assert s.recv(100) == msg
+"""
+
+
+def test_sigterm_during_a_flush_stops_the_box_cleanly(topo):
+    """2,000 UDP flows in hardware; a flush (which takes every entry out of
+    the maps under the controller's lock) and SIGTERM right behind it: the
+    box finishes what holds the lock, then detaches and unpins, and the
+    flush's client gets an answer (its count, or a closed connection),
+    never a hang.  Where the signal lands in the flush is up to the
+    scheduler; the outcome must be the same wherever."""
+    from ctctl.box import control
+
+    cfg = {**firewall_config(topo), "offload": {"udp": "replied"}}
+    b = running(cfg, topo)
+    with b:
+        srv = ns_popen(b.server.netns, sys.executable, "-m", "ctctl.lab.traffic", "udp-echo-server", "--port", "5300",
+                       "--count", "2000", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: traffic.listening(b.server.netns, "udp", 5300), 30, "the echo server")
+            r = ns_exec(b.client.netns, sys.executable, "-c", CLIENTS, b.server.addr4, "2000",
+                        capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stderr
+        finally:
+            if srv.poll() is None:
+                srv.kill()
+            srv.wait()
+        wait_until(lambda: b.stats()["offload"]["hardware"] >= 1900, 60, "the flows in hardware")
+        answer = {}
+
+        def flush():
+            try:
+                answer["reply"] = control.request(b.name, "conntrack", action="flush", timeout=60)
+            except control.ControlError as e:
+                answer["error"] = str(e)
+        t = threading.Thread(target=flush)
+        t.start()
+        b.proc.send_signal(signal.SIGTERM)
+        t.join(timeout=90)
+        assert not t.is_alive() and answer, "the flush's client hung"
+        b.proc.wait(timeout=60)
+        assert b.proc.returncode == 0, b.log()
+        assert "Traceback" not in b.log(), b.log()
+        nothing_attached(b)
