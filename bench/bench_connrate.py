@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import traceback
@@ -43,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_offload import CLIENT, PATH_CLASSES, SERVER, Ctctl, Procs, running_path, wait_path_up  # noqa: E402
 
+from ctctl.lab import connload  # noqa: E402
 from ctctl.lab.topology import ns_exec  # noqa: E402
 from ctctl.lab.waiting import wait_until  # noqa: E402
 
@@ -69,12 +69,7 @@ def one_run(procs: Procs, topo, args) -> dict:
             raise RuntimeError(f"connload client failed: {r.stderr.strip()}")
         return json.loads(r.stdout.strip().splitlines()[-1])
     finally:
-        srv.send_signal(signal.SIGTERM)
-        try:
-            srv.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            srv.kill()
-            srv.wait()
+        connload.stop(srv)
 
 
 def measure_path(name: str, args, procs: Procs, log) -> list[dict]:

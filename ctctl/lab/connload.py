@@ -24,6 +24,7 @@ import multiprocessing as mp
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 
@@ -113,6 +114,17 @@ def client(args) -> dict:
             "conn_per_s": round(done / elapsed, 1), "latency_ms": {"p50": pct(0.5), "p99": pct(0.99),
                                                                    "max": pct(1.0)},
             "procs": len(procs), "concurrency": args.concurrency}
+
+
+def stop(proc, timeout: float = 10) -> None:
+    """End a server this process started (a subprocess.Popen): SIGTERM, as
+    it expects, then a kill if it does not go within `timeout`."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ import time
 import pytest
 
 from conftest import firewall_config, running
-from ctctl.lab import traffic
+from ctctl.lab import connload, traffic
 from ctctl.lab.topology import ns_exec, ns_popen
 from ctctl.lab.waiting import wait_until
 
@@ -81,12 +80,7 @@ def test_soak(topo):
             assert cli.returncode == 0, err
             load = json.loads(out.strip().splitlines()[-1])
         finally:
-            srv.send_signal(signal.SIGTERM)
-            try:
-                srv.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                srv.kill()
-                srv.wait()
+            connload.stop(srv, timeout=30)
         assert load["done"] > 0 and load["failed"] <= load["done"] // 1000, load
 
         # Drained: what software received stops changing.
