@@ -17,6 +17,11 @@ class PortWatch:
     def missing(self) -> list[str]:
         """The ports that are gone, in the config's order (all of them when
         the namespace is gone)."""
+        if not netns.exists(self.netns):
+            # Deleted (`ip netns del`): our open socket would keep it alive
+            # and show its links; its name is what counts.
+            self.close()
+            return list(self.ports)
         try:
             if self._ipr is None:
                 self._ipr = netns.ipr(self.netns)

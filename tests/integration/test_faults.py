@@ -182,3 +182,17 @@ def test_sigterm_during_a_flush_stops_the_box_cleanly(topo):
         assert b.proc.returncode == 0, b.log()
         assert "Traceback" not in b.log(), b.log()
         nothing_attached(b)
+
+
+def test_a_deleted_namespace_stops_the_box_when_the_config_says_so(topo):
+    """`ip netns del` of the box's namespace: every port is gone with it.
+    The box notices by the namespace's name (its own netlink socket there
+    must not keep the namespace alive), stops, and leaves no pins or state."""
+    cfg = {**firewall_config(topo), "port_lost": "stop"}
+    b = running(cfg, topo)
+    with b:
+        r = subprocess.run(["ip", "netns", "del", topo.box], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        b.proc.wait(timeout=60)
+        assert b.proc.returncode == 1 and "port eth5, eth6 of netns" in b.log(), b.log()
+        assert state.read_state(b.name) is None and not (loader.PIN_ROOT / b.name).exists()
