@@ -213,6 +213,8 @@ def agreement_table(rows: list[dict]) -> str:
     seqs, pkts = len(rows), sum(r["packets"] for r in rows)
 
     def line(what: str, key: str) -> str:
+        if any(r[key] is None for r in rows):
+            return f"{what:<34} not run here (CTCTL_THREE_WAY_BOXES)"
         bad = [r for r in rows if r[key]]
         nbad = sum(len(r[key]) for r in rows)
         return f"{what:<34} {seqs - len(bad):>5} of {seqs:<5} {pkts - nbad:>6} of {pkts:<6}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 
@@ -12,6 +13,15 @@ from ctctl.box import control, state
 
 
 FOLLOW_POLL_S = 0.2   # how often `events -f` asks the box for new events
+
+
+def _until_interrupted() -> None:
+    """Ctrl-C and SIGTERM end a command that runs until then (events -f,
+    stats --watch) through KeyboardInterrupt, also when it was started with
+    SIGINT ignored (as a shell's background job is): it ends cleanly, with
+    its closing line, rather than only by a kill."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def die(msg: str, code: int = 1) -> int:
@@ -91,6 +101,8 @@ def cmd_stats(args) -> int:
     if args.watch is not None and args.prometheus:
         return die("stats --prometheus --watch: scrape the box's /metrics instead "
                    "(metrics: {listen: ADDR:PORT} in its config)")
+    if args.watch is not None:
+        _until_interrupted()
     try:
         while True:
             try:
@@ -376,6 +388,7 @@ def _print_lines(args, op: str) -> int:
 def cmd_events(args) -> int:
     if not args.follow:
         return _print_lines(args, "events")
+    _until_interrupted()
     shown = 0
     try:
         name = _box_name(args)
