@@ -114,8 +114,9 @@ BOXES = {
 }
 # The boxes built (CTCTL_THREE_WAY_BOXES, default both).  The VM stage of
 # `make test` builds "on" only: under TCG every box is a BCC compile of
-# minutes, and "off = nf_conntrack" is what test_conntrack_equivalence
-# checks on every kernel; `make vm-test` builds both.
+# minutes.  The tracker against nf_conntrack is test_conntrack_kernel's, in
+# every `make test` on the host; the "off" box against it on 6.1 is
+# `make vm-test`'s, which builds both.
 BUILT = [k for k in BOXES if k in os.environ.get("CTCTL_THREE_WAY_BOXES", "off,on").split(",")]
 if "on" not in BUILT:
     raise RuntimeError(f"CTCTL_THREE_WAY_BOXES must include on (the act_ct comparison), not {BUILT}")
