@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
  * The maps of the TC-ingress program, in one place.  Each one plays a part
- * of the NIC; the controller pins them under /sys/fs/bpf/ctctl/<box>/.
+ * of the NIC; they are pinned under /sys/fs/bpf/ctctl/<box>/ (below).
  * Every map but `scratch` is part of the contract with the driver: names,
  * keys and values are bpf/ctctl_abi.h's, and ctctl/abi.py (MAPS) declares
  * the same maps, which tests/unit/test_abi.py checks against this file;
@@ -13,28 +13,73 @@
 #include "ctctl_abi.h"
 #include "key.h"
 
+/*
+ * Every map but `scratch` lives as long as its pin, not as long as the
+ * controller that made it: the loader passes CTCTL_PIN_DIR (the box's
+ * directory under /sys/fs/bpf/ctctl/), and BCC then opens the map pinned
+ * there, or creates and pins it when there is none.  That is how a second
+ * controller adopts a running program's maps after the first one died
+ * (a NIC's tables outlive its driver's user space); the punt buffer is
+ * pinned too, so that the new controller's readers go into the very
+ * perf event array the attached program writes to.  Without CTCTL_PIN_DIR
+ * (BPF_PROG_TEST_RUN tests, benchmarks) the maps are the process's own.
+ */
+#ifdef CTCTL_PIN_DIR
+#define CTCTL_PIN(_name) ":" CTCTL_PIN_DIR "/" #_name
+#else
+#define CTCTL_PIN(_name) ""
+#endif
+#define CTCTL_TABLE(_type, _key, _leaf, _name, _size) \
+  BPF_F_TABLE(_type CTCTL_PIN(_name), _key, _leaf, _name, _size, 0)
+#define CTCTL_HASH(_name, _key, _leaf, _size) CTCTL_TABLE("hash", _key, _leaf, _name, _size)
+#define CTCTL_ARRAY(_name, _leaf, _size) CTCTL_TABLE("array", int, _leaf, _name, _size)
+#define CTCTL_PERCPU_ARRAY(_name, _leaf, _size) CTCTL_TABLE("percpu_array", int, _leaf, _name, _size)
+/* BCC's BPF_PERF_OUTPUT and BPF_RINGBUF_OUTPUT, with the pin in the section. */
+#define CTCTL_PERF_OUTPUT(_name) \
+struct _name##_table_t { \
+  int key; \
+  __u32 leaf; \
+  int (*perf_submit) (void *, void *, __u32); \
+  int (*perf_submit_skb) (void *, __u32, void *, __u32); \
+  __u32 max_entries; \
+}; \
+__attribute__((section("maps/perf_output" CTCTL_PIN(_name)))) \
+struct _name##_table_t _name = { .max_entries = 0 }
+#define CTCTL_RINGBUF_OUTPUT(_name, _pages) \
+struct _name##_table_t { \
+  int key; \
+  __u32 leaf; \
+  int (*ringbuf_output) (void *, __u64, __u64); \
+  void *(*ringbuf_reserve) (__u64); \
+  void (*ringbuf_discard) (void *, __u64); \
+  void (*ringbuf_submit) (void *, __u64); \
+  __u32 max_entries; \
+}; \
+__attribute__((section("maps/ringbuf" CTCTL_PIN(_name)))) \
+struct _name##_table_t _name = { .max_entries = ((_pages) * PAGE_SIZE) }
+
 /* The offload table's size, declared by the controller (-D at compile time). */
 #ifndef CTCTL_FLOW_TABLE_SIZE
 #define CTCTL_FLOW_TABLE_SIZE 65536
 #endif
 
 /* Punts to software: the metadata header followed by the packet. */
-BPF_PERF_OUTPUT(punts);
+CTCTL_PERF_OUTPUT(punts);
 
 /* Per-CPU counters, indexed by enum ctctl_reason then enum ctctl_counter. */
-BPF_PERCPU_ARRAY(counters, __u64, CTCTL_C_MAX);
+CTCTL_PERCPU_ARRAY(counters, __u64, CTCTL_C_MAX);
 
 /* The offloaded rules: (ingress port, chain) -> its rules in software's order. */
-BPF_HASH(chains, struct ctctl_chain_key, struct ctctl_chain, 1024);
+CTCTL_HASH(chains, struct ctctl_chain_key, struct ctctl_chain, 1024);
 
 /* The offload table: (zone, tuple) of one direction -> what a ct hit restores. */
-BPF_HASH(flows, struct ctctl_tuple, struct ctctl_flow, CTCTL_FLOW_TABLE_SIZE);
+CTCTL_HASH(flows, struct ctctl_tuple, struct ctctl_flow, CTCTL_FLOW_TABLE_SIZE);
 
 /* Per-rule hit counters, indexed by ctctl_rule.id. */
-BPF_PERCPU_ARRAY(rule_stats, struct ctctl_rule_stats, CTCTL_MAX_RULE_IDS);
+CTCTL_PERCPU_ARRAY(rule_stats, struct ctctl_rule_stats, CTCTL_MAX_RULE_IDS);
 
 /* Run-time capabilities of the "hardware" (enum ctctl_cap). */
-BPF_ARRAY(hw_config, struct ctctl_hw_config, 1);
+CTCTL_ARRAY(hw_config, struct ctctl_hw_config, 1);
 
 /*
  * The hardware's own aging: one connection context per offloaded
@@ -48,9 +93,9 @@ BPF_ARRAY(hw_config, struct ctctl_hw_config, 1);
 #ifndef CTCTL_EXPIRY_PAGES
 #define CTCTL_EXPIRY_PAGES 64
 #endif
-BPF_ARRAY(aging_config, struct ctctl_aging_config, 1);
-BPF_ARRAY(aging_slots, struct ctctl_aging_slot, CTCTL_AGING_SLOTS);
-BPF_RINGBUF_OUTPUT(expiries, CTCTL_EXPIRY_PAGES);
+CTCTL_ARRAY(aging_config, struct ctctl_aging_config, 1);
+CTCTL_ARRAY(aging_slots, struct ctctl_aging_slot, CTCTL_AGING_SLOTS);
+CTCTL_RINGBUF_OUTPUT(expiries, CTCTL_EXPIRY_PAGES);
 
 /*
  * TCP window tracking in hardware (bpf/window.h): a context per offloaded
@@ -60,9 +105,9 @@ BPF_RINGBUF_OUTPUT(expiries, CTCTL_EXPIRY_PAGES);
 #ifndef CTCTL_WINDOW_SLOTS
 #define CTCTL_WINDOW_SLOTS 1
 #endif
-BPF_HASH(windows, __u32, struct ctctl_tcp_window, CTCTL_WINDOW_SLOTS);
+CTCTL_HASH(windows, __u32, struct ctctl_tcp_window, CTCTL_WINDOW_SLOTS);
 /* The driver's merge request (ctctl_window_merge): one at a time. */
-BPF_ARRAY(window_merges, struct ctctl_window_merge, 1);
+CTCTL_ARRAY(window_merges, struct ctctl_window_merge, 1);
 
 /* The interpreter's per-packet state (bpf/key.h says why it is not on the stack). */
 BPF_PERCPU_ARRAY(scratch, struct ctctl_state, 1);

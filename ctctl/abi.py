@@ -427,10 +427,11 @@ C_STRUCTS = {
 
 @dataclass(frozen=True)
 class MapSpec:
-    """One map of bpf/maps.h: its BCC macro, key and value types, and
-    whether the loader pins it for tools that run without the controller."""
+    """One map of bpf/maps.h: its macro, key and value types, and whether
+    it is pinned (it outlives its controller: tools read it, and the next
+    controller adopts it)."""
 
-    kind: str          # the BPF_* macro that declares it
+    kind: str          # the CTCTL_* macro that declares it (BCC's BPF_* of the same name, pinned)
     key: type | None   # None for the perf buffer
     value: type | None
     pinned: bool
@@ -439,18 +440,18 @@ class MapSpec:
 # Every map of the program, by name.  tests/unit/test_abi.py reads
 # bpf/maps.h and fails when a map, its kind or its types differ.
 MAPS = {
-    "punts": MapSpec("BPF_PERF_OUTPUT", None, None, False),
-    "counters": MapSpec("BPF_PERCPU_ARRAY", ctypes.c_uint32, ctypes.c_uint64, True),
-    "chains": MapSpec("BPF_HASH", ChainKey, Chain, True),
-    "flows": MapSpec("BPF_HASH", Tuple, Flow, True),
-    "rule_stats": MapSpec("BPF_PERCPU_ARRAY", ctypes.c_uint32, RuleStats, True),
-    "hw_config": MapSpec("BPF_ARRAY", ctypes.c_uint32, HwConfig, True),
-    "aging_config": MapSpec("BPF_ARRAY", ctypes.c_uint32, AgingConfig, True),
-    "aging_slots": MapSpec("BPF_ARRAY", ctypes.c_uint32, AgingSlot, True),
-    "windows": MapSpec("BPF_HASH", ctypes.c_uint32, TcpWindow, True),
-    "window_merges": MapSpec("BPF_ARRAY", ctypes.c_uint32, WindowMerge, True),
+    "punts": MapSpec("CTCTL_PERF_OUTPUT", None, None, True),
+    "counters": MapSpec("CTCTL_PERCPU_ARRAY", ctypes.c_uint32, ctypes.c_uint64, True),
+    "chains": MapSpec("CTCTL_HASH", ChainKey, Chain, True),
+    "flows": MapSpec("CTCTL_HASH", Tuple, Flow, True),
+    "rule_stats": MapSpec("CTCTL_PERCPU_ARRAY", ctypes.c_uint32, RuleStats, True),
+    "hw_config": MapSpec("CTCTL_ARRAY", ctypes.c_uint32, HwConfig, True),
+    "aging_config": MapSpec("CTCTL_ARRAY", ctypes.c_uint32, AgingConfig, True),
+    "aging_slots": MapSpec("CTCTL_ARRAY", ctypes.c_uint32, AgingSlot, True),
+    "windows": MapSpec("CTCTL_HASH", ctypes.c_uint32, TcpWindow, True),
+    "window_merges": MapSpec("CTCTL_ARRAY", ctypes.c_uint32, WindowMerge, True),
     # The hardware's expiry events (ctctl_expiry), read by the driver.
-    "expiries": MapSpec("BPF_RINGBUF_OUTPUT", None, None, False),
+    "expiries": MapSpec("CTCTL_RINGBUF_OUTPUT", None, None, True),
     # The interpreter's per-packet state: internal to the program.
     "scratch": MapSpec("BPF_PERCPU_ARRAY", ctypes.c_uint32, None, False),
 }

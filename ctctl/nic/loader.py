@@ -5,11 +5,20 @@ a filter is ours by its priority and handle).
 A `Datapath` is a context manager: whatever fails half-way, leaving it
 detaches the filters it added, deletes the clsact qdiscs it created (never
 one that was already there) and removes its pins.
+
+A box's maps are pinned by BCC as it compiles (bpf/maps.h, CTCTL_PIN_DIR):
+they live until unpinned, so a program stays attached and keeps forwarding
+when its controller dies.  `Datapath.adopting()` is the next controller's
+way back in: it compiles the same source against the pinned maps, attaches
+nothing (the running program stays), and takes the attachments and pins
+over only once the caller says the adoption worked; before that, a failure
+leaves the running box exactly as it was.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import shutil
 import zlib
 from dataclasses import dataclass
@@ -18,7 +27,6 @@ from pathlib import Path
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ctctl import abi, netns
-from ctctl.kernel.offload.hw import DeviceError
 from ctctl.nic.maps import Maps
 
 PROGRAM = abi.BPF_DIR / "ctctl.c"
@@ -90,15 +98,28 @@ def flow_table_cflags(size: int | None) -> list[str]:
     return [f"-DCTCTL_FLOW_TABLE_SIZE={size}"]
 
 
-def compile_program(extra_cflags: list[str] | None = None):
-    """Compile bpf/ctctl.c; returns the bcc.BPF object."""
+def compile_program(extra_cflags: list[str] | None = None, pin_dir: Path | None = None):
+    """Compile bpf/ctctl.c; returns the bcc.BPF object.  With `pin_dir`
+    (which exists), its maps are the ones pinned there, made and pinned
+    there when absent."""
     from bcc import BPF  # imported late: unit tests run without BCC
 
     cflags = [f"-I{abi.BPF_DIR}"] + list(extra_cflags or [])
+    if pin_dir is not None:
+        cflags.append(f'-DCTCTL_PIN_DIR="{pin_dir}"')
     try:
         return BPF(src_file=str(PROGRAM).encode(), cflags=cflags)
     except Exception as e:  # BCC raises bare Exception on compile errors
         raise LoadError(f"cannot compile {PROGRAM}: {e}") from e
+
+
+def program_id(extra_cflags: list[str] | None = None) -> str:
+    """What the program is: its source and the -D that size its maps.  A
+    controller adopts only a program with the same id (the maps' layout
+    and sizes are the source's and the flags')."""
+    h = hashlib.sha256(source_text().encode())
+    h.update("\0".join(extra_cflags or []).encode())
+    return h.hexdigest()[:16]
 
 
 def source_text() -> str:
@@ -123,6 +144,16 @@ class Datapath:
         self.attached: list[Attachment] = []
         self.pin_dir = PIN_ROOT / name
         self._pinned = False
+        self._adopt: list[Attachment] | None = None   # a running program's, until take_over()
+
+    @classmethod
+    def adopting(cls, name: str, netns_name: str, ports: list[str], cflags: list[str] | None,
+                 attached: list[Attachment]) -> "Datapath":
+        """The data path of a box whose controller died: its program stays
+        attached to `attached`, its maps pinned."""
+        dp = cls(name, netns_name, ports, cflags)
+        dp._adopt = list(attached)
+        return dp
 
     # -- set-up -----------------------------------------------------------
     def __enter__(self) -> "Datapath":
@@ -137,20 +168,33 @@ class Datapath:
         self.close()
 
     def load(self) -> None:
-        """Compile and pin; attaching is a separate step so that the caller
-        can open the perf buffer first and lose no packet."""
+        """Compile against the pins (made now, or a running program's when
+        adopting); attaching is a separate step so that the caller can open
+        the perf buffer first and lose no packet."""
+        if self._adopt is not None:
+            missing = Maps.missing_pins(self.pin_dir)
+            if missing:
+                raise LoadError(f"cannot adopt box {self.name!r}: its pinned maps {', '.join(missing)} "
+                                f"are gone from {self.pin_dir}")
+            self.bpf = compile_program(self.cflags, self.pin_dir)
+            self.maps = Maps(self.bpf)
+            return
         if self.pin_dir.exists():
             raise LoadError(
                 f"{self.pin_dir} exists: a box named {self.name!r} is loaded "
                 f"(or was not unloaded: `ctctl unload --name {self.name}`)")
-        self.bpf = compile_program(self.cflags)
-        self.maps = Maps(self.bpf)
         self.pin_dir.mkdir(parents=True, exist_ok=False)
         self._pinned = True
-        try:
-            self.maps.pin(self.pin_dir)
-        except DeviceError as e:
-            raise LoadError(str(e)) from None
+        self.bpf = compile_program(self.cflags, self.pin_dir)
+        self.maps = Maps(self.bpf)
+
+    def take_over(self) -> None:
+        """The adoption worked: from now on leaving this Datapath detaches
+        the running program and unpins, as for one loaded here."""
+        if self._adopt is None:
+            return
+        self.attached, self._adopt = self._adopt, None
+        self._pinned = True
 
     def ifindexes(self) -> dict[str, int]:
         """The ports' ifindexes in the box namespace (before attaching: the

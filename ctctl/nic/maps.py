@@ -86,13 +86,11 @@ class Maps:
         return ctype.from_buffer_copy(bytes(value))
 
     # -- the program as a whole -------------------------------------------------
-    def pin(self, pin_dir: Path) -> None:
-        """Pin every map abi.MAPS marks pinned under pin_dir (which exists)."""
-        for name in abi.PINNED_MAPS:
-            path = pin_dir / name
-            if _lib().bpf_obj_pin(self._table(name).map_fd, str(path).encode()) != 0:
-                err = ctypes.get_errno() or 1
-                raise DeviceError(f"cannot pin {path}: {os.strerror(err)}")
+    @staticmethod
+    def missing_pins(pin_dir: Path) -> list[str]:
+        """The pinned maps (abi.PINNED_MAPS) absent from pin_dir.  BCC pins
+        them when it compiles the program with CTCTL_PIN_DIR (bpf/maps.h)."""
+        return [name for name in abi.PINNED_MAPS if not (pin_dir / name).exists()]
 
     def counters(self) -> list[int]:
         """The program's counter slots, summed over CPUs."""

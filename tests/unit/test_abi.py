@@ -99,20 +99,22 @@ def test_maps_match_maps_h():
     there."""
     text = (abi.BPF_DIR / "maps.h").read_text()
     declared = {name: (macro, [a for a in (args or "").split(",") if a.strip()])
-                for macro, name, args in re.findall(r"^(BPF_\w+)\((\w+)(?:,([^;]*))?\);", text, re.M)}
+                for macro, name, args in re.findall(r"^((?:BPF|CTCTL)_\w+)\((\w+)(?:,([^;]*))?\);", text, re.M)}
     assert set(declared) == set(abi.MAPS)
     for name, spec in abi.MAPS.items():
         macro, args = declared[name]
         assert macro == spec.kind, name
-        if macro in ("BPF_PERF_OUTPUT", "BPF_RINGBUF_OUTPUT"):
-            assert spec.key is None and spec.value is None and not spec.pinned, name
+        # Pinned (CTCTL_*) unless program-internal (BCC's own BPF_*).
+        assert spec.pinned == macro.startswith("CTCTL_"), name
+        if macro in ("CTCTL_PERF_OUTPUT", "CTCTL_RINGBUF_OUTPUT"):
+            assert spec.key is None and spec.value is None, name
             continue
-        # BPF_HASH(name, key, value, size); the arrays' keys are u32 indexes.
-        key, value = (args[0], args[1]) if macro == "BPF_HASH" else ("__u32", args[0])
+        # *_HASH(name, key, value, size); the arrays' keys are u32 indexes.
+        key, value = (args[0], args[1]) if macro.endswith("_HASH") else ("__u32", args[0])
         assert _c_type(key) is spec.key, name
         if spec.value is None:
             assert name == "scratch" and not spec.pinned   # program-internal state
         else:
             assert _c_type(value) is spec.value, name
-    assert abi.PINNED_MAPS == ("counters", "chains", "flows", "rule_stats", "hw_config", "aging_config",
-                               "aging_slots", "windows", "window_merges")
+    assert abi.PINNED_MAPS == ("punts", "counters", "chains", "flows", "rule_stats", "hw_config",
+                               "aging_config", "aging_slots", "windows", "window_merges", "expiries")
