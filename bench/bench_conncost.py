@@ -16,6 +16,7 @@ shared machine's noise only ever adds.
 
   .venv/bin/python bench/bench_conncost.py                  # a few seconds
   .venv/bin/python bench/bench_conncost.py --profile        # and the profile by function and by module
+  .venv/bin/python bench/bench_conncost.py --no-journal     # without the record a box keeps for its successor
 """
 
 from __future__ import annotations
@@ -24,12 +25,16 @@ import argparse
 import cProfile
 import pstats
 import sys
+import tempfile
 import time
 from collections import defaultdict
+from pathlib import Path
 
 from bench_fastpath import IFINDEX, RULES, MemoryDevice, Recorder, punt, tcp_frame  # noqa: E402  (bench/ is the script's own directory)
 
+from ctctl.box import adopt  # noqa: E402
 from ctctl.box.config import BoxConfig  # noqa: E402
+from ctctl.box.journal import Journal  # noqa: E402
 from ctctl.box.controller import Controller  # noqa: E402
 from ctctl.kernel.offload import OffloadManager, OffloadPolicy  # noqa: E402
 from ctctl.rules import parse_filter  # noqa: E402
@@ -51,12 +56,17 @@ def connection(cport: int) -> list:
     return [punt(f, port) for f, port in frames]
 
 
-def controller() -> Controller:
+def controller(journal_dir: str | None) -> Controller:
+    """As a box wires it; with `journal_dir`, the journal of its connections
+    in hardware too (ctctl.box.adopt: a box's own, on /run's tmpfs)."""
     ctl = Controller(BoxConfig(name="bench", netns="bench-box", ports=["eth5", "eth6"],
                                rules=[parse_filter(x) for x in RULES]))
     ctl.port_by_ifindex = {i: p for p, i in IFINDEX.items()}
     ctl.transmitter = Recorder()
     ctl.offload = OffloadManager(ctl.tracker, MemoryDevice(size=1 << 20), OffloadPolicy())
+    if journal_dir is not None:
+        ids = {f: i for i, f in enumerate(ctl.ruleset.filters(), start=1)}   # the hardware's rule ids
+        ctl.recorder = adopt.Recorder(Journal(Path(journal_dir) / "bench.conns"), ctl.offload, ids.get)
     return ctl
 
 
@@ -75,10 +85,17 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=5, help="rounds; the best is reported (default 5)")
     ap.add_argument("--profile", action="store_true", help="one more round under cProfile: the top functions "
                     "by own time, and own time by module")
+    ap.add_argument("--no-journal", action="store_true", help="without the journal (the record a box keeps "
+                    "so that a new controller can adopt it); by default it is kept, in a temporary directory "
+                    "under /dev/shm (a tmpfs, as /run is)")
     args = ap.parse_args(argv)
     if args.conns < 1 or args.repeat < 1:
         ap.error("--conns and --repeat must be positive")
-    ctl = controller()
+    with tempfile.TemporaryDirectory(prefix="ctctl-bench-", dir="/dev/shm") as d:
+        return run(args, controller(None if args.no_journal else d))
+
+
+def run(args, ctl: Controller) -> int:
     rounds = args.repeat + (1 if args.profile else 0)
     work = [[p for i in range(args.conns) for p in connection(10000 + r * args.conns + i)] for r in range(rounds)]
     best = None
@@ -90,7 +107,9 @@ def main(argv=None) -> int:
         best = dt if best is None else min(best, dt)
     n = len(work[0])
     sent, drops, counters = len(ctl.transmitter.sent), sum(ctl.drops.values()), ctl.offload.counters
-    print(f"bench_conncost: {args.conns:,} connections of {n // args.conns} punts, best of {args.repeat} rounds: "
+    journal = "no journal" if ctl.recorder is None else f"journal: {ctl.recorder.journal.stats()['lines']:,} lines now"
+    print(f"bench_conncost ({journal}): {args.conns:,} connections of {n // args.conns} punts, "
+          f"best of {args.repeat} rounds: "
           f"{best / args.conns * 1e6:,.0f} µs of CPU per connection, {best / n * 1e6:,.0f} µs per punt "
           f"({args.conns / best:,.0f} connections/s, {n / best:,.0f} punts/s on one core)")
     ok = sent == n * args.repeat and drops == 0 and counters["offloaded"] == counters["removed_fin"] == \

@@ -153,7 +153,8 @@ def _why_no_answer(name: str, path, e: OSError) -> str:
         return (f"box {name!r}: controller pid {pid} runs but does not answer on {path} "
                 f"({e.strerror or e})")
     return (f"box {name!r}: its controller (pid {pid}) is gone; its program may still run on the ports. "
-            f"`ctctl unload --name {name}` cleans up, then `ctctl load` starts it again")
+            f"`ctctl load` with its config adopts it (its traffic untouched); "
+            f"`ctctl unload --name {name}` cleans up")
 
 
 def request(name: str, op: str, timeout: float = 10.0, **args) -> dict:

@@ -5,9 +5,11 @@ stopped, transmit the result on the output port.  A box configured with a
 static port map instead is a plain software switch.
 
 It also serves the control socket (ctctl.box.requests answers) and keeps
-the state file that lets `ctctl unload` clean up after it.  Leaving run()
--- normally, on an error, or on SIGINT/SIGTERM -- detaches and unpins
-everything it set up.
+the state file that lets `ctctl unload` clean up after it, with the record
+of its offloaded connections that lets the next controller adopt its
+running program if it dies (ctctl.box.adopt).  Leaving run() -- normally,
+on an error, or on SIGINT/SIGTERM -- detaches and unpins everything it set
+up (or adopted).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from collections import Counter as Tally
 from dataclasses import asdict
 
 from ctctl import abi
-from ctctl.box import control, metrics, requests, state
+from ctctl.box import adopt, control, metrics, requests, state
 from ctctl.box.config import BoxConfig
+from ctctl.box.journal import Journal, replay
 from ctctl.kernel.conntrack import ConnTracker, EventLog, tuple_of
 from ctctl.kernel.csum import complete_partial_checksum
 from ctctl.kernel.offload import OffloadManager
@@ -74,6 +77,8 @@ class Controller:
         self.metrics: metrics.Endpoint | None = None   # /metrics, when the config asks for it
         self.control_server: control.Server | None = None
         self.ports_gone: list[str] = []     # ports deleted under the running box
+        self.recorder: adopt.Recorder | None = None   # the journal of its connections in hardware
+        self.adopted: dict | None = None    # what was taken over from a controller that died
         # The last events, conntrack -E style, with the offload decisions
         # between them: a connection's life as `ctctl events` shows it.
         self.events = EventLog(maxlen=4096)
@@ -150,8 +155,13 @@ class Controller:
                     if last is not None and last.conn is not None:
                         # Its flow belongs to the rules it ran (the resumed one too).
                         self.offload.owners.ran(last.conn, 1 if last.reply else 0, [s.filter for s in v.trace])
-                    self.offload.after_packet([c.result.conn for c in v.cts if c.result],
-                                              forwarded=v.kind == "output")
+                    conns = [c.result.conn for c in v.cts if c.result]
+                    # Connections already in hardware: their record is written again after
+                    # the packet (one that goes in now is written by its offload's event).
+                    in_hw = [c for c in conns if c is not None and c.id in self.offload.hw]
+                    self.offload.after_packet(conns, forwarded=v.kind == "output")
+                    if in_hw and self.recorder is not None:
+                        self.recorder.touched(in_hw)
                     if fkey is not None and v.kind == "output":
                         self.offload.learn(fkey, before, v, self.ruleset.stats)
         except Exception as e:
@@ -195,44 +205,60 @@ class Controller:
     def _on_signal(self, signum, frame) -> None:
         self.stop_requested = True
 
-    def run(self, on_ready=None) -> None:
+    def save_state(self) -> None:
+        """The state file: what `ctctl unload` removes after a crash, and
+        what the next controller adopts (ctctl.box.adopt); again after
+        every rule change."""
+        dp = self.dp
+        state.write_state(self.cfg.name, {
+            "pid": os.getpid(), "netns": self.cfg.netns,
+            "attached": [asdict(a) for a in dp.attached], "pin_dir": str(dp.pin_dir),
+            "program": loader.program_id(dp.cflags),
+            "rules": adopt.rules_state(self.ruleset, self.device) if self.ruleset is not None else None,
+        })
+
+    def run(self, on_ready=None, fresh: bool = False) -> None:
+        """Load the box and run it until stopped.  A box whose controller
+        died is adopted (ctctl.box.adopt), unless `fresh`."""
         name = self.cfg.name
         old = state.read_state(name)
         if old and state.pid_alive(old.get("pid")):
             raise LoadError(f"box {name!r} is already loaded by pid {old['pid']}")
-        if old:
+        cflags = self.cfg.hardware.cflags()
+        if old and fresh:
             raise LoadError(f"box {name!r} left state behind (pid {old.get('pid')} is gone): "
-                            f"run `ctctl unload --name {name}` first")
-        check_ports_free(name, self.cfg.netns, self.cfg.ports)
+                            f"run `ctctl unload --name {name}` first (without --fresh, "
+                            "`ctctl load` adopts its running program)")
+        if old:
+            attached = adopt.check(old, name, self.cfg.netns, self.cfg.ports, loader.program_id(cflags),
+                                   has_rules=self.ruleset is not None)
+            dp = Datapath.adopting(name, self.cfg.netns, self.cfg.ports, cflags, attached)
+        else:
+            check_ports_free(name, self.cfg.netns, self.cfg.ports)
+            dp = Datapath(name, self.cfg.netns, self.cfg.ports, cflags)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         server = watch = None
         locked = False
+        owned = not old     # the state file is ours to remove (an adoption that fails leaves it)
         try:
-            with Datapath(name, self.cfg.netns, self.cfg.ports, self.cfg.hardware.cflags()) as dp:
+            with dp:
                 self.dp = dp
                 # Reader and sockets first: the first packet after attach
                 # already finds someone listening.
                 self.reader = PuntReader(dp.bpf, self.handle, page_cnt=self.cfg.perf_pages)
                 self.transmitter = Transmitter(self.cfg.netns, self.cfg.ports)
                 if self.ruleset is not None:
-                    # The rules are in the hardware before its first packet.
-                    self.device = Device(dp.maps, dp.ifindexes(), self.cfg.hardware, ktime=self.ktime)
-                    self.device.set_caps()
-                    self.device.install(self.ruleset)
-                    self.offload = OffloadManager(self.tracker, self.device, self.cfg.offload,
-                                                  clock=self.clock, ktime=self.ktime,
-                                                  notify=lambda t: self.events.append(f"   [HW] {t}"),
-                                                  aging=self.cfg.aging, eviction=self.cfg.eviction,
-                                                  insert_rate=self.cfg.hardware.insert_rate)
-                try:
-                    dp.attach()
-                finally:
-                    # Also after a partial attach: unload must find it.
-                    state.write_state(name, {
-                        "pid": os.getpid(), "netns": self.cfg.netns,
-                        "attached": [asdict(a) for a in dp.attached],
-                        "pin_dir": str(dp.pin_dir),
-                    })
+                    self._start_offload(old)
+                if old:
+                    dp.take_over()
+                    owned = True
+                    self.save_state()
+                else:
+                    try:
+                        dp.attach()
+                    finally:
+                        # Also after a partial attach: unload must find it.
+                        self.save_state()
                 self.port_by_ifindex = {a.ifindex: a.ifname for a in dp.attached}
                 server = self.control_server = control.Server(name, self.dispatch)
                 server.start()
@@ -270,12 +296,47 @@ class Controller:
                 self.metrics.close()
             if getattr(self, "transmitter", None):
                 self.transmitter.close()
+            if self.recorder is not None:
+                self.recorder.journal.close()
             self.dp = None
-            state.remove_state(name)
+            if owned:
+                state.remove_state(name)
             for s, h in previous.items():
                 signal.signal(s, h)
             if locked:
                 self.lock.release()
+
+    def _start_offload(self, old: dict | None) -> None:
+        """The driver, its rules in the hardware before its first packet,
+        the flowtable and its journal; with `old` (a dead controller's
+        state), its rules, ids and connections taken over."""
+        records = {}
+        if old:
+            filters, ids = adopt.rules(old)
+            self.ruleset = RuleSet(filters)
+            self.pipeline = Pipeline(self.ruleset, self.tracker, self.cfg.ports)
+            records, unreadable = replay(state.journal_path(self.cfg.name))
+        self.device = Device(self.dp.maps, self.dp.ifindexes(), self.cfg.hardware, ktime=self.ktime)
+        if old:
+            self.device.adopt_ids(ids)
+        self.device.set_caps()
+        self.device.install(self.ruleset)
+        self.offload = OffloadManager(self.tracker, self.device, self.cfg.offload,
+                                      clock=self.clock, ktime=self.ktime,
+                                      notify=lambda t: self.events.append(f"   [HW] {t}"),
+                                      aging=self.cfg.aging, eviction=self.cfg.eviction,
+                                      insert_rate=self.cfg.hardware.insert_rate)
+        if old:
+            self.adopted = {"pid": old.get("pid"), "unreadable_lines": unreadable,
+                            **adopt.connections(records, self.offload, self.device, self.ktime())}
+            self.events.append(f"   [HW] adopted the program of pid {old.get('pid')}: "
+                               f"{self.adopted['adopted']} connection(s) in hardware")
+        # A new journal, the adopted connections in it from the start (one
+        # rename: the old journal until then).
+        adopted = {cid: adopt.record(hc, self.offload.owners, self.device.rule_id)
+                   for cid, hc in self.offload.hw.items()}
+        self.recorder = adopt.Recorder(Journal(state.journal_path(self.cfg.name), records=adopted),
+                                       self.offload, self.device.rule_id)
 
 
 def check_ports_free(name: str, netns_name: str, ports: list[str]) -> None:

@@ -53,6 +53,9 @@ def stats(ctl, req: dict) -> dict:
         "metrics": ctl.metrics.url if ctl.metrics else None,     # where Prometheus scrapes, if anywhere
         "control": dict(ctl.control_server.counters) if ctl.control_server else None,
         "ports_gone": list(ctl.ports_gone),
+        # What was taken over from a controller that died (ctctl.box.adopt), and the record kept for the next.
+        "adopted": ctl.adopted,
+        "journal": ctl.recorder.journal.stats() if ctl.recorder else None,
     }}
 
 
@@ -209,6 +212,7 @@ def filter_request(ctl, req: dict) -> dict:
             evicted = rules_deleted(ctl.offload, out.filters)
         if out.verb != "show" and ctl.device is not None:
             ctl.device.install(ctl.ruleset)   # ndo_setup_tc
+            ctl.save_state()                  # the rules a controller adopting this box runs
         if out.verb != "show" and ctl.offload is not None:
             ctl.offload.fastpath.rules_changed()
     return {"verb": out.verb, "lines": out.lines, "evicted": evicted,

@@ -1,8 +1,10 @@
 """The files a loaded box keeps under /run/ctctl/: <name>.json, the state
-that lets `ctctl unload` clean up after a controller that died (pid,
-namespace, what was attached, pins), and <name>.sock, its control socket.
-Written atomically: a crash at any moment leaves the old file or the new
-one, never half of one."""
+that lets `ctctl unload` clean up after a controller that died, and the
+next `ctctl load` adopt its program (pid, namespace, what was attached,
+pins, the program's id, the rules and their hardware ids); <name>.conns,
+the record of its offloaded connections (ctctl.box.journal); and
+<name>.sock, its control socket.  The state is written atomically: a crash
+at any moment leaves the old file or the new one, never half of one."""
 
 from __future__ import annotations
 
@@ -21,6 +23,10 @@ def state_path(name: str) -> Path:
     return RUN_DIR / f"{name}.json"
 
 
+def journal_path(name: str) -> Path:
+    return RUN_DIR / f"{name}.conns"
+
+
 def write_state(name: str, state: dict) -> None:
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     tmp = state_path(name).with_suffix(".tmp")
@@ -36,7 +42,7 @@ def read_state(name: str) -> dict | None:
 
 
 def remove_state(name: str) -> None:
-    for p in (state_path(name), sock_path(name)):
+    for p in (state_path(name), sock_path(name), journal_path(name)):
         try:
             p.unlink()
         except FileNotFoundError:

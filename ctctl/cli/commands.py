@@ -63,6 +63,12 @@ def cmd_load(args) -> int:
         return die(str(e))
 
     def ready():
+        a = ctl.adopted
+        if a is not None:
+            print(f"ctctl: box {cfg.name}: adopted the running program of pid {a['pid']} (nothing detached): "
+                  f"{a['adopted']} connection(s) in hardware taken over; dropped: "
+                  f"{a['entries_without_record']} entries without a record, "
+                  f"{a['records_without_entries']} records without entries", flush=True)
         print(f"ctctl: box {cfg.name} loaded on {cfg.netns} ports {', '.join(cfg.ports)} "
               f"(pid {os.getpid()}); Ctrl-C or `ctctl unload --name {cfg.name}` to stop", flush=True)
         if cfg.rules is not None:
@@ -72,7 +78,7 @@ def cmd_load(args) -> int:
 
     ctl = Controller(cfg)
     try:
-        ctl.run(on_ready=ready)
+        ctl.run(on_ready=ready, fresh=args.fresh)
     except loader.LoadError as e:
         return die(str(e))
     print(f"ctctl: box {cfg.name} unloaded", flush=True)

@@ -50,7 +50,9 @@ config (YAML; every key but name, netns and ports optional):
   port_lost: keep                 # a port deleted under the box: keep the others, or stop
 
 examples:
-  ctctl load --config box.yaml            # runs until Ctrl-C or `ctctl unload`
+  ctctl load --config box.yaml            # runs until Ctrl-C or `ctctl unload`; a box whose
+                                          # controller died is adopted, its traffic untouched
+  ctctl load --config box.yaml --fresh    # refuse to adopt: unload it first
   ctctl load -c box.yaml &                # in the background
   ctctl load --ebpf | less                # the program's C, as BCC compiles it
 """
@@ -163,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = _sub(sub, "load", "load a box and run its controller in the foreground", LOAD_EPILOG, run.cmd_load)
     s.add_argument("--config", "-c", help="box configuration file (YAML)")
     s.add_argument("--ebpf", action="store_true", help="print the program's C source and exit")
+    s.add_argument("--fresh", action="store_true",
+                   help="refuse to adopt a box whose controller died (by default `load` takes over "
+                        "its running program, maps and offloaded connections without detaching anything)")
 
     s = _sub(sub, "unload", "stop a box; cleans up after a controller that died",
              "examples:\n  ctctl unload --name lab\n  ctctl unload --name lab --timeout 30   "

@@ -72,6 +72,17 @@ class BoxProcess:
     def stats(self) -> dict:
         return self.request("stats")["stats"]
 
+    def kill(self) -> int:
+        """`kill -9` the controller, as a crash would end it: its program,
+        pins and state file stay as it left them (the next `ctctl load`
+        adopts them; stop() unloads them if nobody did).  Its pid."""
+        pid = self.proc.pid
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+        self._log.close()
+        self.proc = None
+        return pid
+
     def stop(self, timeout: float = 30) -> int | None:
         """Stop the controller (politely, then by its pid) and make sure
         nothing of the box is left.  Returns the controller's exit code."""

@@ -236,7 +236,7 @@ def _tcp_sink(port: int, half_close_after: int | None, v6: bool) -> int:
                     break
                 got += len(data)
                 out.write(data)
-            out.flush()
+                out.flush()     # what arrived is in the file: a test can watch it grow
     return 0
 
 
@@ -263,6 +263,30 @@ def _tcp_send(addr: str, port: int, chunk: int, every: float | None, total: int 
         while s.recv(1 << 16):
             pass
     print(f"sent {sent}", flush=True)
+    return 0
+
+
+def _tcp_send_steps(addr: str, port: int) -> int:
+    """Connect; for each line of stdin (a byte count), send that many
+    random bytes and say `sent TOTAL`; at EOF close our side, wait for the
+    server's FIN and say `done TOTAL SHA256`.  The caller decides when
+    each part of the stream goes (before, during and after an event)."""
+    h, sent = hashlib.sha256(), 0
+    with socket.create_connection((addr, port), timeout=60) as s:
+        print("connected", flush=True)
+        for line in sys.stdin:
+            left = int(line)
+            while left > 0:
+                data = os.urandom(min(left, 1 << 20))
+                s.sendall(data)
+                h.update(data)
+                left -= len(data)
+                sent += len(data)
+            print(f"sent {sent}", flush=True)
+        s.shutdown(socket.SHUT_WR)
+        while s.recv(1 << 16):
+            pass
+    print(f"done {sent} {h.hexdigest()}", flush=True)
     return 0
 
 
@@ -327,7 +351,12 @@ def main(argv=None) -> int:
     t.add_argument("--chunk", type=int, default=1000, help="bytes per send")
     t.add_argument("--every", type=float, default=None, help="seconds between sends (default: send once)")
     t.add_argument("--total", type=int, default=None, help="bytes to send at most")
+    t = sub.add_parser("tcp-send-steps", help="send to a TCP sink as many bytes as each stdin line says")
+    t.add_argument("addr")
+    t.add_argument("--port", type=int, default=5001)
     a = p.parse_args(argv)
+    if a.cmd == "tcp-send-steps":
+        return _tcp_send_steps(a.addr, a.port)
     if a.cmd == "tcp-send":
         return _tcp_send(a.addr, a.port, a.chunk, a.every, a.total)
     if a.cmd == "tcp-sink":

@@ -92,6 +92,14 @@ class Device:
         self._paths = {}
         return new
 
+    def adopt_ids(self, ids: dict[Filter, int]) -> None:
+        """The rule ids a controller that died gave its filters (the
+        program's chains and counters use them): install() keeps them."""
+        self._ids = dict(ids)
+        top = max(ids.values(), default=SCRATCH_ID)
+        self._next_id = top + 1 if top + 1 < abi.MAX_RULE_IDS else SCRATCH_ID + 1
+        self._paths = {}
+
     def path_rules(self, ids) -> tuple[Filter, ...]:
         """An entry's path (the program's rule ids, 0 = none) as the rules
         they are now; ids of rules that are gone are left out.  Paths
@@ -178,6 +186,16 @@ class Device:
         if self.aging_on and all(k is not None for k in keys):
             self.ager.track(conn.id, keys[0], keys[1], self.ktime())
         return kb
+
+    def adopt_flow(self, conn_id: int, direction: int, key: bytes) -> None:
+        """An entry a controller that died wrote for this connection: the
+        device knows it as one of its own (add_flow without the write)."""
+        k = abi.Tuple.from_buffer_copy(key)
+        keys = self._keys.setdefault(conn_id, [None, None])
+        keys[direction] = k
+        self._conn_of[bytes(key)] = conn_id
+        if self.aging_on and all(x is not None for x in keys):
+            self.ager.track(conn_id, keys[0], keys[1], self.ktime())
 
     # -- TCP window contexts (bpf/window.h) ----------------------------------------
     @property
@@ -315,6 +333,11 @@ class Device:
             if flow is not None:
                 out.append((bytes(k), self.entry_stats(flow)))
         return out
+
+    def table(self) -> list[tuple[bytes, int, int, EntryStats]]:
+        """Every entry as (key, conn id, direction, counters): what a
+        controller taking over from one that died finds in the table."""
+        return [(bytes(k), f.conn_id, f.dir, self.entry_stats(f)) for k, f in self._maps().flows()]
 
     def entries(self) -> list[dict]:
         """Every entry decoded (ctctl.nic.encode.entry_record), for

@@ -197,7 +197,8 @@ def test_a_dead_controller_is_named_with_the_way_out(topo):
             assert r.returncode == 1
             assert r.stderr.strip() == (
                 f"ctctl: box {b.name!r}: its controller (pid {pid}) is gone; its program may still run "
-                f"on the ports. `ctctl unload --name {b.name}` cleans up, then `ctctl load` starts it again")
+                f"on the ports. `ctctl load` with its config adopts it (its traffic untouched); "
+                f"`ctctl unload --name {b.name}` cleans up")
 
 
 def test_topo_create_over_an_existing_one(tmp_path):

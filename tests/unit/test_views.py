@@ -172,3 +172,21 @@ def test_timeouts_text_is_what_timeout_set_takes_back():
     # Each line, typed after `ctctl timeout set`, sets what it shows.
     assert timeout_words(lines[2].split()) == {"conntrack": {"udp": {"unreplied": 30, "replied": 120}}}
     assert timeout_words(lines[0].split("#")[0].split())["offload"] == {"tcp": 3600, "udp": 5, "icmp": 180}
+
+
+def test_stats_text_says_what_was_adopted():
+    stats = {
+        "box": "lab", "uptime_s": 1.0,
+        "program": {"rx_packets": 0, "rx_bytes": 0, "punted": 0, "perf_lost": 0, "too_big": 0,
+                    "punts_by_reason": {}},
+        "software": {"received": 0, "ring_lost": 0, "drops": {}},
+        "adopted": {"pid": 4242, "unreadable_lines": 0, "adopted": 3, "entries_without_record": 2,
+                    "records_without_entries": 1, "bad_records": 0},
+        "ports": {},
+    }
+    assert "adopted:  the running program of pid 4242, 3 connections in hardware (3 half-written ones " \
+           "dropped: stats --json)" in format_stats(stats).splitlines()
+    stats["adopted"].update(entries_without_record=0, records_without_entries=0)
+    assert "adopted:  the running program of pid 4242, 3 connections in hardware" in format_stats(stats).splitlines()
+    del stats["adopted"]
+    assert not any(x.startswith("adopted:") for x in format_stats(stats).splitlines())

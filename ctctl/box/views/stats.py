@@ -45,6 +45,11 @@ def format_stats(s: dict) -> str:
                    + f" (of {s['control']['requests']} requests)")
     if s.get("ports_gone"):
         out.append(f"gone:     port {', '.join(s['ports_gone'])} was deleted under the box")
+    a = s.get("adopted")
+    if a:
+        dropped = a["entries_without_record"] + a["records_without_entries"] + a["bad_records"]
+        out.append(f"adopted:  the running program of pid {a['pid']}, {a['adopted']} connections in hardware"
+                   + (f" ({dropped} half-written ones dropped: stats --json)" if dropped else ""))
     if s.get("metrics"):
         out.append(f"metrics:  {s['metrics']}")
     out.append(f"{'port':<10}{'rx_packets':>12}{'rx_bytes':>14}{'tx_packets':>12}{'tx_bytes':>14}")

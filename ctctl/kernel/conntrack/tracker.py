@@ -1,11 +1,10 @@
 """The connection table and the tc ``ct`` action on it.
 
 ``ConnTracker.ct`` does for one packet what net/sched/act_ct.c does with
-nf_conntrack_in(): error checks, lookup or creation of an unconfirmed
-entry, the protocol tracker (TCP/UDP/ICMP/generic), RELATED for ICMP
-errors, NAT, and on ``commit`` the confirmation (insertion) plus mark and
-label.  Time comes from the injected clock; entries expire lazily when
-looked up and in ``sweep``.
+nf_conntrack_in(): error checks, lookup or creation of an unconfirmed entry,
+the protocol tracker (TCP/UDP/ICMP/generic), RELATED for ICMP errors, NAT,
+and on ``commit`` the confirmation (insertion) plus mark and label.  Time
+comes from the injected clock; entries expire lazily on lookup and in ``sweep``.
 """
 
 from __future__ import annotations
@@ -21,18 +20,7 @@ from ctctl.protocols import IPPROTO_GRE, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_T
 
 from . import tcp as tcpmod
 from . import timeouts as timeoutsmod
-from .conn import (  # noqa: F401
-    DEFAULT_TIMEOUTS,
-    LABEL_MASK,
-    NR_ICMP_TYPES,
-    ORIGINAL,
-    REPLY,
-    Bits,
-    Conn,
-    CtConfig,
-    CtResult,
-    Status,
-)
+from .conn import LABEL_MASK, NR_ICMP_TYPES, ORIGINAL, REPLY, Bits, Conn, CtConfig, CtResult, Status
 from .nat import NatExhausted, NatSpec, nat_ct_state, rewrite, rewrite_icmp_error, unique_tuple
 from .tuples import ICMP_NEW, ICMPV6_NEW, ICMPV6_UNTRACKED, Tuple, tuple_of
 
@@ -209,16 +197,28 @@ class ConnTracker:
         for t in (conn.orig, conn.reply):
             if self._taken(t):
                 return f"insert clash on {t}"
-        conn.bits |= Bits.CONFIRMED
         conn.timeout_at = now + conn.timeout_rel
+        self._insert(conn)
+        self.stats["insert"] += 1
+        self._emit("NEW", conn)
+        return None
+
+    def _insert(self, conn: Conn) -> None:
+        conn.bits |= Bits.CONFIRMED
         self._table[conn.orig] = (conn, ORIGINAL)
         self._table[conn.reply] = (conn, REPLY)
         self._conns[conn.id] = conn
         if conn.bits & Bits.SRC_NAT:
             self._bysrc.setdefault(self._src_key(conn.orig), conn)
-        self.stats["insert"] += 1
-        self._emit("NEW", conn)
-        return None
+
+    def adopt(self, conn: Conn) -> bool:
+        """Take in an entry of a controller that died (ctctl.box.adopt), its id
+        kept, no event (it is not new); False when a tuple of it is taken."""
+        if conn.id in self._conns or self._taken(conn.orig) or self._taken(conn.reply):
+            return False
+        self._insert(conn)
+        self._ids = itertools.count(max(next(self._ids), conn.id + 1))
+        return True
 
     # ------------------------------------------------------------------
     # The ct action
