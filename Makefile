@@ -5,7 +5,7 @@ PYTEST  := $(PY) -m pytest
 # Results of the VM stage and benchmarks go here.
 OUT     ?= build
 
-.PHONY: all provision demo test test-unit test-bpf test-integration bench bench-aging bench-fastpath bench-hitpath bench-connrate bench-punts soak clean help
+.PHONY: all provision demo test test-unit test-bpf test-integration bench bench-aging bench-fastpath bench-hitpath bench-connrate bench-punts soak experiment experiments clean help
 
 all: help
 
@@ -17,6 +17,8 @@ help:
 	@echo "make test-integration  netns/veth tier with real programs (root)"
 	@echo "make vm-test           bpf + integration tiers inside a virtme-ng guest (KERNEL=...)"
 	@echo "make soak              10 minutes of short connections through a box, then its books checked (make test: 60 s)"
+	@echo "make experiment        a short bundled experiment (experiments/quick.yaml, ~1 min): report with plots under $(OUT)/"
+	@echo "make experiments       every bundled question (expiration, capacity, policy, termination: ~12 min)"
 	@echo "make bench             benchmarks, reports under bench/results/ (aging at 100k entries)"
 	@echo "make bench-aging       aging at a full 1M-entry table: full pass, sampling ticks, NIC pass (3 min, 2 GB)"
 	@echo "make bench-fastpath    the soft list's fast path against the full pipeline, punts/s"
@@ -49,6 +51,14 @@ test-integration: provision
 # runs the same test for 60 s.
 soak: provision
 	CTCTL_SOAK_S=600 $(PYTEST) tests/integration/test_soak.py -s -ra
+
+# Reports go to $(OUT)/experiments/<name>/ (report.md, summary.md, sweep.png, run-NN/).
+experiment: provision
+	$(PY) -m ctctl experiment run experiments/quick.yaml --out $(OUT)/experiments/quick
+
+experiments: provision
+	for s in expiration capacity policy termination; do \
+		$(PY) -m ctctl experiment run experiments/$$s.yaml --out $(OUT)/experiments/$$s || exit 1; done
 
 bench: provision
 	@mkdir -p bench/results

@@ -86,5 +86,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 	"$venv/bin/pip" install -q --disable-pip-version-check -e "$here[test]"
 	echo "$want" >"$stamp"
 fi
-"$venv/bin/python" -c 'import bcc, pyroute2, scapy, yaml, pytest, numpy, prometheus_client' || {
-	log "the venv cannot import bcc/pyroute2/scapy/yaml/pytest/numpy/prometheus_client"; exit 1; }
+"$venv/bin/python" -c 'import bcc, pyroute2, scapy, yaml, pytest, numpy, prometheus_client, matplotlib' || {
+	log "the venv cannot import bcc/pyroute2/scapy/yaml/pytest/numpy/prometheus_client/matplotlib"; exit 1; }

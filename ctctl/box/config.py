@@ -46,6 +46,7 @@ REQUIRED = ("name", "netns", "ports")
 class ConfigError(Exception):
     def __init__(self, where: str, msg: str):
         super().__init__(f"{where}: {msg}")
+        self.where, self.msg = where, msg
 
 
 @dataclass
@@ -80,25 +81,37 @@ def _scalar(path, node, kind, what):
     return value
 
 
-def parse(text: str, path: str = "<config>") -> BoxConfig:
-    """Syntax and schema; no system access."""
+def compose(text: str, path: str):
+    """The YAML's node tree (positions kept); ConfigError on bad syntax."""
     try:
-        root = yaml.compose(text)
+        return yaml.compose(text)
     except yaml.MarkedYAMLError as e:
         m = e.problem_mark
         where = f"{path}:{m.line + 1}:{m.column + 1}" if m else path
         raise ConfigError(where, f"YAML syntax error: {e.problem}") from None
-    if root is None or not isinstance(root, yaml.MappingNode):
-        raise ConfigError(f"{path}:1:1", "expected a mapping of " + ", ".join(KEYS))
+
+
+def keys_of(path: str, node, keys: dict, what: str = "") -> dict[str, tuple]:
+    """A mapping node's entries by key (key node, value node); an unknown
+    or repeated key is refused at its position."""
+    if node is None or not isinstance(node, yaml.MappingNode):
+        where = _where(path, node) if node is not None else f"{path}:1:1"
+        raise ConfigError(where, f"expected {what or 'a mapping'} of " + ", ".join(keys))
     seen: dict[str, tuple] = {}
-    for knode, vnode in root.value:
+    for knode, vnode in node.value:
         key = _scalar(path, knode, str, "key")
-        if key not in KEYS:
+        if key not in keys:
             raise ConfigError(_where(path, knode),
-                              f"unknown key {key!r} (expected {', '.join(KEYS)})")
+                              f"unknown key {key!r} (expected {', '.join(keys)})")
         if key in seen:
             raise ConfigError(_where(path, knode), f"duplicate key {key!r}")
         seen[key] = (knode, vnode)
+    return seen
+
+
+def parse(text: str, path: str = "<config>") -> BoxConfig:
+    """Syntax and schema; no system access."""
+    seen = keys_of(path, compose(text, path), KEYS)
     for key in REQUIRED:
         if key not in seen:
             raise ConfigError(f"{path}:1:1", f"missing key {key!r} ({KEYS[key]})")
@@ -117,7 +130,19 @@ def parse(text: str, path: str = "<config>") -> BoxConfig:
         if p in ports:
             raise ConfigError(_where(path, n), f"port {p!r} listed twice")
         ports.append(p)
-    cfg = BoxConfig(name, netns, ports)
+    return _settings(path, seen, BoxConfig(name, netns, ports))
+
+
+def parse_settings(node, path: str, name: str, netns: str, ports: list[str]) -> BoxConfig:
+    """A box's settings without its name, namespace and ports (which an
+    experiment gives each run): a mapping node of the other keys."""
+    settings = {k: v for k, v in KEYS.items() if k not in REQUIRED}
+    return _settings(path, keys_of(path, node, settings, "the box's settings, a mapping"),
+                     BoxConfig(name, netns, list(ports)))
+
+
+def _settings(path: str, seen: dict, cfg: BoxConfig) -> BoxConfig:
+    ports = cfg.ports
     if "forward" in seen:
         fnode = seen["forward"][1]
         if not isinstance(fnode, yaml.MappingNode):

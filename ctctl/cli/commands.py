@@ -462,3 +462,31 @@ def cmd_demo(args) -> int:
     from ctctl.lab import demo
 
     return demo.run(size_mb=args.size, as_json=args.json)
+
+
+def cmd_experiment(args) -> int:
+    from pathlib import Path
+
+    from ctctl.box.config import ConfigError
+    from ctctl.lab import experiment, scenario
+    from ctctl.lab.progress import Progress
+
+    try:
+        sc = scenario.load(args.file)
+    except ConfigError as e:
+        return die(str(e))
+    if args.action == "check":
+        runs = [{"run": r.index + 1, "values": r.values, "duration": r.duration, "settle": r.settle}
+                for r in sc.runs]
+        if args.json:
+            print(json.dumps({"name": sc.name, "runs": runs}, indent=1))
+        else:
+            print(f"{sc.path}: {sc.name}, {len(runs)} run(s) of {sc.runs[0].duration:g} s "
+                  f"(+{sc.runs[0].settle:g} s settling)")
+            for r in sc.runs:
+                print(f"  run {r.index + 1}: {r.label()}")
+        return 0
+    out = Path(args.out) if args.out else Path("ctctl-experiments") / f"{sc.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    experiment.run(sc, out, Progress(sc))
+    print(f"ctctl: report in {out}/report.md (summary.md, sweep.png, run-NN/)")
+    return 0

@@ -294,6 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--unload", action="store_true",
                    help="destroy: unload a box still loaded in the topology first (refused otherwise)")
 
+    s = _sub(sub, "experiment", "run a scenario (a box, a workload, a sweep) and write a report with plots",
+             "examples:\n  ctctl experiment check experiments/expiration.yaml   # validate, list the runs\n"
+             "  ctctl experiment run experiments/quick.yaml\n"
+             "  ctctl experiment run experiments/capacity.yaml --out /tmp/capacity\n"
+             "A scenario's keys are in docs/experiments.md; each run gets fresh namespaces.\n", run.cmd_experiment)
+    s.add_argument("action", choices=["run", "check"], help="run it, or only validate it and list its runs")
+    s.add_argument("file", help="the scenario (YAML)")
+    s.add_argument("--out", help="the report's directory (default ./ctctl-experiments/NAME-TIME)")
+    s.add_argument("--json", action="store_true", help="check: the runs as JSON")
+
     s = _sub(sub, "demo", "build a topology, load a box, send real traffic, report, clean up",
              "examples:\n  ctctl demo\n  ctctl demo --size 100          # a 100 MB transfer\n"
              "  ctctl demo --json | jq .tcp\n", run.cmd_demo)
