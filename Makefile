@@ -5,7 +5,7 @@ PYTEST  := $(PY) -m pytest
 # Results of the VM stage and benchmarks go here.
 OUT     ?= build
 
-.PHONY: all provision demo test test-unit test-bpf test-integration bench bench-aging bench-fastpath bench-hitpath bench-connrate bench-punts soak experiment experiments clean help
+.PHONY: all provision demo test test-unit test-bpf test-integration bench bench-aging bench-fastpath bench-hitpath bench-nic bench-connrate bench-punts soak experiment experiments clean help
 
 all: help
 
@@ -23,6 +23,7 @@ help:
 	@echo "make bench-aging       aging at a full 1M-entry table: full pass, sampling ticks, NIC pass (3 min, 2 GB)"
 	@echo "make bench-fastpath    the soft list's fast path against the full pipeline, punts/s"
 	@echo "make bench-hitpath     what recording a flow's rules costs the program's hit path, ns/packet"
+	@echo "make bench-nic         the NIC program's ns/packet: bare redirect, ct hit, NAT hit, miss, worst case"
 	@echo "make bench-connrate    short TCP connections per second: bare, kernel, ctctl; what one costs the controller"
 	@echo "make bench-punts       packets/s the controller takes through the whole pipeline, nothing offloaded"
 
@@ -67,6 +68,7 @@ bench: provision
 	$(PY) bench/bench_fastpath.py --repeat 3
 	$(PY) bench/bench_aging.py --entries 100000
 	$(PY) bench/bench_hitpath.py
+	$(PY) bench/bench_nic.py
 	$(PY) bench/bench_connrate.py --repeat 3
 	$(PY) bench/bench_conncost.py
 	$(PY) bench/bench_punts.py
@@ -80,6 +82,9 @@ bench-fastpath: provision
 
 bench-hitpath: provision
 	$(PY) bench/bench_hitpath.py
+
+bench-nic: provision
+	$(PY) bench/bench_nic.py
 
 bench-connrate: provision
 	$(PY) bench/bench_connrate.py --repeat 3

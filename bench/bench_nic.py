@@ -1,0 +1,268 @@
+#!/usr/bin/env python3
+"""The "NIC" program's cost per packet, under BPF_PROG_TEST_RUN (no
+network), in one run: what every experiment's packet rate on one core is
+bounded by.
+
+  bare     a program that only returns bpf_redirect() (the hook's floor:
+           the test run's own overhead included)
+  lookup   bare plus what any table-driven NIC pays: the Ethernet, IPv4 and
+           TCP headers read, and one hash lookup with the offload table's
+           key (40 bytes: zone, addresses, ports, protocol)
+  hit      the box's slide-9 firewall (ctctl.lab.firewall), a TCP packet of
+           an offloaded connection: chain 0, a ct hit with flow counters,
+           chain 9, a redirect
+  nat      the same with `ct nat` and a source-NATed connection: the hit
+           rewrites the packet (addresses, ports, checksums).  A test run
+           with `repeat` runs the program again on the same skb, which the
+           first run translated (and the translated packet is no
+           connection's): so nat runs one packet a test run, as does
+           `hit1` (the hit case measured the same way, to compare with)
+  miss     a TCP packet of no connection: chain 0's ct misses, and the
+           packet is punted to software (the perf buffer is read, so the
+           punts are real)
+  worst    64 rules in each of 9 chains, only the last of each matching, 8
+           gotos, then a redirect: the interpreter's worst case
+
+Each case is one build of the program on the same frame; the rounds
+alternate the cases, and the figure is each case's median over the rounds,
+with its ratio to bare's.  Connections are set up through the tracker and
+offloaded by the flowtable through the driver, as in a box.
+
+Needs root and BCC.  About a minute.
+
+examples:
+  sudo .venv/bin/python bench/bench_nic.py
+  sudo .venv/bin/python bench/bench_nic.py --rounds 30 --repeat 200000
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shlex
+import socket
+import statistics
+import struct
+import sys
+
+from common import RESULTS, ROOT, machine  # noqa: E402  (bench/ is the script's own directory)
+sys.path.insert(0, str(ROOT))
+
+from ctctl import abi  # noqa: E402
+from ctctl.kernel.conntrack import ConnTracker, NatSpec  # noqa: E402
+from ctctl.kernel.csum import checksum  # noqa: E402
+from ctctl.kernel.offload import OffloadManager, OffloadPolicy  # noqa: E402
+from ctctl.kernel.packet import parse  # noqa: E402
+from ctctl.lab import firewall  # noqa: E402
+from ctctl.nic.caps import HwCaps  # noqa: E402
+from ctctl.nic.driver import Device  # noqa: E402
+from ctctl.nic.loader import compile_program  # noqa: E402
+from ctctl.nic.maps import Maps  # noqa: E402
+from ctctl.nic.progrun import prog_test_run  # noqa: E402
+from ctctl.rules import RuleSet, parse_filter  # noqa: E402
+
+TC_ACT_SHOT, TC_ACT_REDIRECT = 2, 7
+CLIENT, SERVER = bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2])
+# A test run's skb arrives on ifindex 1 (loopback): that is eth5 here.
+PORTS = {"eth5": 1, "eth6": 2}
+SINGLES = 1000        # test runs of one packet each, for the cases that must run so
+CAPS = dict(table_size=1024, window=False, csum=())   # flow counters, no window or checksum validation
+BARE = b"""
+#include <uapi/linux/bpf.h>
+int bare(struct __sk_buff *skb) { return bpf_redirect(2, 0); }
+"""
+LOOKUP = b"""
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/tcp.h>
+struct key { __u8 src[16]; __u8 dst[16]; __be16 sport; __be16 dport; __u8 l3; __u8 proto; __u16 zone; };
+BPF_HASH(table, struct key, __u32, 1024);
+int lookup(struct __sk_buff *skb) {
+    void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    struct iphdr *ip = data + sizeof(*eth);
+    struct tcphdr *tcp = (void *)ip + sizeof(*ip);
+    struct key k = {};
+    __u32 *out;
+    if ((void *)(tcp + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+        return TC_ACT_SHOT;
+    __builtin_memcpy(k.src, &ip->saddr, 4);
+    __builtin_memcpy(k.dst, &ip->daddr, 4);
+    k.sport = tcp->source;
+    k.dport = tcp->dest;
+    k.l3 = 4;
+    k.proto = ip->protocol;
+    out = table.lookup(&k);
+    return out ? bpf_redirect(*out, 0) : TC_ACT_SHOT;
+}
+"""
+NAT_RULES = [
+    "filter add dev eth5 protocol ip parent ffff: chain 0 prio 10 flower ct_state -trk action ct nat action goto chain 9",
+    "filter add dev eth5 protocol ip parent ffff: chain 9 prio 10 flower ct_state +trk+est "
+    "action mirred egress redirect dev eth6",
+    "filter add dev eth6 protocol ip parent ffff: chain 0 prio 10 flower ct_state -trk action ct nat action goto chain 9",
+    "filter add dev eth6 protocol ip parent ffff: chain 9 prio 10 flower ct_state +trk+est "
+    "action mirred egress redirect dev eth5",
+]
+
+
+def worst_rules() -> list[str]:
+    out = []
+    for n in range(abi.MAX_HOPS + 1):
+        out += [f"filter add dev eth5 protocol ip parent ffff: chain {n} prio {i + 1} flower "
+                f"src_ip 203.0.113.{i}/32 ip_proto tcp dst_port 1-65535 action drop"
+                for i in range(abi.MAX_RULES - 1)]
+        last = f"goto chain {n + 1}" if n < abi.MAX_HOPS else "mirred egress redirect dev eth6"
+        out.append(f"filter add dev eth5 protocol ip parent ffff: chain {n} prio {abi.MAX_RULES} flower action {last}")
+    return out
+
+
+def tcp_frame(src: bytes, dst: bytes, sport: int, dport: int, flags: int, seq: int, ack: int,
+              payload: bytes = b"") -> bytes:
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, flags, 65535, 0, 0) + payload
+    tcp = tcp[:16] + struct.pack("!H", checksum(src + dst + struct.pack("!BBH", 0, 6, len(tcp)) + tcp)) + tcp[18:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, 6, 0, src, dst)
+    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
+    return b"\x02\0\0\0\0\x02\x02\0\0\0\0\x01\x08\x00" + ip + tcp
+
+
+class Case:
+    """One build of the program, its rules and maps, and the frame it runs."""
+
+    def __init__(self, name: str, rules: list[str], offload: bool = True, nat: NatSpec | None = None,
+                 expect: int = TC_ACT_REDIRECT, single: bool = False):
+        from bcc import BPF
+
+        self.name, self.expect, self.single = name, expect, single
+        caps = HwCaps(**CAPS)
+        self.bpf = compile_program(caps.cflags())
+        self.fd = self.bpf.load_func(b"ctctl_ingress", BPF.SCHED_CLS).fd
+        self.dev = Device(Maps(self.bpf), PORTS, caps)
+        self.dev.set_caps()
+        self.dev.install(RuleSet([parse_filter(line) for line in rules]))
+        self.lost = 0
+        if not offload:
+            # The punts go somewhere real: a perf buffer, read between rounds.
+            self.bpf[b"punts"].open_perf_buffer(lambda *a: None, page_cnt=1024)
+        else:
+            tracker = ConnTracker()
+            mgr = OffloadManager(tracker, self.dev, OffloadPolicy())
+            syn = tcp_frame(CLIENT, SERVER, 40000, 80, 0x02, 1000, 0)
+            res = tracker.ct(parse(bytearray(syn)), commit=True, nat=nat)
+            r = res.conn.reply     # the server answers the translated source
+            for frame in (tcp_frame(SERVER, r.dst.packed, 80, r.dport, 0x12, 5000, 1001),
+                          tcp_frame(CLIENT, SERVER, 40000, 80, 0x10, 1001, 5001)):
+                res = tracker.ct(parse(bytearray(frame)), commit=True, nat=nat if nat else None)
+                mgr.after_packet([res.conn])
+            if res.conn.id not in mgr.hw:
+                raise RuntimeError(f"{name}: the connection did not go into hardware")
+        sport = 40000 if offload else 41000
+        self.frame = tcp_frame(CLIENT, SERVER, sport, 80, 0x10, 1001, 5001, b"x" * 64)
+
+    def run(self, repeat: int) -> int:
+        if self.single:     # one packet a test run, `repeat` test runs: their median
+            return int(statistics.median(self._run(1) for _ in range(repeat)))
+        return self._run(repeat)
+
+    def _run(self, repeat: int) -> int:
+        opts, _ = prog_test_run(self.fd, self.frame, repeat=repeat)
+        if opts.retval != self.expect:
+            raise RuntimeError(f"{self.name}: verdict {opts.retval}, not {self.expect}")
+        if self.expect == TC_ACT_SHOT:
+            self.bpf.perf_buffer_poll(timeout=0)
+        return opts.duration
+
+    def counters(self) -> dict:
+        return {k: v for k, v in zip(("rx", "punted", "perf_lost"),
+                                     (self.dev.maps.counters()[i] for i in (abi.Counter.RX, abi.Counter.PUNT,
+                                                                            abi.Counter.PERF_LOST)))}
+
+    def close(self) -> None:
+        self.bpf.cleanup()
+
+
+class Bare:
+    """A program of a few lines (BARE, LOOKUP) on the same frame."""
+
+    def __init__(self, name: str, text: bytes):
+        import ctypes
+
+        from bcc import BPF
+
+        self.name = name
+        self.bpf = BPF(text=text)
+        self.fd = self.bpf.load_func(name.encode(), BPF.SCHED_CLS).fd
+        self.frame = tcp_frame(CLIENT, SERVER, 40000, 80, 0x10, 1001, 5001, b"x" * 64)
+        if name == "lookup":
+            t = self.bpf[b"table"]
+            k = t.Key()
+            ctypes.memmove(k.src, CLIENT, 4)
+            ctypes.memmove(k.dst, SERVER, 4)
+            k.sport, k.dport = socket.htons(40000), socket.htons(80)
+            k.l3, k.proto = 4, 6
+            t[k] = ctypes.c_uint32(2)
+
+    def run(self, repeat: int) -> int:
+        opts, _ = prog_test_run(self.fd, self.frame, repeat=repeat)
+        if opts.retval != TC_ACT_REDIRECT:
+            raise RuntimeError(f"{self.name}: verdict {opts.retval}")
+        return opts.duration
+
+    def close(self) -> None:
+        self.bpf.cleanup()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=20, help="alternating measurements of each case (default 20)")
+    ap.add_argument("--repeat", type=int, default=100_000, help="packets per measurement (default 100000; "
+                    "the miss and the worst case run a tenth of it)")
+    ap.add_argument("--output", help="JSON file (default bench/results/nic-<date>-<time>.json)")
+    args = ap.parse_args(argv)
+    if args.rounds < 1 or args.repeat < 10:
+        ap.error("--rounds >= 1 and --repeat >= 10")
+    started = dt.datetime.now(dt.timezone.utc).astimezone()
+    command = ".venv/bin/python bench/bench_nic.py" + "".join(
+        f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
+    cases = [Bare("bare", BARE), Bare("lookup", LOOKUP),
+             Case("hit", firewall.rules("eth5", "eth6")),
+             Case("hit1", firewall.rules("eth5", "eth6"), single=True),
+             Case("nat", NAT_RULES, nat=NatSpec("src", "192.0.2.100"), single=True),
+             Case("miss", firewall.rules("eth5", "eth6"), offload=False, expect=TC_ACT_SHOT),
+             Case("worst", worst_rules(), offload=False)]
+    repeat = {"miss": args.repeat // 10, "worst": args.repeat // 10, "hit1": SINGLES, "nat": SINGLES}
+    try:
+        ns = {c.name: [] for c in cases}
+        for _ in range(args.rounds):
+            for c in cases:
+                ns[c.name].append(c.run(repeat.get(c.name, args.repeat)))
+        miss = next(c for c in cases if c.name == "miss").counters()
+    finally:
+        for c in cases:
+            c.close()
+    med = {k: statistics.median(v) for k, v in ns.items()}
+    ratio = {k: round(v / med["bare"], 2) for k, v in med.items()}
+    doc = {"benchmark": "nic", "date": started.isoformat(timespec="seconds"), "command": command,
+           "machine": machine(), "repeat": args.repeat, "repeat_by_case": repeat, "rounds": args.rounds,
+           "caps": {k: list(v) if isinstance(v, tuple) else v for k, v in CAPS.items()},
+           "ns_per_packet": ns, "median_ns": med, "ratio_to_bare": ratio, "miss_counters": miss}
+    print(f"the NIC program, ns/packet (BPF_PROG_TEST_RUN, medians of {args.rounds} rounds, the cases "
+          f"alternating; repeat {args.repeat}, miss and worst {args.repeat // 10}; hit1 and nat: the median "
+          f"of {SINGLES} test runs of one packet):")
+    for k in ns:
+        print(f"  {k:6} {med[k]:7.0f}   {ratio[k]:5.2f}x bare   (runs {min(ns[k])}-{max(ns[k])})")
+    print(f"  miss: {miss['punted']:,} punted, {miss['perf_lost']:,} lost to a full perf buffer")
+    out = args.output or RESULTS / f"nic-{started.strftime('%Y-%m-%d-%H%M%S')}.json"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+    print(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
