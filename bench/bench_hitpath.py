@@ -36,14 +36,12 @@ import datetime as dt
 import json
 import shlex
 import statistics
-import struct
 import sys
 
 from common import RESULTS, ROOT, machine  # noqa: E402  (bench/ is the script's own directory)
 sys.path.insert(0, str(ROOT))
 
 from ctctl.kernel.conntrack import ConnTracker  # noqa: E402
-from ctctl.kernel.csum import checksum  # noqa: E402
 from ctctl.kernel.offload import OffloadManager, OffloadPolicy  # noqa: E402
 from ctctl.kernel.packet import parse  # noqa: E402
 from ctctl.lab import firewall  # noqa: E402
@@ -54,19 +52,18 @@ from ctctl.nic.maps import Maps  # noqa: E402
 from ctctl.nic.progrun import prog_test_run  # noqa: E402
 from ctctl.rules import RuleSet, parse_filter  # noqa: E402
 
+from bench_conntrack import tcp_frame as segment  # noqa: E402  (frames built without scapy)
+
 TC_ACT_REDIRECT = 7
 CLIENT, SERVER = bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2])
 PORTS = {"eth5": 1, "eth6": 2}
 
 
 def tcp_frame(out: bool, flags: int, seq: int, ack: int, payload: bytes = b"") -> bytes:
+    """A segment of the connection, client to server (`out`) or back."""
     src, dst = (CLIENT, SERVER) if out else (SERVER, CLIENT)
     sport, dport = (40000, 80) if out else (80, 40000)
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, flags, 65535, 0, 0) + payload
-    tcp = tcp[:16] + struct.pack("!H", checksum(src + dst + struct.pack("!BBH", 0, 6, len(tcp)) + tcp)) + tcp[18:]
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, 6, 0, src, dst)
-    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
-    return b"\x02\0\0\0\0\x02\x02\0\0\0\0\x01\x08\x00" + ip + tcp
+    return bytes(segment(src, dst, sport, dport, flags, seq, ack, payload))
 
 
 class Variant:

@@ -43,7 +43,6 @@ import json
 import shlex
 import socket
 import statistics
-import struct
 import sys
 
 from common import RESULTS, ROOT, machine  # noqa: E402  (bench/ is the script's own directory)
@@ -51,7 +50,6 @@ sys.path.insert(0, str(ROOT))
 
 from ctctl import abi  # noqa: E402
 from ctctl.kernel.conntrack import ConnTracker, NatSpec  # noqa: E402
-from ctctl.kernel.csum import checksum  # noqa: E402
 from ctctl.kernel.offload import OffloadManager, OffloadPolicy  # noqa: E402
 from ctctl.kernel.packet import parse  # noqa: E402
 from ctctl.lab import firewall  # noqa: E402
@@ -61,6 +59,8 @@ from ctctl.nic.loader import compile_program  # noqa: E402
 from ctctl.nic.maps import Maps  # noqa: E402
 from ctctl.nic.progrun import prog_test_run  # noqa: E402
 from ctctl.rules import RuleSet, parse_filter  # noqa: E402
+
+from bench_conntrack import tcp_frame  # noqa: E402  (frames built without scapy)
 
 TC_ACT_SHOT, TC_ACT_REDIRECT = 2, 7
 CLIENT, SERVER = bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2])
@@ -120,15 +120,6 @@ def worst_rules() -> list[str]:
     return out
 
 
-def tcp_frame(src: bytes, dst: bytes, sport: int, dport: int, flags: int, seq: int, ack: int,
-              payload: bytes = b"") -> bytes:
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, flags, 65535, 0, 0) + payload
-    tcp = tcp[:16] + struct.pack("!H", checksum(src + dst + struct.pack("!BBH", 0, 6, len(tcp)) + tcp)) + tcp[18:]
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, 6, 0, src, dst)
-    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
-    return b"\x02\0\0\0\0\x02\x02\0\0\0\0\x01\x08\x00" + ip + tcp
-
-
 class Case:
     """One build of the program, its rules and maps, and the frame it runs."""
 
@@ -160,7 +151,7 @@ class Case:
             if res.conn.id not in mgr.hw:
                 raise RuntimeError(f"{name}: the connection did not go into hardware")
         sport = 40000 if offload else 41000
-        self.frame = tcp_frame(CLIENT, SERVER, sport, 80, 0x10, 1001, 5001, b"x" * 64)
+        self.frame = bytes(tcp_frame(CLIENT, SERVER, sport, 80, 0x10, 1001, 5001, b"x" * 64))
 
     def run(self, repeat: int) -> int:
         if self.single:     # one packet a test run, `repeat` test runs: their median
@@ -195,7 +186,7 @@ class Bare:
         self.name = name
         self.bpf = BPF(text=text)
         self.fd = self.bpf.load_func(name.encode(), BPF.SCHED_CLS).fd
-        self.frame = tcp_frame(CLIENT, SERVER, 40000, 80, 0x10, 1001, 5001, b"x" * 64)
+        self.frame = bytes(tcp_frame(CLIENT, SERVER, 40000, 80, 0x10, 1001, 5001, b"x" * 64))
         if name == "lookup":
             t = self.bpf[b"table"]
             k = t.Key()

@@ -281,12 +281,16 @@ def check_system(cfg: BoxConfig, path: str = "<config>") -> None:
                 raise ConfigError(where("ports", i), f"unknown port {port!r}: no such interface in netns {cfg.netns!r}")
 
 
+def read(path: str | Path) -> str:
+    """A config file's text; ConfigError naming the file when it cannot be read."""
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(str(path), e.strerror or str(e)) from None
+
+
 def load(path: str | Path) -> BoxConfig:
     path = str(path)
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise ConfigError(path, e.strerror or str(e)) from None
-    cfg = parse(text, path)
+    cfg = parse(read(path), path)
     check_system(cfg, path)
     return cfg

@@ -97,12 +97,7 @@ def _number(path: str, node, what: str, low: float = 0.0) -> float:
 
 
 def load(path: str | Path) -> Scenario:
-    path = str(path)
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise ConfigError(path, e.strerror or str(e)) from None
-    return parse(text, path)
+    return parse(boxconfig.read(path), str(path))
 
 
 def parse(text: str, path: str = "<scenario>") -> Scenario:

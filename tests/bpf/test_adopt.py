@@ -17,12 +17,11 @@ from ctctl.kernel.offload import OffloadManager, OffloadPolicy
 from ctctl.kernel.packet import parse
 from ctctl.nic.caps import HwCaps
 from ctctl.nic.driver import Device
-from ctctl.nic.loader import compile_program
 from ctctl.nic.maps import Maps
 from ctctl.rules import RuleSet, parse_filter
 
 from helpers import FakeClock
-from testrun import Harness
+from testrun import compiled
 
 CLIENT, SERVER = "192.0.2.1", "192.0.2.2"
 CAPS = HwCaps(table_size=8)
@@ -33,10 +32,7 @@ RULES = ["dev lo chain 0 prio 1 flower ct_state -trk action ct action goto chain
 
 @pytest.fixture(scope="module")
 def nic():
-    bpf = compile_program(CAPS.cflags())
-    fn = bpf.load_func(b"ctctl_ingress", bpf.SCHED_CLS)
-    yield bpf, Harness(bpf, fn)
-    bpf.cleanup()
+    yield from compiled(CAPS)
 
 
 class Ctl:

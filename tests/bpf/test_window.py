@@ -34,12 +34,11 @@ from ctctl.kernel.offload import OffloadManager, OffloadPolicy
 from ctctl.kernel.packet import parse
 from ctctl.nic.caps import HwCaps
 from ctctl.nic.driver import Device
-from ctctl.nic.loader import compile_program
 from ctctl.nic.maps import Maps
 from ctctl.rules import RuleSet, parse_filter
 
 from helpers import FakeClock
-from testrun import TC_ACT_OK, TC_ACT_SHOT, Harness
+from testrun import TC_ACT_OK, TC_ACT_SHOT, compiled
 
 C, S = "192.0.2.1", "192.0.2.2"
 CISN, SISN = 1000, 5000
@@ -52,10 +51,7 @@ ETH = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")   # given: scapy w
 
 @pytest.fixture(scope="module")
 def nic():
-    bpf = compile_program(CAPS.cflags())
-    fn = bpf.load_func(b"ctctl_ingress", bpf.SCHED_CLS)
-    yield bpf, Harness(bpf, fn)
-    bpf.cleanup()
+    yield from compiled(CAPS)
 
 
 class Box:

@@ -131,6 +131,19 @@ class Harness:
             raise
 
 
+def compiled(caps):
+    """The program built for `caps` (ctctl.nic.caps.HwCaps) with a Harness
+    on its ingress function, for a module's fixture: yields (bpf, harness),
+    and cleans the program up after."""
+    from ctctl.nic.loader import compile_program
+
+    bpf = compile_program(caps.cflags())
+    try:
+        yield bpf, Harness(bpf, bpf.load_func(b"ctctl_ingress", bpf.SCHED_CLS))
+    finally:
+        bpf.cleanup()
+
+
 def refused_by_kernel(frame: bytes) -> bool:
     """Whether BPF_PROG_TEST_RUN refuses this frame on this kernel, by the
     rules listed at the top of this module."""
