@@ -38,14 +38,12 @@ examples:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import shlex
 import socket
 import statistics
 import sys
+from pathlib import Path
 
-from common import RESULTS, ROOT, machine  # noqa: E402  (bench/ is the script's own directory)
+from common import ROOT, machine, start_run, write_results  # noqa: E402  (bench/ is the script's own directory)
 sys.path.insert(0, str(ROOT))
 
 from ctctl import abi  # noqa: E402
@@ -215,9 +213,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.repeat < 10:
         ap.error("--rounds >= 1 and --repeat >= 10")
-    started = dt.datetime.now(dt.timezone.utc).astimezone()
-    command = ".venv/bin/python bench/bench_nic.py" + "".join(
-        f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
+    started, _load0, command = start_run("bench_nic.py", argv)
     cases = [Bare("bare", BARE), Bare("lookup", LOOKUP),
              Case("hit", firewall.rules("eth5", "eth6")),
              Case("hit1", firewall.rules("eth5", "eth6"), single=True),
@@ -246,12 +242,7 @@ def main(argv=None) -> int:
     for k in ns:
         print(f"  {k:6} {med[k]:7.0f}   {ratio[k]:5.2f}x bare   (runs {min(ns[k])}-{max(ns[k])})")
     print(f"  miss: {miss['punted']:,} punted, {miss['perf_lost']:,} lost to a full perf buffer")
-    out = args.output or RESULTS / f"nic-{started.strftime('%Y-%m-%d-%H%M%S')}.json"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(doc, f, indent=2)
-        f.write("\n")
-    print(f"results: {out}")
+    write_results(doc, Path(args.output) if args.output else None, "nic", started, command)
     return 0
 
 
