@@ -191,11 +191,13 @@ def summarize(samples: list[dict], first: dict, final: dict, hosts0: dict, hosts
     sent = sum(hosts1[n]["tx"] - hosts0[n]["tx"] for n in hosts0)
     p0, p1 = first["program"], final["program"]
     s0, s1 = first["software"], final["software"]
-    prog = {k: p1[k] - p0[k] for k in ("rx_packets", "punted", "perf_lost")}
+    prog = {k: p1[k] - p0[k] for k in ("rx_packets", "punted", "perf_lost", "too_big")}
     sw = {k: s1[k] - s0[k] for k in ("received", "ring_lost")}
     sw["malformed_samples"] = s1.get("malformed_samples", 0) - s0.get("malformed_samples", 0)
     rx = prog["rx_packets"]
-    hw = rx - prog["punted"]
+    # What the program finished itself: every packet but those it posted to
+    # software and those it could not (the ring full: perf_lost; too big).
+    hw = rx - prog["punted"] - prog["perf_lost"] - prog["too_big"]
 
     def mean(key):
         xs = [s[key] for s in samples if s.get(key) is not None]
@@ -208,8 +210,9 @@ def summarize(samples: list[dict], first: dict, final: dict, hosts0: dict, hosts
     removed = {k[len("removed_"):]: v for k, v in off.items() if k.startswith("removed_")}
     return {
         "packets": {"hosts_sent": sent, "box_rx": rx, "hardware": hw, "punted": prog["punted"],
-                    "software_received": sw["received"], "perf_lost": prog["perf_lost"],
-                    "ring_lost": sw["ring_lost"], "malformed": sw["malformed_samples"]},
+                    "perf_lost": prog["perf_lost"], "too_big": prog["too_big"],
+                    "software_received": sw["received"], "ring_lost": sw["ring_lost"],
+                    "malformed": sw["malformed_samples"]},
         "hit_ratio": round(hw / rx, 4) if rx else None,
         "hardware_mean": mean("hardware"), "hardware_max": peak("hardware"),
         "hardware_end": samples[-1]["hardware"] if samples else None,

@@ -10,7 +10,7 @@ from ctctl.lab import experiment, report, scenario
 
 
 def stats(rx, punted, hw, offloaded, fin, received, cpu_s=0.0, entries_read=0):
-    return {"program": {"rx_packets": rx, "punted": punted, "perf_lost": 0},
+    return {"program": {"rx_packets": rx, "punted": punted, "perf_lost": 0, "too_big": 0},
             "software": {"received": received, "ring_lost": 0, "malformed_samples": 0},
             "conntrack": {"entries": hw + 1},
             "offload": {"hardware": hw, "soft": 0, "pending": 0, "offloaded": offloaded, "removed_fin": fin,
@@ -38,8 +38,8 @@ def test_a_run_summary_counts_from_the_first_stats_and_averages_the_samples():
     hosts0 = {"a": {"tx": 10}, "b": {"tx": 20}}
     hosts1 = {"a": {"tx": 510}, "b": {"tx": 520}}
     s = experiment.summarize(samples, first, final, hosts0, hosts1)
-    assert s["packets"] == {"hosts_sent": 1000, "box_rx": 1000, "hardware": 900, "punted": 100,
-                            "software_received": 100, "perf_lost": 0, "ring_lost": 0, "malformed": 0}
+    assert s["packets"] == {"hosts_sent": 1000, "box_rx": 1000, "hardware": 900, "punted": 100, "perf_lost": 0,
+                            "too_big": 0, "software_received": 100, "ring_lost": 0, "malformed": 0}
     assert s["hit_ratio"] == 0.9 and s["hardware_mean"] == 3 and s["hardware_max"] == 4
     assert s["pending_max"] == 3 and s["ctl_cpu_mean"] == 0.3 and s["ctl_rss_max_mb"] == 95.0
     assert s["offloaded"] == 9 and s["removed"] == {"fin": 3} and s["seconds"] == 2.0
