@@ -60,7 +60,7 @@ def listening(ns: str, proto: str, port: int) -> bool:
 
 def tcp_transfer(client_ns: str, server_ns: str, server_addr: str, size: int,
                  port: int = 5001, timeout: float = 120,
-                 server_half_close: int | None = None) -> TransferResult:
+                 server_half_close: int | None = None, rate: float | None = None) -> TransferResult:
     """Send `size` random bytes with nc from client to server; compare
     SHA-256 of what was sent and what arrived.  IPv6 when `server_addr`
     is an IPv6 address (nc listens on IPv4 only unless told).  With
@@ -68,7 +68,10 @@ def tcp_transfer(client_ns: str, server_ns: str, server_addr: str, size: int,
     bytes have arrived, as servers with nothing to say do (`nc -l -N` does
     it when it notices its empty input, somewhere in the transfer), and the
     rest of the client's data follows that FIN: `python -m
-    ctctl.lab.traffic tcp-sink --half-close-after N` is that server."""
+    ctctl.lab.traffic tcp-sink --half-close-after N` is that server.
+    With `rate` (bytes/s) the client's input is fed at that pace, so that
+    an event in the middle of the transfer (that FIN) is in the middle of
+    it in time too, whatever the machine's speed."""
     family = ["-6"] if ":" in server_addr else []
     with tempfile.TemporaryDirectory(prefix="ctctl-tcp-") as d:
         src, dst = os.path.join(d, "sent"), os.path.join(d, "received")
@@ -88,8 +91,11 @@ def tcp_transfer(client_ns: str, server_ns: str, server_addr: str, size: int,
                        30, f"nc to listen on {server_ns}:{port}")
             t0 = time.monotonic()
             with open(src, "rb") as inp:
-                client = ns_exec(client_ns, "nc", "-N", "-n", "-w", "10", server_addr, str(port),
-                                 stdin=inp, capture_output=True, timeout=timeout)
+                if rate is None:
+                    client = ns_exec(client_ns, "nc", "-N", "-n", "-w", "10", server_addr, str(port),
+                                     stdin=inp, capture_output=True, timeout=timeout)
+                else:
+                    client = _paced_nc(client_ns, server_addr, port, inp, rate, timeout)
             server.wait(timeout=timeout)
             secs = time.monotonic() - t0
             err = ""
@@ -102,6 +108,27 @@ def tcp_transfer(client_ns: str, server_ns: str, server_addr: str, size: int,
                 server.kill()
                 server.wait()
         return TransferResult(size, _sha(src), _sha(dst), os.path.getsize(dst), secs, err)
+
+
+def _paced_nc(client_ns: str, server_addr: str, port: int, inp, rate: float,
+              timeout: float) -> subprocess.CompletedProcess:
+    """nc with its input written at `rate` bytes/s, in slices of 10 ms (the
+    traffic's own pacing)."""
+    nc = ns_popen(client_ns, "nc", "-N", "-n", "-w", "10", server_addr, str(port), bufsize=0,
+                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    piece = max(1, int(rate / 100))
+    start, sent = time.monotonic(), 0
+    try:
+        for chunk in iter(lambda: inp.read(piece), b""):
+            nc.stdin.write(chunk)
+            sent += len(chunk)
+            time.sleep(max(0.0, start + sent / rate - time.monotonic()))
+        out, err = nc.communicate(timeout=timeout)     # closes its input: nc sends its FIN
+    except BaseException:
+        nc.kill()
+        nc.wait()
+        raise
+    return subprocess.CompletedProcess(nc.args, nc.returncode, out, err)
 
 
 def tcp_connect_blocked(client_ns: str, server_ns: str, server_addr: str, port: int = 5003,

@@ -155,10 +155,11 @@ def test_a_half_closing_server_is_named_in_stats(fw):
     """A server that half-closes once the first megabyte is in (as servers
     with nothing to say do): its FIN takes the connection out of hardware
     and the rest of the client's 20 MB goes through software, which stats
-    says."""
+    says.  The client sends at 10 MB/s: unpaced, the hardware could forward
+    the 19 MB (some 40 ms) before software has handled the FIN."""
     before = fw.stats()["offload"]
     res = traffic.tcp_transfer(fw.client.netns, fw.server.netns, fw.server.addr4, 20_000_000, port=5011,
-                               server_half_close=1_000_000)
+                               server_half_close=1_000_000, rate=10_000_000)
     assert res.ok, res
     o = fw.stats()["offload"]
     after_fin = o["punted_after_fin"] - before.get("punted_after_fin", 0)
