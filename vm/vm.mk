@@ -22,8 +22,9 @@ KERNEL      ?=
 VM_ACCEL    ?= auto
 VM_OUT      ?= $(or $(OUT),build)
 # Knobs for the tests in the guest: under TCG a BCC compile of ctctl's
-# program takes minutes, not seconds.
-VM_ENV      ?= CTCTL_READY_TIMEOUT=600
+# program takes minutes, not seconds, and a Python server's start can take
+# more than the 30 s the host's tests allow it.
+VM_ENV      ?= CTCTL_READY_TIMEOUT=600 CTCTL_START_TIMEOUT=300
 
 vm_run = $(VM_PYTHON) vm/vmrun.py --accel $(VM_ACCEL) $(if $(KERNEL),--kernel '$(KERNEL)') \
 	$(foreach e,$(VM_ENV),--env $(e))

@@ -20,6 +20,11 @@ from dataclasses import dataclass
 from ctctl.lab.topology import ns_exec, ns_popen
 from ctctl.lab.waiting import wait_until
 
+# How long a server (nc, the Python echo servers) may take to start
+# listening: a Python start under TCG in the VM stage takes far longer
+# than here (vm/vm.mk raises it there).
+START_TIMEOUT = float(os.environ.get("CTCTL_START_TIMEOUT", "30"))
+
 
 @dataclass
 class PingResult:
@@ -88,7 +93,7 @@ def tcp_transfer(client_ns: str, server_ns: str, server_addr: str, size: int,
                                   stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             wait_until(lambda: listening(server_ns, "tcp", port) or server.poll() is not None,
-                       30, f"nc to listen on {server_ns}:{port}")
+                       START_TIMEOUT, f"nc to listen on {server_ns}:{port}")
             t0 = time.monotonic()
             with open(src, "rb") as inp:
                 if rate is None:
@@ -139,7 +144,7 @@ def tcp_connect_blocked(client_ns: str, server_ns: str, server_addr: str, port: 
     server = ns_popen(server_ns, "nc", "-l", "-n", str(port), stdout=subprocess.DEVNULL,
                       stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: listening(server_ns, "tcp", port), 30, f"nc to listen on {server_ns}:{port}")
+        wait_until(lambda: listening(server_ns, "tcp", port), START_TIMEOUT, f"nc to listen on {server_ns}:{port}")
         r = ns_exec(client_ns, "nc", "-z", "-n", "-w", str(int(wait)), server_addr, str(port),
                     capture_output=True, timeout=wait + 30)
         return r.returncode != 0
@@ -178,7 +183,7 @@ def udp_exchange(client_ns: str, server_ns: str, server_addr: str, count: int = 
                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_until(lambda: listening(server_ns, "udp", port) or server.poll() is not None,
-                   30, f"the UDP echo server on {server_ns}:{port}")
+                   START_TIMEOUT, f"the UDP echo server on {server_ns}:{port}")
         r = ns_exec(client_ns, *me, "udp-echo-client", server_addr, "--port", str(port),
                     "--count", str(count), "--interval", str(interval),
                     "--paced", str(count if paced is None else paced),
@@ -208,7 +213,7 @@ class TcpStream:
         self.client = None
         try:
             wait_until(lambda: listening(server_ns, "tcp", port) or self.server.poll() is not None,
-                       30, f"the TCP sink to listen on {server_ns}:{port}")
+                       START_TIMEOUT, f"the TCP sink to listen on {server_ns}:{port}")
             self.client = ns_popen(client_ns, *me, "tcp-send", server_addr, "--port", str(port),
                                    "--chunk", str(chunk), *(["--every", str(every)] if every else []),
                                    *(["--total", str(total)] if total else []),
