@@ -40,9 +40,6 @@ class Journal:
     def __len__(self) -> int:
         return len(self._latest)
 
-    def __contains__(self, cid: int) -> bool:
-        return cid in self._latest
-
     def put(self, cid: int, record: dict) -> None:
         line = _line({"put": record})
         if self._latest.get(cid) == line:
