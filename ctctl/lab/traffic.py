@@ -65,7 +65,8 @@ def listening(ns: str, proto: str, port: int) -> bool:
 
 def tcp_transfer(client_ns: str, server_ns: str, server_addr: str, size: int,
                  port: int = 5001, timeout: float = 120,
-                 server_half_close: int | None = None, rate: float | None = None) -> TransferResult:
+                 server_half_close: int | None = None, rate: float | None = None,
+                 idle: float = 10) -> TransferResult:
     """Send `size` random bytes with nc from client to server; compare
     SHA-256 of what was sent and what arrived.  IPv6 when `server_addr`
     is an IPv6 address (nc listens on IPv4 only unless told).  With
@@ -76,7 +77,10 @@ def tcp_transfer(client_ns: str, server_ns: str, server_addr: str, size: int,
     ctctl.lab.traffic tcp-sink --half-close-after N` is that server.
     With `rate` (bytes/s) the client's input is fed at that pace, so that
     an event in the middle of the transfer (that FIN) is in the middle of
-    it in time too, whatever the machine's speed."""
+    it in time too, whatever the machine's speed.  nc gives up silently
+    (exit 0, the data cut short) after `idle` seconds without progress:
+    raise it where TCP is expected to back off for long (retransmissions
+    behind a flooded punt ring)."""
     family = ["-6"] if ":" in server_addr else []
     with tempfile.TemporaryDirectory(prefix="ctctl-tcp-") as d:
         src, dst = os.path.join(d, "sent"), os.path.join(d, "received")
@@ -97,10 +101,10 @@ def tcp_transfer(client_ns: str, server_ns: str, server_addr: str, size: int,
             t0 = time.monotonic()
             with open(src, "rb") as inp:
                 if rate is None:
-                    client = ns_exec(client_ns, "nc", "-N", "-n", "-w", "10", server_addr, str(port),
+                    client = ns_exec(client_ns, "nc", "-N", "-n", "-w", str(int(idle)), server_addr, str(port),
                                      stdin=inp, capture_output=True, timeout=timeout)
                 else:
-                    client = _paced_nc(client_ns, server_addr, port, inp, rate, timeout)
+                    client = _paced_nc(client_ns, server_addr, port, inp, rate, timeout, idle)
             server.wait(timeout=timeout)
             secs = time.monotonic() - t0
             err = ""
@@ -116,10 +120,10 @@ def tcp_transfer(client_ns: str, server_ns: str, server_addr: str, size: int,
 
 
 def _paced_nc(client_ns: str, server_addr: str, port: int, inp, rate: float,
-              timeout: float) -> subprocess.CompletedProcess:
+              timeout: float, idle: float) -> subprocess.CompletedProcess:
     """nc with its input written at `rate` bytes/s, in slices of 10 ms (the
     traffic's own pacing)."""
-    nc = ns_popen(client_ns, "nc", "-N", "-n", "-w", "10", server_addr, str(port), bufsize=0,
+    nc = ns_popen(client_ns, "nc", "-N", "-n", "-w", str(int(idle)), server_addr, str(port), bufsize=0,
                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     piece = max(1, int(rate / 100))
     start, sent = time.monotonic(), 0

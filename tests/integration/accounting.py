@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from ctctl.lab.topology import ns_exec
+
 
 def conn_line_and_id(b, proto: str, dport: int) -> tuple[str, int]:
     ct = b.request("conntrack")
@@ -30,6 +32,15 @@ def hardware_counted(b, conn_id: int) -> tuple[int, int]:
     return int(found[0][1]), int(found[0][2])
 
 
+def retransmitted_segments(ns: str) -> int:
+    """TCP segments the namespace's stack has sent again (RTO and
+    tail-loss probes alike), all connections so far: /proc/net/snmp is
+    per network namespace."""
+    lines = [l.split() for l in ns_exec(ns, "cat", "/proc/net/snmp", capture_output=True, text=True,
+                                        check=True).stdout.splitlines() if l.startswith("Tcp:")]
+    return int(dict(zip(lines[0], lines[1]))["RetransSegs"])
+
+
 def assert_software_saw_only_setup_and_teardown(b, dport: int) -> None:
     """For a finished TCP connection (client to server port `dport`) that
     was offloaded and taken out by its FIN."""
@@ -37,12 +48,14 @@ def assert_software_saw_only_setup_and_teardown(b, dport: int) -> None:
     total = [p for p, _ in directions(line)]
     hw = hardware_counted(b, conn_id)
     sw = [total[0] - hw[0], total[1] - hw[1]]
-    why = (line, "software", sw, "hardware", hw)
+    again = retransmitted_segments(b.client.netns)
+    why = (line, "software", sw, "hardware", hw, "client retransmitted", again)
     # Client to server: SYN and ACK, at most the initial window of data
     # (IW10; it was in flight while the ACK installed the entries, so it
     # was punted), then FIN and the last ACK.  Without loss TCP sends no
-    # more.
-    assert 4 <= sw[0] <= 2 + 10 + 2, why
+    # more; in a slow guest a probe may go out again before software's
+    # answer is back (it did, once: 15), and the stack counts those.
+    assert 4 <= sw[0] <= 2 + 10 + 2 + again, why
     # Server to client: SYN-ACK, FIN, and whatever ACKs and window updates
     # the server sends after the client's FIN took the entries out.  How
     # many depends on how far its reader lags, so the bound is a share.

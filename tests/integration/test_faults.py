@@ -96,7 +96,9 @@ def test_punt_ring_overflow_for_seconds_is_counted_and_tcp_recovers(topo):
     (the program counts what it could not submit) while a TCP connection
     is set up and torn down through the same ring.  The transfer arrives
     intact (retransmissions), and its entry ends TIME_WAIT in the tracker:
-    none is left half-open by the lost punts."""
+    none is left half-open by the lost punts.  Behind the flood TCP's
+    retransmission timer backs off to seconds (it once stalled over nc's
+    10 s idle limit, which cut the transfer short): nc may idle 120 s."""
     cfg = {**firewall_config(topo), "offload": {"udp": "never"}}
     with running(cfg, topo) as b:
         srv = ns_popen(b.server.netns, "iperf3", "-s", "-1", "-p", "5210", stdout=subprocess.DEVNULL,
@@ -108,7 +110,8 @@ def test_punt_ring_overflow_for_seconds_is_counted_and_tcp_recovers(topo):
             wait_until(lambda: b.stats()["program"]["perf_lost"] > 0, 30, "the punt ring to overflow")
             result = {}
             t = threading.Thread(target=lambda: result.update(res=traffic.tcp_transfer(
-                b.client.netns, b.server.netns, b.server.addr4, 5_000_000, port=5211, timeout=300)))
+                b.client.netns, b.server.netns, b.server.addr4, 5_000_000, port=5211, timeout=300,
+                idle=120)))
             t.start()
             t.join(timeout=320)
             flood.wait(timeout=120)
