@@ -4,7 +4,7 @@ BPF_PROG_TEST_RUN for the common case (the seed's slide-9 firewall, a ct
 hit with flow counters, a redirect), with and without the feature,
 measured in the same run, alternating:
 
-  --compare path     recording the flow's path (bpf/ctctl.c record_path;
+  --compare path     recording the flow's path (bpf/ctctl.c record_flow;
                      without it: built with -DCTCTL_NO_PATH)
   --compare window   TCP window validation (hardware: {window: true},
                      bpf/window.h), against the same program without the cap
@@ -12,7 +12,10 @@ measured in the same run, alternating:
                      bpf/csum.h), against the same program without the cap
 
 Every variant but the one feature runs with neither window nor checksum
-validation, so the figures compare with earlier runs of --compare path.
+validation, so the figures compare with earlier runs of --compare path;
+and without the flow cache (hardware: {flow_cache: false}): these are the
+walk's costs, which a cached packet does not pay (bench_nic.py measures
+the cache).
 
 The connection is set up through the tracker with real frames and
 offloaded by the flowtable through the driver into the flows map, as in a
@@ -73,7 +76,7 @@ class Variant:
     def __init__(self, name: str, extra: list[str], **caps_kw):
         from bcc import BPF
 
-        caps = HwCaps(table_size=1024, **{"window": False, "csum": (), **caps_kw})
+        caps = HwCaps(table_size=1024, **{"window": False, "csum": (), "flow_cache": False, **caps_kw})
         self.name = name
         self.bpf = compile_program(caps.cflags() + extra)
         self.fd = self.bpf.load_func(b"ctctl_ingress", BPF.SCHED_CLS).fd

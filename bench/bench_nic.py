@@ -10,7 +10,10 @@ bounded by.
            key (40 bytes: zone, addresses, ports, protocol)
   hit      the box's slide-9 firewall (ctctl.lab.firewall), a TCP packet of
            an offloaded connection: chain 0, a ct hit with flow counters,
-           chain 9, a redirect
+           chain 9, a redirect; answered from the flow cache (the verdict
+           the first packet's walk left in the entry)
+  walk     the same with the flow cache off (hardware: {flow_cache:
+           false}): every packet walks the two chains
   nat      the same with `ct nat` and a source-NATed connection: the hit
            rewrites the packet (addresses, ports, checksums).  A test run
            with `repeat` runs the program again on the same skb, which the
@@ -21,7 +24,12 @@ bounded by.
            packet is punted to software (the perf buffer is read, so the
            punts are real)
   worst    64 rules in each of 9 chains, only the last of each matching, 8
-           gotos, then a redirect: the interpreter's worst case
+           gotos, then a redirect: the interpreter's worst case as the
+           issue put it (rules that differ from the packet in its source
+           address, the first word the matcher compares)
+  late     the same shape, every rule that does not match differing from
+           the packet only in the last word compared: the worst case of a
+           matcher that stops at the first differing word
 
 Each case is one build of the program on the same frame; the rounds
 alternate the cases, and the figure is each case's median over the rounds,
@@ -33,6 +41,7 @@ Needs root and BCC.  About a minute.
 examples:
   sudo .venv/bin/python bench/bench_nic.py
   sudo .venv/bin/python bench/bench_nic.py --rounds 30 --repeat 200000
+  sudo .venv/bin/python bench/bench_nic.py --cases bare,hit,walk
 """
 
 from __future__ import annotations
@@ -107,26 +116,41 @@ NAT_RULES = [
 ]
 
 
-def worst_rules() -> list[str]:
+def _nine_chains(miss) -> list[str]:
+    """MAX_HOPS + 1 chains of MAX_RULES rules on eth5: `miss(i)`, the flower
+    keys of rule i, matches nothing; the last rule of each matches
+    everything and goes on to the next chain, the last chain's redirects."""
     out = []
     for n in range(abi.MAX_HOPS + 1):
-        out += [f"filter add dev eth5 protocol ip parent ffff: chain {n} prio {i + 1} flower "
-                f"src_ip 203.0.113.{i}/32 ip_proto tcp dst_port 1-65535 action drop"
+        out += [f"filter add dev eth5 protocol ip parent ffff: chain {n} prio {i + 1} flower {miss(i)} action drop"
                 for i in range(abi.MAX_RULES - 1)]
         last = f"goto chain {n + 1}" if n < abi.MAX_HOPS else "mirred egress redirect dev eth6"
         out.append(f"filter add dev eth5 protocol ip parent ffff: chain {n} prio {abi.MAX_RULES} flower action {last}")
     return out
 
 
+def worst_rules() -> list[str]:
+    """Rules that differ from the packet in their source address."""
+    return _nine_chains(lambda i: f"src_ip 203.0.113.{i}/32 ip_proto tcp dst_port 1-65535")
+
+
+def worst_late_rules() -> list[str]:
+    """Rules that use every word of the key and differ from the packet only
+    past its addresses (the protocol): both addresses, mark and label
+    match, so the matcher rules none of them out early."""
+    src, dst = socket.inet_ntoa(CLIENT), socket.inet_ntoa(SERVER)
+    return _nine_chains(lambda i: f"ip_proto udp src_ip {src} dst_ip {dst} ct_mark 0 ct_label 0/0x{'f' * 32}")
+
+
 class Case:
     """One build of the program, its rules and maps, and the frame it runs."""
 
     def __init__(self, name: str, rules: list[str], offload: bool = True, nat: NatSpec | None = None,
-                 expect: int = TC_ACT_REDIRECT, single: bool = False):
+                 expect: int = TC_ACT_REDIRECT, single: bool = False, **caps_over):
         from bcc import BPF
 
         self.name, self.expect, self.single = name, expect, single
-        caps = HwCaps(**CAPS)
+        caps = HwCaps(**CAPS, **caps_over)
         self.bpf = compile_program(caps.cflags())
         self.fd = self.bpf.load_func(b"ctctl_ingress", BPF.SCHED_CLS).fd
         self.dev = Device(Maps(self.bpf), PORTS, caps)
@@ -165,9 +189,12 @@ class Case:
         return opts.duration
 
     def counters(self) -> dict:
-        return {k: v for k, v in zip(("rx", "punted", "perf_lost"),
-                                     (self.dev.maps.counters()[i] for i in (abi.Counter.RX, abi.Counter.PUNT,
-                                                                            abi.Counter.PERF_LOST)))}
+        c = self.dev.maps.counters()
+        slots = {"rx": "RX", "punted": "PUNT", "perf_lost": "PERF_LOST",
+                 "cache_hits": "CACHE_HIT", "cache_misses": "CACHE_MISS"}
+        # By name, skipping what the tree has not: this file also measures
+        # a checkout from before the flow cache (before/after runs).
+        return {k: c[abi.Counter[n]] for k, n in slots.items() if n in abi.Counter.__members__}
 
     def close(self) -> None:
         self.bpf.cleanup()
@@ -204,29 +231,48 @@ class Bare:
         self.bpf.cleanup()
 
 
+FIREWALL = firewall.rules("eth5", "eth6")
+# Each case, built when asked for (the order is the rounds' order).
+CASES = {
+    "bare": lambda: Bare("bare", BARE),
+    "lookup": lambda: Bare("lookup", LOOKUP),
+    "hit": lambda: Case("hit", FIREWALL),
+    "walk": lambda: Case("walk", FIREWALL, flow_cache=False),
+    "hit1": lambda: Case("hit1", FIREWALL, single=True),
+    "nat": lambda: Case("nat", NAT_RULES, nat=NatSpec("src", "192.0.2.100"), single=True),
+    "miss": lambda: Case("miss", FIREWALL, offload=False, expect=TC_ACT_SHOT),
+    "worst": lambda: Case("worst", worst_rules(), offload=False),
+    "late": lambda: Case("late", worst_late_rules(), offload=False),
+}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=20, help="alternating measurements of each case (default 20)")
     ap.add_argument("--repeat", type=int, default=100_000, help="packets per measurement (default 100000; "
                     "the miss and the worst case run a tenth of it)")
+    ap.add_argument("--cases", default=",".join(CASES),
+                    help=f"comma-separated, bare always included (default: all of {', '.join(CASES)})")
     ap.add_argument("--output", help="JSON file (default bench/results/nic-<date>-<time>.json)")
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.repeat < 10:
         ap.error("--rounds >= 1 and --repeat >= 10")
+    names = ["bare"] + [n for n in args.cases.split(",") if n and n != "bare"]
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        ap.error(f"unknown case {', '.join(unknown)} (expected {', '.join(CASES)})")
     started, _load0, command = start_run("bench_nic.py", argv)
-    cases = [Bare("bare", BARE), Bare("lookup", LOOKUP),
-             Case("hit", firewall.rules("eth5", "eth6")),
-             Case("hit1", firewall.rules("eth5", "eth6"), single=True),
-             Case("nat", NAT_RULES, nat=NatSpec("src", "192.0.2.100"), single=True),
-             Case("miss", firewall.rules("eth5", "eth6"), offload=False, expect=TC_ACT_SHOT),
-             Case("worst", worst_rules(), offload=False)]
-    repeat = {"miss": args.repeat // 10, "worst": args.repeat // 10, "hit1": SINGLES, "nat": SINGLES}
+    cases = []
+    repeat = {"miss": args.repeat // 10, "worst": args.repeat // 10, "late": args.repeat // 10,
+              "hit1": SINGLES, "nat": SINGLES}
     try:
+        for n in names:
+            cases.append(CASES[n]())
         ns = {c.name: [] for c in cases}
         for _ in range(args.rounds):
             for c in cases:
                 ns[c.name].append(c.run(repeat.get(c.name, args.repeat)))
-        miss = next(c for c in cases if c.name == "miss").counters()
+        counters = {c.name: c.counters() for c in cases if c.name in ("hit", "miss")}
     finally:
         for c in cases:
             c.close()
@@ -235,13 +281,18 @@ def main(argv=None) -> int:
     doc = {"benchmark": "nic", "date": started.isoformat(timespec="seconds"), "command": command,
            "machine": machine(), "repeat": args.repeat, "repeat_by_case": repeat, "rounds": args.rounds,
            "caps": {k: list(v) if isinstance(v, tuple) else v for k, v in CAPS.items()},
-           "ns_per_packet": ns, "median_ns": med, "ratio_to_bare": ratio, "miss_counters": miss}
+           "ns_per_packet": ns, "median_ns": med, "ratio_to_bare": ratio, "counters": counters}
     print(f"the NIC program, ns/packet (BPF_PROG_TEST_RUN, medians of {args.rounds} rounds, the cases "
-          f"alternating; repeat {args.repeat}, miss and worst {args.repeat // 10}; hit1 and nat: the median "
-          f"of {SINGLES} test runs of one packet):")
+          f"alternating; repeat {args.repeat}, miss, worst and late {args.repeat // 10}; hit1 and nat: the "
+          f"median of {SINGLES} test runs of one packet):")
     for k in ns:
-        print(f"  {k:6} {med[k]:7.0f}   {ratio[k]:5.2f}x bare   (runs {min(ns[k])}-{max(ns[k])})")
-    print(f"  miss: {miss['punted']:,} punted, {miss['perf_lost']:,} lost to a full perf buffer")
+        print(f"  {k:6} {med[k]:7.0f}   {ratio[k]:6.2f}x bare   (runs {min(ns[k])}-{max(ns[k])})")
+    if "cache_hits" in counters.get("hit", {}):
+        h = counters["hit"]
+        print(f"  hit: {h['cache_hits']:,} answered from the flow cache, {h['cache_misses']:,} walked")
+    if "miss" in counters:
+        m = counters["miss"]
+        print(f"  miss: {m['punted']:,} punted, {m['perf_lost']:,} lost to a full perf buffer")
     write_results(doc, Path(args.output) if args.output else None, "nic", started, command)
     return 0
 

@@ -67,6 +67,9 @@ enum ctctl_counter {
 	CTCTL_C_WINDOW_INVALID,		/* TCP segments outside the window: +inv in hardware (or punted) */
 	CTCTL_C_WINDOW_IGNORED,		/* ... that conntrack lets through untracked-for-state (IGNORE) */
 	CTCTL_C_CSUM_INVALID,		/* bad IPv4 header or L4 checksum: +inv in hardware (or punted) */
+	CTCTL_C_CACHE_HIT,		/* packets finished from their entry's cached verdict (the flow cache) */
+	CTCTL_C_CACHE_MISS,		/* ... that looked there and found none for their port */
+	CTCTL_C_CACHE_STALE,		/* ... that found one older than the rules or caps: walked again */
 	CTCTL_C_MAX,
 };
 
@@ -160,7 +163,7 @@ enum ctctl_nat {
 struct ctctl_flow {
 	__u64 packets;		/* counted by the program, atomically */
 	__u64 bytes;		/* IP total length, as nf_conntrack counts */
-	__u64 last_used_ns;	/* bpf_ktime_get_ns() of the last hit */
+	__u64 last_used_ns;	/* bpf_ktime_get_coarse_ns() of the last hit (CLOCK_MONOTONIC to the tick) */
 	__u32 conn_id;		/* the controller's connection */
 	__u32 mark;
 	__u8 label[16];		/* big-endian 128-bit label */
@@ -176,6 +179,28 @@ struct ctctl_flow {
 	 * finished ran: the flow's owners (slide 19), written by the program
 	 * when a packet's path differs from it. */
 	__u16 path[CTCTL_PATH_LEN];
+	/*
+	 * The flow cache (CTCTL_CAP_FLOW_CACHE): the verdict the walk that
+	 * wrote `path` reached, valid while the hardware's generation
+	 * (ctctl_hw_config.gen) is the one in the tag and for packets of the
+	 * port in it.  Written by the program, zero from the driver.
+	 */
+	__u64 fp_tag;		/* gen << 32 | ingress ifindex; 0: nothing cached */
+	__u64 fp_verdict;	/* arg << 32 | (ifindex & 0xffffff) << 8 | enum ctctl_fp_verdict */
+};
+
+/*
+ * A cached verdict (ctctl_flow.fp_verdict's low byte).  The ingress
+ * ifindex is in both words, so a reader that meets one writer's tag with
+ * another's verdict (two ports, two CPUs) walks instead.
+ */
+enum ctctl_fp_verdict {
+	CTCTL_FP_NONE = 0,
+	CTCTL_FP_REDIRECT = 1,		/* arg: egress ifindex */
+	CTCTL_FP_DROP = 2,
+	CTCTL_FP_PASS = 3,
+	CTCTL_FP_KIND = 0x0f,		/* the bits above */
+	CTCTL_FP_NAT = 0x10,		/* flag: the walk applied the entry's NAT */
 };
 
 /* Hardware capabilities the program honours at run time (ctctl_hw_config.caps). */
@@ -186,11 +211,12 @@ enum ctctl_cap {
 	CTCTL_CAP_CSUM_IPV4 = 0x08,	/* verify the IPv4 header checksum at a ct action */
 	CTCTL_CAP_CSUM_L4 = 0x10,	/* verify the TCP/UDP/ICMP checksum at a ct action */
 	CTCTL_CAP_INVALID_PUNT = 0x20,	/* an invalid packet is punted (CT_INVALID), not +inv */
+	CTCTL_CAP_FLOW_CACHE = 0x40,	/* finish a hit from its entry's cached verdict (fp_*) */
 };
 
 struct ctctl_hw_config {
 	__u32 caps;		/* enum ctctl_cap bits */
-	__u32 pad;
+	__u32 gen;		/* rules and caps: the driver bumps it after changing either */
 };
 
 /*

@@ -59,7 +59,7 @@ struct ctctl_state {
 	 */
 	struct ctctl_flow ct_flow;
 	/* The rules this packet ran, chain by chain (ctctl_rule.id): its
-	 * entry's path (bpf/ctctl.c record_path).  8-byte aligned, as
+	 * entry's path (bpf/ctctl.c record_flow).  8-byte aligned, as
 	 * ct_flow.path is, so the two compare as three words. */
 	__u16 path[CTCTL_PATH_LEN];
 	__u8 ct_nat_done;
@@ -73,6 +73,14 @@ struct ctctl_state {
 	__u32 tcp_ack;
 	__u32 tcp_sack;			/* its highest right edge, or tcp_ack */
 	__u32 csum_left;		/* bytes of the segment still to sum (bpf/csum.h) */
+	/* The flow cache (bpf/ctctl.c): the generation the packet started
+	 * under, how many times it looked in the offload table, and the
+	 * verdict its walk reached (enum ctctl_fp_verdict and its arg). */
+	__u32 gen;
+	__u32 fp_arg;
+	__u8 ct_lookups;
+	__u8 fp_verdict;
+	__u16 pad;
 	/* Bytes of the packet being summed (bpf/csum.h): no room on the stack. */
 	__u32 csum_buf[CTCTL_CSUM_CHUNK / 4];
 };
@@ -90,6 +98,8 @@ static __always_inline void state_reset(struct ctctl_state *st)
 	st->ct_hit = 0;
 	st->csum_bad = 0;
 	st->tcp_has_sack = 0;
+	st->ct_lookups = 0;
+	st->fp_verdict = CTCTL_FP_NONE;
 	__builtin_memset(st->path, 0, sizeof(st->path));
 }
 
@@ -135,30 +145,41 @@ static __always_inline void state_load(struct ctctl_state *st, const struct ctct
 	}
 }
 
-/* A port range of a rule that does not restrict: 0-65535 twice. */
+/* A port range of a rule that does not restrict: 0-65535 twice (as
+ * sport_min, sport_max, dport_min, dport_max read as one word). */
 #define CTCTL_ANY_PORTS 0xffff0000ffff0000ULL
 
 /*
- * Does rule r match the packet?  Every byte of the key under the rule's
- * mask, then the port ranges: a packet without ports (ICMP) matches only a
- * rule whose ranges are the whole 0-65535, as flower's dissector has no
- * port key to compare for it.
+ * Does rule r match the packet?  Every key word, (value ^ key) & mask;
+ * first, alone, the words of the two addresses that hold an IPv4 address
+ * or an IPv6 prefix (0 and 2 of struct ctctl_match as __u64s), which tell
+ * a rule from most packets: a rule they rule out costs a compare or two.
+ * The other six words follow without a branch, so a rule that differs
+ * only there costs two branches more than a plain compare of all eight.
+ * Then the port ranges: a packet without ports (ICMP) matches only a rule
+ * whose ranges are the whole 0-65535, as flower's dissector has no port
+ * key to compare for it.
  */
 static __always_inline int rule_matches(const struct ctctl_rule *r, const struct ctctl_state *st)
 {
 	const __u64 *v = (const __u64 *)&st->key;
 	const __u64 *k = (const __u64 *)&r->key;
 	const __u64 *m = (const __u64 *)&r->mask;
-	__u64 diff = 0;
+	__u64 diff;
 	__u16 sp, dp;
 
-#pragma unroll
-	for (int i = 0; i < sizeof(struct ctctl_match) / 8; i++)
-		diff |= (v[i] ^ k[i]) & m[i];
+	if ((v[0] ^ k[0]) & m[0])
+		return 0;
+	if ((v[2] ^ k[2]) & m[2])
+		return 0;
+	diff = ((v[1] ^ k[1]) & m[1]) | ((v[3] ^ k[3]) & m[3]) | ((v[4] ^ k[4]) & m[4]) |
+	       ((v[5] ^ k[5]) & m[5]) | ((v[6] ^ k[6]) & m[6]) | ((v[7] ^ k[7]) & m[7]);
 	if (diff)
 		return 0;
+	if (*(const __u64 *)&r->sport_min == CTCTL_ANY_PORTS)
+		return 1;
 	if (st->l4_kind != CTCTL_L4_PORTS)
-		return *(const __u64 *)&r->sport_min == CTCTL_ANY_PORTS;
+		return 0;
 	sp = bpf_ntohs(st->sport);
 	dp = bpf_ntohs(st->dport);
 	return sp >= r->sport_min && sp <= r->sport_max &&

@@ -122,6 +122,7 @@ static __always_inline struct ctctl_chain *chain_lookup(struct ctctl_chain_key *
 static __always_inline struct ctctl_flow *flow_lookup(struct ctctl_tuple *t);
 static __always_inline struct ctctl_rule_stats *rule_stats_lookup(__u32 id);
 static __always_inline __u32 hw_caps(void);
+static __always_inline __u64 last_use(void);
 static __always_inline struct ctctl_tcp_window *window_lookup(__u32 conn_id);
 
 #endif /* CTCTL_MAPS_H */

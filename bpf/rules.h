@@ -123,6 +123,7 @@ static __always_inline int do_ct(struct __sk_buff *skb, struct ctctl_state *st,
 	if (state_tuple(st, act->zone) < 0)
 		return stop(st, CTCTL_R_CT_MISS, rule, a);
 	f = flow_lookup(&st->tuple);
+	st->ct_lookups++;
 	if (!f)
 		return stop(st, CTCTL_R_CT_MISS, rule, a);
 	/* Establishment and teardown are conntrack's, so software's. */
@@ -157,12 +158,13 @@ static __always_inline int do_ct(struct __sk_buff *skb, struct ctctl_state *st,
 		__sync_fetch_and_add(&f->bytes, st->l3_len);
 	}
 	/* A NIC that ages its own entries keeps their last use, counters
-	 * or not. */
+	 * or not: to the tick (bpf/ctctl.c last_use()). */
 	if (caps & (CTCTL_CAP_FLOW_COUNTERS | CTCTL_CAP_HW_AGING))
-		f->last_used_ns = bpf_ktime_get_ns();
-	/* The cache: what a later ct of this zone needs (not the counters). */
-	__builtin_memcpy(&st->ct_flow.ct_state, &f->ct_state,
-			 sizeof(*f) - __builtin_offsetof(struct ctctl_flow, ct_state));
+		f->last_used_ns = last_use();
+	/* The cache: what a later ct of this zone needs (not the counters),
+	 * and what bpf/ctctl.c record_flow() compares the entry with. */
+	__builtin_memcpy(&st->ct_flow.conn_id, &f->conn_id,
+			 sizeof(*f) - __builtin_offsetof(struct ctctl_flow, conn_id));
 	st->ct_nat_done = 0;
 
 	/*
@@ -250,6 +252,7 @@ static __always_inline int interpret(struct __sk_buff *skb, struct ctctl_state *
 			case CTCTL_A_NONE:
 				/* Off the end of the actions: tc's PIPE, OK at ingress. */
 				count(CTCTL_C_PASS, 1);
+				st->fp_verdict = CTCTL_FP_PASS;
 				return TC_ACT_OK;
 			case CTCTL_A_CT:
 				ret = do_ct(skb, st, act, i, a);
@@ -272,12 +275,16 @@ static __always_inline int interpret(struct __sk_buff *skb, struct ctctl_state *
 				goto next_chain;
 			case CTCTL_A_MIRRED:
 				count(CTCTL_C_REDIRECT, 1);
+				st->fp_verdict = CTCTL_FP_REDIRECT;
+				st->fp_arg = act->arg;
 				return bpf_redirect(act->arg, 0);
 			case CTCTL_A_DROP:
 				count(CTCTL_C_DROP, 1);
+				st->fp_verdict = CTCTL_FP_DROP;
 				return TC_ACT_SHOT;
 			case CTCTL_A_PASS:
 				count(CTCTL_C_PASS, 1);
+				st->fp_verdict = CTCTL_FP_PASS;
 				return TC_ACT_OK;
 			case CTCTL_A_TRAP:
 				/* REMATCH: software decides the match (a skip_hw part). */
@@ -289,6 +296,7 @@ static __always_inline int interpret(struct __sk_buff *skb, struct ctctl_state *
 			}
 		}
 		count(CTCTL_C_PASS, 1);
+		st->fp_verdict = CTCTL_FP_PASS;
 		return TC_ACT_OK;
 next_chain:
 		;

@@ -71,9 +71,12 @@ class Counter(enum.IntEnum):
     WINDOW_INVALID = REASON_MAX + 13
     WINDOW_IGNORED = REASON_MAX + 14
     CSUM_INVALID = REASON_MAX + 15
+    CACHE_HIT = REASON_MAX + 16
+    CACHE_MISS = REASON_MAX + 17
+    CACHE_STALE = REASON_MAX + 18
 
 
-COUNTER_MAX = REASON_MAX + 16
+COUNTER_MAX = REASON_MAX + 19
 
 
 class CtState(enum.IntFlag):
@@ -121,6 +124,18 @@ class Cap(enum.IntFlag):
     CSUM_IPV4 = 0x08
     CSUM_L4 = 0x10
     INVALID_PUNT = 0x20
+    FLOW_CACHE = 0x40
+
+
+class FpVerdict(enum.IntEnum):
+    """enum ctctl_fp_verdict: a verdict the flow cache keeps."""
+
+    NONE = 0
+    REDIRECT = 1
+    DROP = 2
+    PASS = 3
+    KIND = 0x0F     # the bits above
+    NAT = 0x10      # flag: the walk applied the entry's NAT
 
 
 class WindowCheck(enum.IntEnum):
@@ -207,11 +222,13 @@ class Flow(ctypes.Structure):
         ("nat_src", U8_16),
         ("nat_dst", U8_16),
         ("path", ctypes.c_uint16 * PATH_LEN),
+        ("fp_tag", ctypes.c_uint64),
+        ("fp_verdict", ctypes.c_uint64),
     ]
 
 
 class HwConfig(ctypes.Structure):
-    _fields_ = [("caps", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+    _fields_ = [("caps", ctypes.c_uint32), ("gen", ctypes.c_uint32)]
 
 
 class TcpSeen(ctypes.Structure):
@@ -385,6 +402,7 @@ C_ENUMS = {
     "CTCTL_DONE_": Done,
     "CTCTL_NAT_": Nat,
     "CTCTL_CAP_": Cap,
+    "CTCTL_FP_": FpVerdict,
     "CTCTL_A_": ActionKind,
     "CTCTL_CTF_": CtFlags,
     "CTCTL_WCHECK_": WindowCheck,

@@ -75,6 +75,11 @@ def families(s: dict) -> list:
             sorted(((r,), n) for r, n in p["punts_by_reason"].items()))
     counter("program_perf_lost", "Punts the program could not submit (perf ring full).", p["perf_lost"])
     counter("program_too_big", "Packets too big to punt.", p["too_big"])
+    fc = p.get("flow_cache")
+    if fc is not None:
+        counter("program_flow_cache", "Packets that looked in the flow cache, by outcome (hit, miss, "
+                "stale: a verdict older than the rules or caps).", None, ["outcome"],
+                [(("hit",), fc["hits"]), (("miss",), fc["misses"]), (("stale",), fc["stale"])])
     sw = s.get("software")
     if sw is not None:
         counter("software_received", "Punts the controller read.", sw["received"])

@@ -16,6 +16,8 @@ that the same box can be modelled as different devices.
       csum: [ipv4, l4]        # checksums it verifies, by layer (bpf/csum.h)
       invalid: inv            # what an invalid packet gets: inv (+trk+inv in
                               # hardware) or punt (software judges it)
+      flow_cache: true        # finish a hit from the verdict cached in its
+                              # entry (only without window and csum checks)
 
     hardware: {profile: minimal, nat: true}   # a named profile, then overrides
 
@@ -27,9 +29,9 @@ per-entry counters).
 
 The defaults are a device that supports everything.  ctctl.nic.encode turns
 whatever the declared device cannot run into a trap to software; the
-program honours flow_counters, hw_aging, window, csum and invalid at run
-time (hw_config), and `table_size` is a compile-time size (cflags()).
-insert_rate is the offload manager's to enforce.
+program honours flow_counters, hw_aging, window, csum, invalid and
+flow_cache at run time (hw_config), and `table_size` is a compile-time
+size (cflags()).  insert_rate is the offload manager's to enforce.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ _SPEC: dict[str, tuple[type, int | None, int | None, str]] = {
     "window": (bool, None, None, "TCP window validation"),
     "csum": (tuple, None, None, "checksums verified"),
     "invalid": (str, None, None, "what an invalid packet gets"),
+    "flow_cache": (bool, None, None, "verdicts cached in the offload table's entries"),
 }
 CSUM_LAYERS = ("ipv4", "l4")
 INVALID_CHOICES = ("inv", "punt")
@@ -96,6 +99,7 @@ class HwCaps:
     window: bool = True
     csum: tuple = CSUM_LAYERS
     invalid: str = "inv"
+    flow_cache: bool = True
     profile: str = "full"        # the named profile it started from (PROFILES)
 
     def __post_init__(self):
@@ -148,7 +152,8 @@ class HwCaps:
         """enum ctctl_cap bits for hw_config."""
         bits = {abi.Cap.FLOW_COUNTERS: self.flow_counters, abi.Cap.HW_AGING: self.hw_aging,
                 abi.Cap.TCP_WINDOW: self.window, abi.Cap.CSUM_IPV4: "ipv4" in self.csum,
-                abi.Cap.CSUM_L4: "l4" in self.csum, abi.Cap.INVALID_PUNT: self.invalid == "punt"}
+                abi.Cap.CSUM_L4: "l4" in self.csum, abi.Cap.INVALID_PUNT: self.invalid == "punt",
+                abi.Cap.FLOW_CACHE: self.flow_cache}
         return sum(int(bit) for bit, on in bits.items() if on)
 
     @property

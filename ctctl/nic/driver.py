@@ -56,7 +56,22 @@ class Device:
     # -- capabilities ---------------------------------------------------------
     def set_caps(self) -> None:
         """Write the run-time capabilities (hw_config) the program honours."""
-        self._maps().write_hw_config(self.caps.program_caps)
+        maps = self._maps()
+        # The caps under the old generation first, then the new one: a
+        # packet that reads the new generation finds the new caps too.
+        maps.write_hw_config(self.caps.program_caps, maps.read_hw_config().gen)
+        self.bump_generation()
+
+    def bump_generation(self) -> int:
+        """Make every verdict the flow cache holds stale: after the
+        rules or caps changed.  Continues from the map's own (pinned)
+        value, so that a controller adopting a box never brings an old
+        generation back.  The new generation."""
+        maps = self._maps()
+        cfg = maps.read_hw_config()
+        gen = (cfg.gen + 1) & 0xFFFFFFFF or 1
+        maps.write_hw_config(cfg.caps, gen)
+        return gen
 
     # -- rules ----------------------------------------------------------------
     def rule_id(self, f: Filter) -> int | None:
@@ -146,16 +161,21 @@ class Device:
         counted = [f for filters in plan.values() for f in hardware_filters(filters, self.caps)]
         for i in self.assign_ids(counted):
             maps.zero_rule_stats(i)
+        changed = False
         for (ifindex, n), filters in plan.items():
             enc = bytes(encode_chain(filters, self._ids, self.caps, self.ifindex_by_port))
             if self._written.get((ifindex, n)) == enc:
                 continue
             maps.write_chain(ifindex, n, enc)
             self._written[(ifindex, n)] = enc
+            changed = True
         for key in maps.chain_keys():
             if key not in plan:
                 maps.delete_chain(*key)
                 self._written.pop(key, None)
+                changed = True
+        if changed:     # after the chains: no verdict of the old rules survives them
+            self.bump_generation()
 
     def uninstall(self) -> None:
         """Remove every chain: every port becomes forward-only again."""
@@ -164,6 +184,7 @@ class Device:
             maps.delete_chain(*key)
         self._written.clear()
         self._ids.clear()
+        self.bump_generation()
 
     def rule_counters(self) -> dict[Filter, tuple[int, int]]:
         """(packets, bytes) the hardware counted per filter, summed over

@@ -102,9 +102,13 @@ class Maps:
         return int(self._table("flows").max_entries)
 
     # -- hw_config ---------------------------------------------------------------
-    def write_hw_config(self, caps: int) -> None:
+    def read_hw_config(self) -> abi.HwConfig:
         t = self._table("hw_config")
-        t[t.Key(0)] = self._cast(t.Leaf, abi.HwConfig(caps=caps))
+        return self._cast(abi.HwConfig, t[t.Key(0)])
+
+    def write_hw_config(self, caps: int, gen: int) -> None:
+        t = self._table("hw_config")
+        t[t.Key(0)] = self._cast(t.Leaf, abi.HwConfig(caps=caps, gen=gen))
 
     # -- the hardware's own aging ----------------------------------------------
     def write_aging_config(self, cfg: abi.AgingConfig) -> None:
@@ -351,12 +355,12 @@ class FlowCounters(NamedTuple):
 
 
 # struct ctctl_flow begins with its counters (packets, bytes, last_used_ns)
-# and ends with its path.
+# and ends with its path and the flow cache's two words.
 _PATH_OFF = abi.Flow.path.offset
 if ((abi.Flow.packets.offset, abi.Flow.bytes.offset, abi.Flow.last_used_ns.offset) != (0, 8, 16)
-        or _PATH_OFF + 2 * abi.PATH_LEN != ctypes.sizeof(abi.Flow)):
+        or _PATH_OFF + 2 * abi.PATH_LEN + 16 != ctypes.sizeof(abi.Flow)):
     raise ImportError("ctctl.abi.Flow's counters or path moved: fix _COUNTERS")
-_COUNTERS = struct.Struct(f"=QQQ{_PATH_OFF - 24}x{abi.PATH_LEN}H")
+_COUNTERS = struct.Struct(f"=QQQ{_PATH_OFF - 24}x{abi.PATH_LEN}H16x")
 
 
 def _counters(fields: tuple) -> FlowCounters:
@@ -412,5 +416,7 @@ def program_stats(counters: list[int]) -> dict:
         "window_invalid": counters[c.WINDOW_INVALID],
         "window_ignored": counters[c.WINDOW_IGNORED],
         "csum_invalid": counters[c.CSUM_INVALID],
+        "flow_cache": {"hits": counters[c.CACHE_HIT], "misses": counters[c.CACHE_MISS],
+                       "stale": counters[c.CACHE_STALE]},
         "punts_by_reason": {r.label: counters[r] for r in abi.Reason if r and counters[r]},
     }

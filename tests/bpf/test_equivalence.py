@@ -68,7 +68,7 @@ from ctctl.nic.maps import Maps
 from ctctl.rules import RuleSet, RuleSyntaxError, parse_filter
 
 from helpers import FakeClock  # noqa: E402
-from testrun import TC_ACT_OK, TC_ACT_SHOT, Harness
+from testrun import TC_ACT_OK, TC_ACT_SHOT, Harness, in_a_box
 
 TC_ACT_REDIRECT = 7
 SEED = int(os.environ.get("CTCTL_EQ_SEED", "5"))
@@ -108,27 +108,8 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env():
-    from pyroute2 import netns as pr_netns
-
-    from ctctl.lab import topology
-    from ctctl.nic import loader
-
-    topo = topology.build(topology.unique_tag("ctctl-eq"), list(PORTS), ["client", "server"])
-    bpf = None
-    try:
-        bpf = loader.compile_program()
-        h = OutHarness(bpf, bpf.load_func(loader.FUNCTION, bpf.SCHED_CLS))
-        # Test runs name the ingress device by ifindex, which must exist in
-        # the calling thread's namespace: run inside the box.
-        pr_netns.pushns(topo.box)
-        try:
-            yield Env(topo, bpf, h, {p.name: p.ifindex for p in topo.ports})
-        finally:
-            pr_netns.popns()
-    finally:
-        if bpf is not None:
-            bpf.cleanup()
-        topo.destroy()
+    with in_a_box("ctctl-eq", OutHarness) as (topo, bpf, h, ifindex):
+        yield Env(topo, bpf, h, ifindex)
 
 
 # ---------------------------------------------------------------------------
@@ -210,10 +191,11 @@ def _actions(rng: random.Random, proto: str, dev: str, chain: int) -> list[str]:
     return acts
 
 
-def _template(rng: random.Random, dev: str) -> list[str]:
+def _template(rng: random.Random, dev: str, cacheable: bool = False) -> list[str]:
     """The talk's pattern, so that many packets reach ct hits and
-    redirects in hardware: track in chain 0, forward established in 1."""
-    zone = rng.choice([0, 1])
+    redirects in hardware: track in chain 0, forward established in 1.
+    `cacheable`: in zone 0, walks the flow cache keeps."""
+    zone = 0 if cacheable else rng.choice([0, 1])
     nat = " nat" if rng.random() < 0.6 else ""
     other = PORTS[1 - PORTS.index(dev)]
     return [f"dev {dev} chain 0 prio 1 flower ct_state -trk action ct zone {zone}{nat} action goto chain 1",
@@ -222,13 +204,13 @@ def _template(rng: random.Random, dev: str) -> list[str]:
             f"action mirred egress redirect dev {other}"]
 
 
-def random_ruleset(rng: random.Random) -> RuleSet:
+def random_ruleset(rng: random.Random, cacheable: bool = False) -> RuleSet:
     rs = RuleSet()
     for dev in PORTS:
         if rng.random() < 0.1:
             continue  # a forward-only port: punts NO_OFFLOAD
-        if rng.random() < 0.6:
-            for line in _template(rng, dev):
+        if cacheable or rng.random() < 0.6:
+            for line in _template(rng, dev, cacheable):
                 rs.add(parse_filter(line))
         for chain in (0, 1, 2):
             n = rng.randint(1, 6) if chain == 0 else rng.randint(0, 4)
@@ -396,15 +378,19 @@ class World:
         """Offload what qualifies, take out what left ESTABLISHED or died,
         rewrite entries whose mark/label software changed."""
         live = {c.id: c for c in self.tracker.entries()}
-        for cid, (conn, keys, ml) in list(self.offloaded.items()):
-            gone = live.get(cid) is not conn
-            leaving = conn.tcp is not None and conn.state != "ESTABLISHED"
-            if gone or leaving:
+        for cid, (_, keys, ml) in list(self.offloaded.items()):
+            # The tracker is a copy after every packet: its connection is
+            # the one with the id (entries stay as they are, flow cache
+            # included, as a controller leaves them).
+            conn = live.get(cid)
+            if conn is None or (conn.tcp is not None and conn.state != "ESTABLISHED"):
                 for k in keys:
                     self.dev.remove_flow(k)
                 del self.offloaded[cid]
             elif (conn.mark, conn.label) != ml:
                 self.offload(conn)
+            else:
+                self.offloaded[cid] = (conn, keys, ml)
         for conn in live.values():
             if conn.id in self.offloaded or not conn.status & Status.SEEN_REPLY:
                 continue
@@ -479,14 +465,15 @@ def _diff(a: bytes | None, b: bytes | None) -> str:
     return f"(bytes differ: hw/resumed {E(a).summary()} vs {E(b).summary()})"
 
 
-def make_world(env: Env, caps: HwCaps, rng: random.Random, tally: dict) -> tuple[World, list]:
+def make_world(env: Env, caps: HwCaps, rng: random.Random, tally: dict,
+               cacheable: bool = False) -> tuple[World, list]:
     clock = FakeClock()
     tracker = ConnTracker(clock=clock)
     specs = connection_specs(rng)
     for c in specs:
         establish(tracker, clock, c)
     env.bpf[b"flows"].clear()
-    w = World(env, caps, random_ruleset(rng), tracker, clock, tally)
+    w = World(env, caps, random_ruleset(rng, cacheable), tracker, clock, tally)
     w.sync_offload()
     return w, specs
 
@@ -519,8 +506,14 @@ def shrink(env: Env, caps: HwCaps, w: World, frame: bytes, dev: str, problem: st
     return filters, problem
 
 
+# The flow cache (bpf/ctctl.c): on only where no packet is judged on its own
+# (no window tracking, no checksum verification), as a NIC's would be.
+CACHED = HwCaps(window=False, csum=())
+
+
 CAPS = {
     "all": HwCaps(),
+    "cached": CACHED,
     "no_nat_small": HwCaps(nat=False, ct_label_match=False, port_range_match=False, max_rules_per_chain=3),
     "no_ct_no_counters": HwCaps(ct=False, flow_counters=False),
 }
@@ -566,6 +559,71 @@ def test_hardware_agrees_with_software(env, caps_name):
     if caps.ct:
         # ct hits finished in hardware, and misses resumed in software.
         assert tally.get("hw_output", 0) > 0 and tally.get("punt_ct_miss", 0) > 0, tally
+
+
+def change_rules(rng: random.Random, rs: RuleSet) -> RuleSet:
+    """What `ctctl filter del` or `filter add` does to the rules: one
+    filter removed, or one from the grammar added (chain 0 or 1, any
+    priority, so often in front of the template's rules)."""
+    filters = rs.filters()
+    if filters and rng.random() < 0.5:
+        filters.pop(rng.randrange(len(filters)))
+        return RuleSet(filters)
+    dev, chain = rng.choice(PORTS), rng.choice([0, 1])
+    for _attempt in range(20):
+        proto, keys = _match(rng)
+        acts = _actions(rng, proto, dev, chain)
+        line = (f"dev {dev} protocol {proto} chain {chain} prio {rng.randint(1, 60)} flower {keys} "
+                + " ".join(f"action {a}" for a in acts))
+        new = RuleSet(filters)
+        try:
+            new.add(parse_filter(line))
+        except RuleSyntaxError:
+            continue
+        return new
+    return rs
+
+
+def test_rule_changes_between_packets_with_a_warm_cache(env):
+    """The flow cache against software while the rules change under it.
+    Every packet runs twice, so that the second finds the verdict the
+    first cached, and after one packet in four a filter is added or
+    removed through Device.install (what `ctctl filter add/del` does):
+    the hardware must agree with software on the new rules from the next
+    packet on.  A verdict cached under the old rules that ran would show
+    as a mismatch (a redirect where software now drops, the wrong port)."""
+    rng = random.Random(f"{SEED}-cache")
+    before = Maps(env.bpf).counters()
+    tally: dict[str, int] = {}
+    mismatches = []
+    changes = 0
+    for n in range(RULESETS):
+        # The talk's template in zone 0 on every port: walks the cache
+        # keeps, for the rule changes to make stale.
+        w, specs = make_world(env, CACHED, rng, tally, cacheable=True)
+        for _ in range(PACKETS):
+            frame, dev = random_packet(rng, specs)
+            for _twice in range(2):
+                problem = w.check(frame, dev)
+                if problem is not None and len(mismatches) < 6:
+                    mismatches.append((n, w.rs, frame, dev, problem))
+            if rng.random() < 0.25:
+                w.rs = change_rules(rng, w.rs)
+                w.dev.install(w.rs)
+                changes += 1
+        w.dev.uninstall()
+        env.bpf[b"flows"].clear()
+    after = Maps(env.bpf).counters()
+    cache = {c.name.lower(): after[c] - before[c] for c in (abi.Counter.CACHE_HIT, abi.Counter.CACHE_STALE)}
+    print(f"\nwarm cache: {changes} rule changes, {cache}, {dict(sorted(tally.items()))}")
+    if mismatches:
+        from scapy.layers.l2 import Ether as E
+        pytest.fail(f"{len(mismatches)}+ mismatches (seed {SEED}):\n" + "\n".join(
+            f"ruleset {n}, packet {E(frame).summary()} on {dev}:\n  {why}\n  rules:\n"
+            + "\n".join("    " + s for s in rs.show()) for n, rs, frame, dev, why in mismatches))
+    # It must have answered from the cache, and met verdicts the rule
+    # changes made stale, or it proves nothing.
+    assert cache["cache_hit"] > 100 and cache["cache_stale"] > 0, cache
 
 
 # ---------------------------------------------------------------------------

@@ -22,6 +22,7 @@ pinned by tests/bpf/test_parse.py:
 from __future__ import annotations
 
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ctctl import abi
@@ -142,6 +143,34 @@ def compiled(caps):
         yield bpf, Harness(bpf, bpf.load_func(b"ctctl_ingress", bpf.SCHED_CLS))
     finally:
         bpf.cleanup()
+
+
+@contextmanager
+def in_a_box(tag: str, harness=Harness):
+    """The program on real ports, for a module's fixture: a topology
+    (box namespace with eth5 and eth6), the program compiled with default
+    caps and a `harness` on it, this thread inside the box (test runs name
+    a port by its ifindex there).  Gives (topology, bpf, harness,
+    {port: ifindex}); everything is removed after."""
+    from pyroute2 import netns as pr_netns
+
+    from ctctl.lab import topology
+    from ctctl.nic.loader import FUNCTION, compile_program
+
+    topo = topology.build(topology.unique_tag(tag), ["eth5", "eth6"], ["client", "server"])
+    bpf = None
+    try:
+        bpf = compile_program()
+        h = harness(bpf, bpf.load_func(FUNCTION, bpf.SCHED_CLS))
+        pr_netns.pushns(topo.box)
+        try:
+            yield topo, bpf, h, {p.name: p.ifindex for p in topo.ports}
+        finally:
+            pr_netns.popns()
+    finally:
+        if bpf is not None:
+            bpf.cleanup()
+        topo.destroy()
 
 
 def refused_by_kernel(frame: bytes) -> bool:

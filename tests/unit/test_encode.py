@@ -574,12 +574,14 @@ def test_caps_defaults_and_flags():
     assert c.max_rules_per_chain == abi.MAX_RULES and c.max_hops == abi.MAX_HOPS
     validating = abi.Cap.TCP_WINDOW | abi.Cap.CSUM_IPV4 | abi.Cap.CSUM_L4
     assert c.table_size == 65536
-    assert c.program_caps == abi.Cap.FLOW_COUNTERS | abi.Cap.HW_AGING | validating
-    assert HwCaps(flow_counters=False).program_caps == abi.Cap.HW_AGING | validating
-    assert HwCaps(flow_counters=False, hw_aging=False, window=False, csum=()).program_caps == 0
+    cache = abi.Cap.FLOW_CACHE
+    assert c.program_caps == abi.Cap.FLOW_COUNTERS | abi.Cap.HW_AGING | validating | cache
+    assert HwCaps(flow_counters=False).program_caps == abi.Cap.HW_AGING | validating | cache
+    assert HwCaps(flow_counters=False, hw_aging=False, window=False, csum=(), flow_cache=False).program_caps == 0
     assert HwCaps(csum=("l4",), invalid="punt").program_caps & (abi.Cap.CSUM_IPV4 | abi.Cap.INVALID_PUNT) \
         == abi.Cap.INVALID_PUNT
-    assert HwCaps.from_config({"profile": "minimal"}).program_caps == abi.Cap.FLOW_COUNTERS
+    assert HwCaps.from_config({"profile": "minimal"}).program_caps == abi.Cap.FLOW_COUNTERS | cache
+    assert HwCaps.from_config({"flow_cache": False}).program_caps & cache == 0
     assert HwCaps.from_config({"csum": ["l4"]}).csum == ("l4",)
     assert HwCaps.from_config(None) == c == HwCaps.from_config({})
     # A NIC that ages its own entries has a connection context per

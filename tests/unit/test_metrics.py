@@ -14,6 +14,7 @@ from ctctl.box.metrics import exposition
 STATS = {
     "box": "lab", "uptime_s": 12.5,
     "program": {"rx_packets": 420, "rx_bytes": 40120, "punted": 12, "perf_lost": 3, "too_big": 1,
+                "flow_cache": {"hits": 300, "misses": 20, "stale": 2},
                 "punts_by_reason": {"ct_miss": 9, "ct_flags": 3}},
     "software": {"received": 9, "ring_lost": 3, "drops": {"no_match": 2}, "csum_completed": 0},
     "conntrack": {"entries": 4},
@@ -44,6 +45,9 @@ def test_every_counter_of_stats_is_a_sample_with_its_labels():
         ("ctctl_program_punts_total", (("reason", "ct_miss"),)): 9,
         ("ctctl_program_perf_lost_total", ()): 3,
         ("ctctl_program_too_big_total", ()): 1,
+        ("ctctl_program_flow_cache_total", (("outcome", "hit"),)): 300,
+        ("ctctl_program_flow_cache_total", (("outcome", "miss"),)): 20,
+        ("ctctl_program_flow_cache_total", (("outcome", "stale"),)): 2,
         ("ctctl_software_received_total", ()): 9,
         ("ctctl_software_ring_lost_total", ()): 3,
         ("ctctl_software_drops_total", (("cause", "no_match"),)): 2,

@@ -90,6 +90,17 @@ def test_stats_text_names_what_it_counts():
     ]
 
 
+def test_stats_text_has_the_flow_cache_once_it_answered():
+    prog = {"rx_packets": 42, "rx_bytes": 4012, "punted": 0, "perf_lost": 0, "too_big": 0, "punts_by_reason": {},
+            "flow_cache": {"hits": 36, "misses": 3, "stale": 1}}
+    lines = format_stats({"box": "lab", "program": prog, "ports": {}}).splitlines()
+    assert lines[2] == ("flow cache: 36 hits, 3 misses, 1 stale (walked again after a rule or caps change); "
+                        "90.0% of lookups hit")
+    prog["flow_cache"] = {"hits": 0, "misses": 0, "stale": 0}      # off, or nothing offloaded yet
+    assert not any(x.startswith("flow cache") for x in format_stats({"box": "lab", "program": prog,
+                                                                     "ports": {}}).splitlines())
+
+
 def test_stats_text_says_why_connections_left_the_hardware():
     stats = {
         "box": "lab", "uptime_s": 1.0,

@@ -22,6 +22,11 @@ def format_stats(s: dict) -> str:
     out = [head,
            f"program:  rx {prog['rx_packets']} packets ({human_bytes(prog['rx_bytes'])}), "
            f"punted {prog['punted']}, perf_lost {prog['perf_lost']}, too_big {prog['too_big']}"]
+    fc = prog.get("flow_cache") or {}
+    if any(fc.values()):
+        looked = sum(fc.values())
+        out.append(f"flow cache: {fc['hits']} hits, {fc['misses']} misses, {fc['stale']} stale "
+                   f"(walked again after a rule or caps change); {fc['hits'] / looked:.1%} of lookups hit")
     judged = {k: prog.get(k, 0) for k in ("window_invalid", "window_ignored", "csum_invalid")}
     if any(judged.values()):
         out.append(f"judged in hardware: {judged['window_invalid']} outside the TCP window, "
