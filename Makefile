@@ -23,7 +23,7 @@ help:
 	@echo "make bench-aging       aging at a full 1M-entry table: full pass, sampling ticks, NIC pass (3 min, 2 GB)"
 	@echo "make bench-fastpath    the soft list's fast path against the full pipeline, punts/s"
 	@echo "make bench-hitpath     what recording a flow's rules costs the program's hit path, ns/packet"
-	@echo "make bench-nic         the NIC program's ns/packet: bare redirect, ct hit, NAT hit, miss, worst case"
+	@echo "make bench-nic         the NIC program's ns/packet: bare redirect, ct hit (cached, walked), NAT hit, miss, worst cases"
 	@echo "make bench-connrate    short TCP connections per second: bare, kernel, ctctl; what one costs the controller"
 	@echo "make bench-punts       packets/s the controller takes through the whole pipeline, nothing offloaded"
 
