@@ -60,6 +60,7 @@ class Result:
     counters: dict[str, int]  # nonzero deltas only, by counter name
     malformed_samples: int = 0
     duration_ns: int = 0
+    data_out: bytes = b""   # the packet the program left (run with out_size)
 
     @property
     def reasons(self) -> list[abi.Reason]:
@@ -100,22 +101,23 @@ class Harness:
         self._got.clear()
         return got
 
-    def run(self, frame: bytes, ifindex: int | None = None) -> Result:
+    def run(self, frame: bytes, ifindex: int | None = None, out_size: int = 0) -> Result:
         """Run the program once on `frame`.  Raises Refused when the kernel
         does not run it (the errno says why).  With `ifindex` (a device of
-        the calling thread's namespace) the skb comes from that device."""
+        the calling thread's namespace) the skb comes from that device;
+        with `out_size`, the packet it leaves is in data_out."""
         stale = self.drain()
         if stale:
             raise AssertionError(f"{len(stale)} punts pending before the run: {stale}")
         malformed0 = self.reader.malformed
         before = self.counters()
-        opts, _ = self.prog_test_run(frame, ifindex)
+        opts, out = self.prog_test_run(frame, ifindex, out_size=out_size)
         punts = self.drain()
         after = self.counters()
         delta = {COUNTER_NAMES[i]: a - b for i, (a, b) in enumerate(zip(after, before)) if a != b}
         return Result(opts.retval, punts, delta,
                       malformed_samples=self.reader.malformed - malformed0,
-                      duration_ns=opts.duration)
+                      duration_ns=opts.duration, data_out=out)
 
 
     def prog_test_run(self, frame: bytes, ifindex: int | None = None,
