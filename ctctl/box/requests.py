@@ -204,7 +204,12 @@ def filter_request(ctl, req: dict) -> dict:
         aggs = None
         if isinstance(cmd, ShowCommand) and cmd.stats:
             aggs = {f: (a["packets"], a["bytes"], a["flows"], a["used_ago"]) for f, a in _aggregates(ctl).items()}
-        out = execute(ctl.ruleset, line, hw_stats=hw, aggregates=aggs)
+        device = ctl.device
+        try:
+            out = execute(ctl.ruleset, line, hw_stats=hw, aggregates=aggs, layout=str(req.get("layout", "tc")),
+                          in_hw=(lambda f: device.rule_id(f) is not None) if device is not None else None)
+        except ValueError as e:
+            raise ControlError(str(e)) from None
         evicted = []
         if out.verb == "del" and out.filters and ctl.offload is not None:
             # Slide 19: a deleted rule's flows leave the hardware with it,
@@ -215,7 +220,7 @@ def filter_request(ctl, req: dict) -> dict:
             ctl.save_state()                  # the rules a controller adopting this box runs
         if out.verb != "show" and ctl.offload is not None:
             ctl.offload.fastpath.rules_changed()
-    return {"verb": out.verb, "lines": out.lines, "evicted": evicted,
+    return {"verb": out.verb, "lines": out.lines, "data": out.data, "evicted": evicted,
             "filters": [format_filter(f) for f in out.filters]}
 
 

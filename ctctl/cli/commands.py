@@ -174,7 +174,10 @@ def cmd_filter(args) -> int:
     name, words = _take_name(args.words)
     args.name = name or args.name
     stats = args.stats or any(w in STAT_FLAGS for w in words)
-    words = [w for w in words if w not in STAT_FLAGS]
+    # Options typed after the words land in them (argparse's REMAINDER).
+    as_json = args.json or any(w in ("-j", "-json", "--json") for w in words)
+    as_added = args.as_added or "--as-added" in words
+    words = [w for w in words if w not in STAT_FLAGS and w not in ("-j", "-json", "--json", "--as-added")]
     if words[:1] == ["filter"]:          # `ctctl filter filter show`: the tc word typed twice
         words = words[1:]
     if words[:1] == ["list"]:            # tc's synonym
@@ -183,13 +186,16 @@ def cmd_filter(args) -> int:
         return die("filter needs add, del, flush or show (see ctctl filter --help)", 2)
     line = " ".join((["-s"] if stats else []) + ["filter"] + words)
     try:
-        reply = control.request(_box_name(args), "filter", line=line)
+        layout = "json" if as_json else "as-added" if as_added else "tc"
+        reply = control.request(_box_name(args), "filter", line=line, layout=layout)
     except control.ControlError as e:
         msg = str(e)
         if e.column:
             # Point at the token in the line as the box read it.
             msg += f"\n  {line}\n  {' ' * (e.column - 1)}^"
         return die(msg)
+    if reply["verb"] == "show" and reply.get("data") is not None:
+        print(json.dumps(reply["data"]))
     for out in reply["lines"]:
         print(out)
     if reply["verb"] == "del" and not reply["filters"]:

@@ -62,9 +62,14 @@ examples (the seed's slide 9):
   ctctl filter add dev eth6 protocol ip parent ffff: chain 0 flower ct_state -trk action ct action goto chain 9
   ctctl filter add dev eth5 protocol ip parent ffff: chain 9 flower ct_state +trk+est \\
         action mirred egress redirect dev eth6
-  ctctl filter show dev eth5                # `filter list` is the same
-  ctctl -s filter show dev eth5             # or `filter show dev eth5 -s`: total, software, hardware,
+  ctctl filter show dev eth5 ingress        # as `tc filter show` prints it (`filter list` is the same)
+  ctctl -s filter show dev eth5             # or `filter show dev eth5 -s`: with each action's counters,
+                                            # software and hardware, as tc -s shows them
+  ctctl filter show dev eth5 -j             # as `tc -j filter show`
+  ctctl -s filter show dev eth5 --as-added  # each filter as its `filter add` line, its counters,
                                             # and what the rule's flows counted
+  ctctl filter add dev eth5 proto ip pref 1 ingress flower ct_state -trk action ct zone 2 pipe \\
+        action goto chain 9                 # tc's abbreviations (proto, pref) and control verbs
   ctctl filter del dev eth5 chain 9 prio 49152   # its flows leave the hardware with it
   ctctl filter flush dev eth5 chain 9       # every filter of the chain (tc: filter del ... chain 9)
 A refused rule changes nothing; the error names the token and its column.
@@ -195,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     _name_arg(s)
     s.add_argument("-s", "--stats", dest="stats", action="store_true", default=argparse.SUPPRESS,
                    help="show: with counters (also accepted after the words, and as `ctctl -s filter`)")
+    shown = s.add_mutually_exclusive_group()
+    shown.add_argument("--json", "-j", action="store_true",
+                       help="show: as `tc -j filter show` prints it (a JSON list)")
+    shown.add_argument("--as-added", action="store_true",
+                       help="show: each filter as the `filter add` line that makes it "
+                            "(default: tc filter show's own layout)")
     s.add_argument("words", nargs=argparse.REMAINDER, help="add|del|flush|show|list ... as tc takes it")
 
     s = _sub(sub, "conntrack", "the box's connection table, with conntrack(8)'s commands and filters",

@@ -18,8 +18,14 @@ Semantics, and where they follow or leave tc (docs/rules.md has the list):
   verdict pass;
 - `trap` is "send to software" in hardware; in software the packet is
   already there, so trap does nothing and the next action runs;
-- `goto chain` may loop: more than max_hops gotos for one packet drop it
-  (reason "goto_loop"), as the kernel's reclassify limit does;
+- `goto chain` and `reclassify` (back to chain 0) may loop: more than
+  max_hops of them for one packet drop it (reason "goto_loop"), as the
+  kernel's reclassify limit does for both;
+- `continue` ends the filter's actions and classification goes on with
+  the next prio of the chain (the next flower instance, as in the kernel,
+  where one instance holds all filters of a prio);
+- ct's control verb (`ct commit drop`) runs right after the ct as that
+  gact action would;
 - filters marked skip_sw are not evaluated here.
 
 The ct action goes to the conntrack tracker, with two things act_ct does
@@ -47,8 +53,8 @@ from ctctl.kernel.conntrack import Conn, ConnTracker, CtResult, NatSpec, Status,
 from ctctl.kernel.conntrack.nat import rewrite
 from ctctl.kernel.packet import Packet, ParseError, parse
 from ctctl.rules import (
-    ETH_P_ALL, CtAction, DropAction, Filter, FlowerMatch, GotoAction, MirredAction, PassAction,
-    RuleSet, TrapAction,
+    ETH_P_ALL, ContinueAction, CtAction, DropAction, Filter, FlowerMatch, GotoAction, MirredAction,
+    PassAction, PipeAction, ReclassifyAction, RuleSet, TrapAction,
 )
 
 # Gotos one packet may take.  The hardware interpreter must stop at the same
@@ -56,6 +62,8 @@ from ctctl.rules import (
 MAX_GOTO_HOPS = MAX_HOPS
 
 _NAT_STATUS = Status.SRC_NAT | Status.DST_NAT
+# What ends a rule's actions without ending classification.
+_GO_ON = (GotoAction, ContinueAction, ReclassifyAction)
 
 
 @dataclass
@@ -225,6 +233,7 @@ class Pipeline:
         meta = CtMeta()
         outcome = None
         chain, first = 0, 0   # where the next chain scan starts
+        hit = -1              # the filter whose actions ran last
         if resume is not None:
             chain = resume.chain
             v.hops = resume.hops
@@ -235,23 +244,32 @@ class Pipeline:
                     v.reason = "stale_resume"
                     return self._end(v, meta)
                 first = resume.rule
+                # Its connection, for a later ct in the same zone (act_ct's
+                # per-packet cache), as when resuming at an action.
+                self._restore_conn(pkt, meta, resume)
             else:
                 rule = resume.rule
                 if rule >= len(filters) or resume.action > len(filters[rule].actions):
                     v.reason = "stale_resume"
                     return self._end(v, meta)
-                f = filters[rule]
+                f, hit = filters[rule], rule
                 self._restore(pkt, meta, resume, f)
                 v.trace.append(Step(chain, rule, f, resumed=True))
                 outcome = self._run_actions(f, resume.action, pkt, meta, v)
 
-        while outcome is None or isinstance(outcome, GotoAction):
-            if isinstance(outcome, GotoAction):
+        while outcome is None or isinstance(outcome, _GO_ON):
+            if isinstance(outcome, (GotoAction, ReclassifyAction)):
                 if v.hops >= self.max_hops:
                     v.kind, v.reason = "drop", "goto_loop"
                     return self._end(v, meta)
                 v.hops += 1
-                chain, first = outcome.chain, 0
+                chain, first = (outcome.chain if isinstance(outcome, GotoAction) else 0), 0
+            elif isinstance(outcome, ContinueAction):
+                # TC_ACT_UNSPEC: on to the next filter instance, i.e. the
+                # next prio (one flower instance holds a prio's filters).
+                filters = self.ruleset.chain(in_dev, chain)
+                first = next((j for j in range(hit + 1, len(filters))
+                              if filters[j].prio != filters[hit].prio), len(filters))
             filters = self.ruleset.chain(in_dev, chain)
             hit = None
             for i, f in enumerate(filters[first:], first):
@@ -275,26 +293,30 @@ class Pipeline:
         return v
 
     def _run_actions(self, f: Filter, start: int, pkt: Packet, meta: CtMeta, v: Verdict):
-        """Run f's actions from index start; returns the GotoAction to
-        follow, or a finished verdict marker (anything else)."""
+        """Run f's actions from index start; returns what ends them: a
+        GotoAction, ContinueAction or ReclassifyAction to follow, or a
+        finished verdict marker (anything else)."""
         for i in range(start, len(f.actions)):
             a = f.actions[i]
             if isinstance(a, CtAction):
                 self._ct(f, i, a, pkt, meta, v)
-            elif isinstance(a, TrapAction):
+                if a.control is None:
+                    continue
+                a = a.control   # `ct ... drop`: the verb ends the list as its gact would
+            if isinstance(a, (TrapAction, PipeAction)):
                 continue
-            elif isinstance(a, GotoAction):
+            if isinstance(a, (GotoAction, ContinueAction, ReclassifyAction)):
                 return a
-            elif isinstance(a, MirredAction):
+            if isinstance(a, MirredAction):
                 if a.dev not in self.ports:
                     v.kind, v.reason = "drop", "unknown_port"
                 else:
                     v.kind, v.output, v.reason = "output", a.dev, None
                 return a
-            elif isinstance(a, DropAction):
+            if isinstance(a, DropAction):
                 v.kind, v.reason = "drop", "drop_action"
                 return a
-            elif isinstance(a, PassAction):
+            if isinstance(a, PassAction):
                 v.kind, v.reason = "pass", "pass"
                 return a
         v.kind, v.reason = "pass", "end_of_actions"
@@ -374,6 +396,9 @@ class Pipeline:
                     conn, direction, _, cur = found
                     rewrite(pkt, cur, conn.tuple(direction))
             return
+        self._restore_conn(pkt, meta, resume)
+
+    def _restore_conn(self, pkt: Packet, meta: CtMeta, resume: Resume) -> None:
         if meta.ct_state & CtState.TRK or resume.done & Done.CT:
             found = self._find_conn(pkt, meta.zone)
             if found is not None:

@@ -24,8 +24,8 @@ from ctctl.kernel.packet import Packet
 from ctctl.nic.caps import HwCaps
 from ctctl.protocols import ICMPS, proto_name
 from ctctl.rules import (
-    ETH_P_ALL, ETH_P_IP, ETH_P_IPV6, CtAction, DropAction, Filter, GotoAction, MirredAction,
-    PassAction, TrapAction,
+    ETH_P_ALL, ETH_P_IP, ETH_P_IPV6, ContinueAction, CtAction, DropAction, Filter, GotoAction,
+    MirredAction, PassAction, ReclassifyAction, TrapAction,
 )
 
 # Rule id 0 is the scratch slot: rules that stand for no filter's match (the
@@ -35,7 +35,7 @@ from ctctl.rules import (
 # when it matches them.
 SCRATCH_ID = 0
 
-_TERMINAL = (GotoAction, MirredAction, DropAction, PassAction)
+_TERMINAL = (GotoAction, MirredAction, DropAction, PassAction, ContinueAction, ReclassifyAction)
 _EST = int(CtState.TRK | CtState.EST)        # an entry's ct_state, as plain ints
 _EST_RPL = int(CtState.TRK | CtState.EST | CtState.RPL)
 
@@ -175,7 +175,8 @@ def _encode_action(a, caps: HwCaps, ifindex_by_port: dict[str, int]) -> abi.Acti
         if a.nat is not None and not caps.nat:
             # The entry's NAT must be applied on a hit; the device cannot.
             return None
-        if a.mark is not None or a.label is not None:
+        if a.commit and (a.mark is not None or a.label is not None):
+            # (Without commit act_ct ignores mark and label.)
             # commit with mark/label writes the connection's mark/label; the
             # hardware only restores the entry's copy.  A packet that
             # reaches such an action is usually +new (a miss anyway); one of
@@ -240,6 +241,10 @@ def encode_rule(f: Filter, rule_id: int, caps: HwCaps | None = None,
       indices agree because nothing before it was dropped or merged).
     - No actions: kind NONE in slot 0, i.e. pass, as software's
       end_of_actions.
+    - A ct with a control verb (`ct commit drop`) takes two slots: the ct,
+      then the verb as its gact (drop, pass, goto).  The verb ends the list,
+      so the extra slot is no action's and the indices still agree.  gact
+      pipe, continue and reclassify are software's (a trap at their index).
     """
     caps = caps or HwCaps()
     ifindex_by_port = ifindex_by_port or {}
@@ -252,17 +257,28 @@ def encode_rule(f: Filter, rule_id: int, caps: HwCaps | None = None,
     _encode_match(f, r)
     acts = f.actions
     for i, a in enumerate(acts):
-        if (i == abi.MAX_ACTIONS - 1 and len(acts) > abi.MAX_ACTIONS
-                and not isinstance(a, (*_TERMINAL, TrapAction))):
+        ends = isinstance(a, (*_TERMINAL, TrapAction)) or (isinstance(a, CtAction) and a.control is not None)
+        if i == abi.MAX_ACTIONS - 1 and len(acts) > abi.MAX_ACTIONS and not ends:
             # Slot left for the trap: actions i.. continue in software.
             r.actions[i].kind, r.actions[i].arg = ActionKind.TRAP, TRAP_AT_ACTION
             break
         enc = _encode_action(a, caps, ifindex_by_port)
+        control = None
+        if enc is not None and isinstance(a, CtAction) and a.control is not None:
+            # `ct ... drop`: the verb in the next slot, which no action of the
+            # filter uses (the verb ends the list).  No room, or a verb the
+            # device lacks: software runs the ct and its verb.
+            control = (_encode_action(a.control, caps, ifindex_by_port)
+                       if i + 1 < abi.MAX_ACTIONS else None)
+            if control is None:
+                enc = None
         if enc is None:
             r.actions[i].kind, r.actions[i].arg = ActionKind.TRAP, TRAP_AT_ACTION
             break
         r.actions[i] = enc
-        if isinstance(a, (*_TERMINAL, TrapAction)):
+        if control is not None:
+            r.actions[i + 1] = control
+        if ends:
             break
     return r
 

@@ -4,9 +4,9 @@ the ordered set of a box's filters, and YAML loading."""
 from .commands import Outcome, execute
 from .errors import RuleSyntaxError
 from .model import (
-    DEFAULT_PRIO, ETH_P_ALL, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Action, CtAction,
-    CtNat, CtStateMatch, DropAction, Filter, FlowerMatch, GotoAction,
-    MirredAction, PassAction, PortRange, TrapAction,
+    CT_CONTROLS, DEFAULT_PRIO, ETH_P_ALL, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Action, ActionBase,
+    ContinueAction, CtAction, CtNat, CtStateMatch, DropAction, Filter, FlowerMatch, GotoAction,
+    MirredAction, PassAction, PipeAction, PortRange, ReclassifyAction, TrapAction,
 )
 from .parser import AddCommand, Command, DelCommand, ShowCommand, parse_command, parse_filter
 from .printer import format_action, format_filter
@@ -17,8 +17,9 @@ from .yaml_rules import RulesFileError, load_rules, load_ruleset, rules_from_nod
 __all__ = [
     "Outcome", "execute",
     "RuleSyntaxError", "DEFAULT_PRIO", "ETH_P_ALL", "ETH_P_ARP", "ETH_P_IP", "ETH_P_IPV6",
-    "Action", "CtAction", "CtNat", "CtStateMatch", "DropAction", "Filter", "FlowerMatch",
-    "GotoAction", "MirredAction", "PassAction", "PortRange", "TrapAction",
+    "Action", "ActionBase", "CT_CONTROLS", "ContinueAction", "CtAction", "CtNat", "CtStateMatch",
+    "DropAction", "Filter", "FlowerMatch", "GotoAction", "MirredAction", "PassAction", "PipeAction",
+    "PortRange", "ReclassifyAction", "TrapAction",
     "AddCommand", "Command", "DelCommand", "ShowCommand", "parse_command", "parse_filter",
     "format_action", "format_filter", "FilterStats", "RuleSet", "problems", "validate",
     "RulesFileError", "load_rules", "load_ruleset", "rules_from_node",

@@ -1,4 +1,5 @@
-"""Split a tc command line into tokens that remember their column."""
+"""Split a tc command line into tokens that remember their column, and
+resolve abbreviated keywords as iproute2 does."""
 
 from __future__ import annotations
 
@@ -32,3 +33,30 @@ def tokenize(line: str) -> list[Token]:
             i += 1
         tokens.append(Token(line[start:i], start + 1))
     return tokens
+
+
+# A keyword table: (keyword, exact) in the order iproute2 tests them.
+Keywords = tuple[tuple[str, bool], ...]
+
+
+def keywords(spec: str) -> Keywords:
+    """"dev= block root= ..." -> a table; "=" marks a keyword tc compares
+    exactly (strcmp), the others take any prefix (matches())."""
+    return tuple((w.rstrip("="), w.endswith("=")) for w in spec.split())
+
+
+def resolve(word: str, table: Keywords) -> str | None:
+    """The keyword tc would take `word` for, or None.
+
+    iproute2's matches(word, keyword) accepts any non-empty prefix of the
+    keyword, and the parsers test keywords one after the other, so an
+    ambiguous prefix means the first keyword in the parser's order (`p` is
+    `preference`, `c` is ct's `clear`).  Some keywords are compared exactly
+    (strcmp): `dev`, `handle`, `ingress` in tc filter, `cookie`, ...
+    """
+    if not word:
+        return None
+    for kw, exact in table:
+        if word == kw or (not exact and kw.startswith(word)):
+            return kw
+    return None

@@ -111,7 +111,35 @@ class CtNat:
 
 
 @dataclass(frozen=True)
-class CtAction:
+class ActionBase:
+    """What tc lets every action carry besides its own options.
+
+    index: the action's number among the actions of its kind (tc's
+    `index N`); the kernel shares one action between filters that name the
+    same index.  None until a RuleSet assigns one, as the kernel does.
+    cookie: up to 16 opaque bytes the kernel stores and prints back.
+    no_percpu: per-CPU statistics off (a kernel detail; printed back).
+    hw_stats: the statistics type asked of the hardware.
+    """
+
+    index: int | None = field(default=None, kw_only=True)
+    cookie: bytes | None = field(default=None, kw_only=True)
+    no_percpu: bool = field(default=False, kw_only=True)
+    hw_stats: str | None = field(default=None, kw_only=True)
+
+    @property
+    def tc_kind(self) -> str:
+        """The kernel's action kind: its index space."""
+        return "gact"
+
+
+@dataclass(frozen=True)
+class CtAction(ActionBase):
+    """act_ct.  `control` is the verb that follows the options (`ct commit
+    drop`): None is tc's default, pipe (the next action runs); otherwise
+    one of the gact actions below, run right after the ct, which ends the
+    rule's actions as that action would."""
+
     commit: bool = False
     force: bool = False
     clear: bool = False
@@ -119,39 +147,69 @@ class CtAction:
     mark: Masked | None = None
     label: Masked | None = None
     nat: CtNat | None = None
+    control: "Action | None" = None
+
+    @property
+    def tc_kind(self) -> str:
+        return "ct"
 
 
 @dataclass(frozen=True)
-class GotoAction:
+class GotoAction(ActionBase):
     chain: int
 
 
 @dataclass(frozen=True)
-class MirredAction:
+class MirredAction(ActionBase):
     """`mirred egress redirect dev X`: the only mirred form the model runs."""
 
     dev: str
 
+    @property
+    def tc_kind(self) -> str:
+        return "mirred"
+
 
 @dataclass(frozen=True)
-class DropAction:
+class DropAction(ActionBase):
     pass
 
 
 @dataclass(frozen=True)
-class PassAction:
+class PassAction(ActionBase):
     pass
 
 
 @dataclass(frozen=True)
-class TrapAction:
+class TrapAction(ActionBase):
     pass
 
 
-Action = Union[CtAction, GotoAction, MirredAction, DropAction, PassAction, TrapAction]
+@dataclass(frozen=True)
+class PipeAction(ActionBase):
+    """gact pipe: nothing; the next action runs."""
+
+
+@dataclass(frozen=True)
+class ContinueAction(ActionBase):
+    """gact continue (TC_ACT_UNSPEC): the rule's actions end and
+    classification goes on with the next filter of the chain."""
+
+
+@dataclass(frozen=True)
+class ReclassifyAction(ActionBase):
+    """gact reclassify: classification starts again at chain 0, with the
+    metadata the packet has; it counts towards the same loop limit as
+    goto chain (the kernel's max_reclassify_loop covers both)."""
+
+
+Action = Union[CtAction, GotoAction, MirredAction, DropAction, PassAction, TrapAction, PipeAction,
+               ContinueAction, ReclassifyAction]
 
 # Actions after which tc does not run the rest of the rule's list.
-TERMINAL_ACTIONS = (GotoAction, MirredAction, DropAction, PassAction)
+TERMINAL_ACTIONS = (GotoAction, MirredAction, DropAction, PassAction, ContinueAction, ReclassifyAction)
+# What `ct ... VERB` may end with (tc's control verbs the model runs).
+CT_CONTROLS = (DropAction, PassAction, GotoAction, ContinueAction, ReclassifyAction)
 
 
 @dataclass(frozen=True)

@@ -5,46 +5,46 @@
 
 parse_filter() returns the Filter of an `add` line (the words before `dev`
 may be left out, which is how the YAML config writes rules);
-parse_command() also understands `del` and `show`.  Every error is a
-RuleSyntaxError whose column points at the offending token (for ct_state,
-at the offending flag inside the token).
+parse_command() also understands `del` and `show`.  Keywords are read as
+iproute2 reads them, abbreviations included (tc_filter.c's and
+f_flower.c's orders; the actions are ctctl.rules.actions').  Every error
+is a RuleSyntaxError whose column points at the offending token (for
+ct_state, at the offending flag inside the token).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from . import validate as _validate
+from .actions import ACTION_WORDS, ActionParser
 from .errors import RuleSyntaxError
-from .lexer import Token
-from .model import (
-    U16, U32, U128, Action, CtAction, CtNat, DropAction, Filter, FlowerMatch, GotoAction,
-    MirredAction, PassAction, TrapAction,
-)
+from .lexer import Token, keywords, resolve
+from .model import U16, U32, U128, Action, Filter, FlowerMatch
 from .values import (
-    IP_PROTO_NAMES, Cursor, ct_state, err, ip_addr, ip_prefix, masked, parse_uint, port_range,
-    protocol, read_uint,
+    IP_PROTO_NAMES, Cursor, ct_state, err, ip_prefix, masked, parse_uint, port_range, protocol, read_uint,
 )
 
 _INGRESS_PARENTS = ("ffff:", "ffff:0", "ffff:fff2")
-_ACTION_WORDS = ("action", "actions")
-# flower keys tc knows that the model does not run: named, not "unknown".
-_UNSUPPORTED_FLOWER = {
-    "indev", "dst_mac", "src_mac", "vlan_id", "vlan_prio", "vlan_ethtype",
-    "cvlan_id", "cvlan_prio", "cvlan_ethtype", "mpls_label", "mpls_tc",
-    "mpls_bos", "mpls_ttl", "mpls", "ip_tos", "ip_ttl", "ip_flags",
-    "tcp_flags", "arp_tip", "arp_sip", "arp_op", "arp_tha", "arp_sha",
-    "enc_key_id", "enc_dst_ip", "enc_src_ip", "enc_dst_port", "enc_tos",
-    "enc_ttl", "geneve_opts", "vxlan_opts", "erspan_opts", "classid",
-    "flowid", "verbose", "num_of_vlans", "l2_miss", "cfm", "pppoe_sid",
-    "ppp_proto", "l2tpv3_sid", "spi",
-}
-_UNSUPPORTED_ACTIONS = {
-    "pedit", "vlan", "tunnel_key", "csum", "skbedit", "police", "sample",
-    "mpls", "nat", "connmark", "ctinfo", "bpf", "simple", "ife", "gate",
-    "skbmod", "continue", "reclassify", "jump", "pipe",
-}
+# tc_filter.c's words before the classifier, in the order it tests them
+# ("=": compared exactly).  `p` is preference, `h` is help, not handle.
+_HEAD = keywords("dev= block root= ingress= egress= parent= handle= preference priority protocol "
+                 "chain estimator help")
+# f_flower.c's keys in its order; eth_type (the talk's spelling), icmp_type
+# and icmp_code (ctctl's) and the plural `actions` (which tc refuses) only
+# exactly.
+_FLOWER = keywords(
+    "eth_type= icmp_type= icmp_code= classid flowid hw_tc ip_flags l2_miss= verbose skip_hw skip_sw "
+    "ct_state ct_zone ct_mark ct_label indev num_of_vlans= vlan_id vlan_prio vlan_ethtype cvlan_id cvlan_prio "
+    "cvlan_ethtype mpls mpls_label mpls_tc mpls_bos mpls_ttl dst_mac src_mac ip_proto ip_tos "
+    "ip_ttl dst_ip src_ip dst_port src_port tcp_flags type code l2tpv3_sid= spi= arp_tip arp_sip "
+    "arp_op arp_tha arp_sha pppoe_sid= ppp_proto= enc_dst_ip enc_src_ip enc_key_id enc_dst_port "
+    "enc_tos enc_ttl geneve_opts vxlan_opts erspan_opts gtp_opts= pfcp_opts= enc_flags= action "
+    "actions= cfm=")
+_FLOWER_RUN = {"eth_type", "skip_hw", "skip_sw", "ct_state", "ct_zone", "ct_mark", "ct_label",
+               "ip_proto", "dst_ip", "src_ip", "dst_port", "src_port", "type", "code", "icmp_type",
+               "icmp_code"}
+_CLASSIFIERS = ("u32", "bpf", "matchall", "basic", "fw", "route", "flow", "cgroup", "rsvp", "tcindex")
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,8 @@ class ShowCommand:
     dev: str | None = None
     chain: int | None = None
     stats: bool = False
+    # What the line gave (dev, parent, chain): tc leaves those out of what it prints.
+    named: frozenset[str] = frozenset()
 
 
 Command = AddCommand | DelCommand | ShowCommand
@@ -84,7 +86,7 @@ class _FilterParser:
             raise err(f"{kw.text}: given twice", kw)
 
     # -- the filter's own options, before the classifier -----------------
-    def head(self, stop_at_flower: bool = True) -> None:
+    def head(self) -> None:
         cur = self.cur
         while not cur.done():
             kw = cur.peek()
@@ -92,36 +94,41 @@ class _FilterParser:
             if w == "flower":
                 return
             cur.take()
-            if w == "dev":
+            key = resolve(w, _HEAD)
+            if key == "dev":
                 self._once(self.f, "dev", kw)
                 t = cur.need("an interface name", kw)
                 self.f["dev"] = t.text
                 self.loc[("dev",)] = t
-            elif w == "protocol":
+            elif key == "protocol":
                 self._once(self.f, "protocol", kw)
                 t = cur.need("a protocol", kw)
                 self.f["protocol"] = protocol(kw, t)
                 self.loc[("protocol",)] = t
-            elif w == "parent":
-                t = cur.need("a parent such as ffff:", kw)
-                self._parent(t)
-            elif w == "ingress":
+            elif key == "parent":
+                self._parent(cur.need("a parent such as ffff:", kw))
+            elif key == "ingress":
                 pass
-            elif w in ("egress",):
+            elif key in ("egress", "root"):
                 raise err("only ingress filters are supported (parent ffff: or ingress)", kw)
-            elif w == "chain":
+            elif key == "chain":
                 self._once(self.f, "chain", kw)
                 self.f["chain"], self.loc[("chain",)] = read_uint(cur, kw, U32)
-            elif w in ("prio", "pref", "priority", "preference"):
+            elif key in ("preference", "priority"):
                 self._once(self.f, "prio", kw)
                 self.f["prio"], self.loc[("prio",)] = read_uint(cur, kw, U16, "a priority 1-65535")
-            elif w == "handle":
+            elif key == "handle":
                 self._once(self.f, "handle", kw)
                 self.f["handle"], self.loc[("handle",)] = read_uint(cur, kw, U32)
-            elif w in _ACTION_WORDS:
+            elif key == "block":
+                raise err("shared blocks are not supported by ctctl (filters hang on a port's ingress)", kw)
+            elif key == "estimator":
+                raise err("estimator: rate estimators are not supported by ctctl", kw)
+            elif key == "help":
+                raise err(f"'{w}' is tc's help (see `ctctl filter --help`)", kw)
+            elif w in ACTION_WORDS:
                 raise err("expected 'flower' before the actions", kw)
-            elif w in ("u32", "bpf", "matchall", "basic", "fw", "route", "flow",
-                       "cgroup", "rsvp", "tcindex"):
+            elif w in _CLASSIFIERS:
                 raise err(f"classifier '{w}' is not supported (only flower)", kw)
             else:
                 raise err(f"unknown keyword '{w}'", kw)
@@ -136,18 +143,24 @@ class _FilterParser:
     # -- flower ----------------------------------------------------------
     def flower(self) -> None:
         cur = self.cur
-        while not cur.done() and not cur.at(*_ACTION_WORDS):
-            kw = cur.take()
+        while not cur.done():
+            kw = cur.peek()
             w = kw.text
-            if w in ("skip_hw", "skip_sw"):
-                self._once(self.f, w, kw)
-                self.f[w] = True
-                self.loc[(w,)] = kw
+            name = resolve(w, _FLOWER)
+            if name in ("action", "actions"):
+                return
+            cur.take()
+            if name is None:
+                raise err(f"flower: unknown keyword '{w}'", kw)
+            if name not in _FLOWER_RUN:
+                raise err(f"flower: '{name}' is not supported by ctctl", kw)
+            if name in ("skip_hw", "skip_sw"):
+                self._once(self.f, name, kw)
+                self.f[name] = True
+                self.loc[(name,)] = kw
                 continue
-            name = {"type": "icmp_type", "code": "icmp_code"}.get(w, w)
-            if name in ("eth_type", "ip_proto", "src_ip", "dst_ip", "src_port", "dst_port",
-                        "icmp_type", "icmp_code", "ct_state", "ct_zone", "ct_mark", "ct_label"):
-                self._once(self.m, name, kw)
+            name = {"type": "icmp_type", "code": "icmp_code"}.get(name, name)
+            self._once(self.m, name, kw)
             if name == "eth_type":
                 t = cur.need("a protocol", kw)
                 self.m[name] = protocol(kw, t)
@@ -176,130 +189,10 @@ class _FilterParser:
             elif name == "ct_mark":
                 t = cur.need("MARK[/MASK]", kw)
                 self.m[name] = masked(kw, t, U32)
-            elif name == "ct_label":
+            else:  # ct_label
                 t = cur.need("LABEL[/MASK]", kw)
                 self.m[name] = masked(kw, t, U128, hexonly=True)
-            elif w in _UNSUPPORTED_FLOWER:
-                raise err(f"flower: '{w}' is not supported by ctctl", kw)
-            else:
-                raise err(f"flower: unknown keyword '{w}'", kw)
             self.loc[(name,)] = t
-
-    # -- actions ---------------------------------------------------------
-    def action_list(self) -> None:
-        cur = self.cur
-        while not cur.done():
-            sep = cur.take()
-            if sep.text not in _ACTION_WORDS:
-                raise err(f"unexpected '{sep.text}' (expected 'action')", sep)
-            kind = cur.need("an action (ct, goto, mirred, drop, pass, trap)", sep)
-            if kind.text == "gact":
-                kind = cur.need("drop, pass, trap or goto", kind)
-            i = len(self.actions)
-            self.loc[("action", i)] = kind
-            k = kind.text
-            if k == "ct":
-                self.actions.append(self._ct(kind, i))
-            elif k == "goto":
-                t = cur.need("'chain'", kind)
-                if t.text != "chain":
-                    raise err(f"goto: expected 'chain', got '{t.text}'", t)
-                n, _ = read_uint(cur, t, U32, base0=False)
-                self.actions.append(GotoAction(n))
-            elif k == "mirred":
-                self.actions.append(self._mirred(kind, i))
-            elif k in ("drop", "shot"):
-                self.actions.append(DropAction())
-            elif k in ("pass", "ok"):
-                self.actions.append(PassAction())
-            elif k == "trap":
-                self.actions.append(TrapAction())
-            elif k in _UNSUPPORTED_ACTIONS:
-                raise err(f"action: '{k}' is not supported by ctctl "
-                           "(expected ct, goto, mirred, drop, pass, trap)", kind)
-            else:
-                raise err(f"action: unknown action '{k}' "
-                           "(expected ct, goto, mirred, drop, pass, trap)", kind)
-
-    def _ct(self, kind: Token, i: int) -> CtAction:
-        cur = self.cur
-        opts: dict = {}
-        while not cur.done() and not cur.at(*_ACTION_WORDS):
-            kw = cur.take()
-            w = kw.text
-            if w in ("commit", "force", "clear", "zone", "mark", "label") and w in opts:
-                raise err(f"ct: '{w}' given twice", kw)
-            if w in ("commit", "force", "clear"):
-                opts[w] = True
-                self.loc[("action", i, w)] = kw
-            elif w == "zone":
-                opts[w], self.loc[("action", i, w)] = read_uint(cur, kw, U16)
-            elif w == "mark":
-                t = cur.need("MARK[/MASK]", kw)
-                opts[w] = masked(kw, t, U32)
-                self.loc[("action", i, w)] = t
-            elif w == "label":
-                t = cur.need("LABEL[/MASK]", kw)
-                opts[w] = masked(kw, t, U128, hexonly=True)
-                self.loc[("action", i, w)] = t
-            elif w == "nat":
-                nat, where = self._nat(kw)
-                if "nat" in opts:
-                    if opts["nat"].kind and nat.kind and opts["nat"].kind != nat.kind:
-                        raise err("ct: src and dst nat can't be used together", where)
-                    raise err("ct: 'nat' given twice", kw)
-                opts["nat"] = nat
-                self.loc[("action", i, "nat")] = where
-            elif w == "pipe":
-                pass  # ct's default control action; nothing to record
-            else:
-                raise err(f"ct: unknown option '{w}' "
-                           "(expected commit, force, clear, zone, mark, label, nat)", kw)
-        return CtAction(**opts)
-
-    def _nat(self, kw: Token) -> tuple[CtNat, Token]:
-        cur = self.cur
-        if not cur.at("src", "dst"):
-            return CtNat(), kw
-        kt = cur.take()
-        addr_min = addr_max = port_min = port_max = None
-        if cur.at("addr"):
-            a = cur.take()
-            t = cur.need("ADDR[-ADDR]", a)
-            lo, _, hi = t.text.partition("-")
-            addr_min = ip_addr(a, lo, t.sub(0, len(lo)))
-            addr_max = ip_addr(a, hi, t.sub(len(lo) + 1)) if hi else addr_min
-            if addr_min.version != addr_max.version or addr_min > addr_max:
-                raise err(f"ct: invalid nat address range '{t.text}'", t)
-        if cur.at("port"):
-            p = cur.take()
-            t = cur.need("PORT[-PORT]", p)
-            m = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", t.text)
-            lo = parse_uint(m.group(1), U16, base0=False) if m else None
-            hi = (parse_uint(m.group(2), U16, base0=False) if m.group(2) else lo) if m else None
-            if lo is None or hi is None or lo > hi:
-                raise err(f"ct: invalid nat port range '{t.text}'", t)
-            port_min, port_max = lo, hi
-        return CtNat(kt.text, addr_min, addr_max, port_min, port_max), kt
-
-    def _mirred(self, kind: Token, i: int) -> MirredAction:
-        cur = self.cur
-        d = cur.need("'egress'", kind)
-        if d.text == "ingress":
-            raise err("mirred: only 'egress redirect' is supported", d)
-        if d.text != "egress":
-            raise err(f"mirred: expected 'egress', got '{d.text}'", d)
-        r = cur.need("'redirect'", d)
-        if r.text == "mirror":
-            raise err("mirred: only 'egress redirect' is supported", r)
-        if r.text != "redirect":
-            raise err(f"mirred: expected 'redirect', got '{r.text}'", r)
-        dv = cur.need("'dev'", r)
-        if dv.text != "dev":
-            raise err(f"mirred: expected 'dev', got '{dv.text}'", dv)
-        name = cur.need("an interface name", dv)
-        self.loc[("action", i, "dev")] = name
-        return MirredAction(name.text)
 
     def build(self, verb_tok: Token | None) -> Filter:
         if "dev" not in self.f:
@@ -310,22 +203,29 @@ class _FilterParser:
         return _validate.validate(f, self.loc.get)
 
 
+# tc.c's objects and tc filter's verbs, in their order (`f` is filter, `d`
+# delete); `flush` is ctctl's own.
+_OBJECTS = keywords("qdisc class filter chain actions monitor exec help")
+_VERBS_FILTER = keywords("add change replace delete get list show lst flush=")
+_STATS = keywords("-stats -statistics")
+
+
 def _prefix(cur: Cursor) -> tuple[str | None, Token | None, bool]:
     """Skip `tc`/`ctctl`, `-s`, `filter`; return (verb, its token, stats)."""
     stats = False
     if cur.at("tc", "ctctl"):
         cur.take()
-    while cur.at("-s", "-stats", "-statistics"):
+    while cur.peek() is not None and resolve(cur.peek().text, _STATS):
         cur.take()
         stats = True
-    if cur.at("filter"):
+    if cur.peek() is not None and resolve(cur.peek().text, _OBJECTS) == "filter":
         kw = cur.take()
         verb = cur.need("add, del, flush or show", kw)
-        v = {"add": "add", "del": "del", "delete": "del", "flush": "flush", "show": "show",
-             "list": "show", "ls": "show"}.get(verb.text)
+        v = {"add": "add", "delete": "del", "flush": "flush", "list": "show", "show": "show",
+             "lst": "show"}.get(resolve(verb.text, _VERBS_FILTER) or "")
         if v is None:
             raise err(f"filter: unsupported command '{verb.text}' (expected add, del, flush or show)", verb)
-        while cur.at("-s", "-stats", "-statistics"):
+        while cur.peek() is not None and resolve(cur.peek().text, _STATS):
             cur.take()
             stats = True
         return v, verb, stats
@@ -339,7 +239,8 @@ def _parse_add(cur: Cursor, verb_tok: Token | None) -> Filter:
         raise RuleSyntaxError("filter: expected 'flower'", cur.end.column, "")
     cur.take()  # flower
     p.flower()
-    p.action_list()
+    if not cur.done():
+        p.actions = list(ActionParser(cur, p.loc).parse(cur.take()))   # at flower's `action` key
     return p.build(verb_tok)
 
 
@@ -348,12 +249,17 @@ def _parse_select(cur: Cursor, allow: set[str]) -> dict:
     while not cur.done():
         kw = cur.take()
         w = kw.text
-        if w in ("ingress", "flower"):
+        if w == "flower":
             continue
-        if w == "parent":
+        key = resolve(w, _HEAD)
+        if key == "ingress":
+            out["parent"] = True
+            continue
+        if key == "parent":
             _FilterParser(cur)._parent(cur.need("a parent such as ffff:", kw))
+            out["parent"] = True
             continue
-        key = {"pref": "prio", "priority": "prio", "preference": "prio"}.get(w, w)
+        key = {"preference": "prio", "priority": "prio"}.get(key, key)
         if key not in allow:
             raise err(f"unknown keyword '{w}'", kw)
         if key in out:
@@ -381,6 +287,7 @@ def parse_command(text: str) -> Command:
         return AddCommand(_parse_add(cur, verb_tok))
     if verb == "del":
         sel = _parse_select(cur, {"dev", "protocol", "chain", "prio", "handle"})
+        sel.pop("parent", None)
         if "dev" not in sel:
             raise RuleSyntaxError("filter del: 'dev NAME' is required", cur.end.column, "")
         if "handle" in sel and "prio" not in sel:
@@ -390,9 +297,13 @@ def parse_command(text: str) -> Command:
     if verb == "flush":
         # tc's `filter del dev D chain N` (every filter of the chain), and
         # without dev, of every port's chain N.
-        return DelCommand(**_parse_select(cur, {"dev", "protocol", "chain"}))
+        sel = _parse_select(cur, {"dev", "protocol", "chain"})
+        sel.pop("parent", None)
+        return DelCommand(**sel)
     sel = _parse_select(cur, {"dev", "chain"})
-    return ShowCommand(stats=stats, **sel)
+    named = frozenset(sel)
+    sel.pop("parent", None)
+    return ShowCommand(stats=stats, named=named, **sel)
 
 
 def parse_filter(text: str) -> Filter:

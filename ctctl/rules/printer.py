@@ -7,13 +7,15 @@ writes every field the model holds, in tc's canonical spelling.
 from __future__ import annotations
 
 from .model import (
-    U16, U32, U128, CtAction, CtNat, DropAction, Filter, GotoAction, MirredAction, PassAction,
-    PortRange, TrapAction,
+    U16, U32, U128, ContinueAction, CtAction, CtNat, DropAction, Filter, GotoAction, MirredAction,
+    PassAction, PipeAction, PortRange, ReclassifyAction, TrapAction,
 )
 from .values import CT_STATE_FLAGS, IP_PROTO_NAMES, PROTOCOL_NAMES
 
 _PROTO_BY_NUM = {v: k for k, v in PROTOCOL_NAMES.items()}
 _IP_PROTO_BY_NUM = {v: k for k, v in IP_PROTO_NAMES.items()}
+_VERB_WORDS = ((DropAction, "drop"), (PassAction, "pass"), (TrapAction, "trap"), (PipeAction, "pipe"),
+               (ContinueAction, "continue"), (ReclassifyAction, "reclassify"))
 
 
 def format_protocol(p: int) -> str:
@@ -72,7 +74,32 @@ def _nat(n: CtNat) -> str:
     return " ".join(out)
 
 
+def _verb(a) -> str:
+    """A gact action (or ct's control verb) as tc spells it."""
+    if isinstance(a, GotoAction):
+        return f"goto chain {a.chain}"
+    for cls, word in _VERB_WORDS:
+        if isinstance(a, cls):
+            return word
+    raise TypeError(f"not a control verb: {a!r}")
+
+
+def _attrs(a) -> list[str]:
+    """m_action.c's options, after the action's own."""
+    out = []
+    if a.cookie is not None:
+        out += ["cookie", a.cookie.hex()]
+    if a.hw_stats is not None:
+        out += ["hw_stats", a.hw_stats]
+    if a.no_percpu:
+        out.append("no_percpu")
+    return out
+
+
 def format_action(a) -> str:
+    """The action as `filter add` takes it (index before the control verb,
+    where tc reads it)."""
+    index = ["index", str(a.index)] if a.index is not None else []
     if isinstance(a, CtAction):
         out = ["ct"]
         if a.clear:
@@ -89,18 +116,14 @@ def format_action(a) -> str:
             out += ["label", _label(a.label)]
         if a.nat is not None:
             out.append(_nat(a.nat))
-        return " ".join(out)
-    if isinstance(a, GotoAction):
-        return f"goto chain {a.chain}"
-    if isinstance(a, MirredAction):
-        return f"mirred egress redirect dev {a.dev}"
-    if isinstance(a, DropAction):
-        return "drop"
-    if isinstance(a, PassAction):
-        return "pass"
-    if isinstance(a, TrapAction):
-        return "trap"
-    raise TypeError(f"not an action: {a!r}")
+        out += index
+        if a.control is not None:
+            out.append(_verb(a.control))
+    elif isinstance(a, MirredAction):
+        out = ["mirred egress redirect dev", a.dev] + index
+    else:
+        out = [_verb(a)] + index
+    return " ".join(out + _attrs(a))
 
 
 def format_match(f: Filter) -> str:

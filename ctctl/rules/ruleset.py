@@ -9,7 +9,12 @@ Ordering and default numbering follow the kernel (net/sched/cls_api.c):
 - a filter added without handle gets the next free handle of its
   (chain, prio), from 1 (flower allocates handles per instance);
 - two filters at the same prio must have the same protocol (tc refuses
-  "mismatched protocol" with EINVAL), and a handle is unique per prio.
+  "mismatched protocol" with EINVAL), and a handle is unique per prio;
+- every action has an index among the actions of its kind (ct, mirred,
+  gact), one space for the whole box as for a network namespace: an action
+  added without one gets the lowest free index; one added with the index
+  of an existing action of its kind is bound to that action, whose
+  parameters it then has (the kernel ignores the new ones on bind).
 
 A filter is validated before anything changes: a refused add leaves the
 set as it was.  Per-filter packet and byte counters live here, so that
@@ -24,8 +29,8 @@ from dataclasses import dataclass
 
 from . import validate as _validate
 from .errors import RuleSyntaxError
-from .model import DEFAULT_PRIO, U32, Filter
-from .printer import format_filter
+from .model import DEFAULT_PRIO, U32, Action, Filter
+from .printer import format_action, format_filter
 
 
 @dataclass
@@ -39,6 +44,8 @@ class _Entry:
     filter: Filter
     seq: int
     stats: FilterStats
+    indices: tuple[int, ...] = ()   # each action's index, given or assigned
+    notes: list[str] = dataclasses.field(default_factory=list)   # what add() did besides adding
 
 
 class RuleSet:
@@ -73,12 +80,55 @@ class RuleSet:
         elif handle in used:
             raise RuleSyntaxError(f"filter: handle {handle:#x} already exists at prio {prio} "
                                   f"in chain {f.chain} of {f.dev}")
-        f = dataclasses.replace(f, prio=prio, handle=handle)
-        entry = _Entry(f, next(self._seq), FilterStats())
+        actions, indices, notes = self._bind(f.actions)
+        f = dataclasses.replace(f, prio=prio, handle=handle, actions=actions)
+        entry = _Entry(f, next(self._seq), FilterStats(), indices, notes)
         entries = self._chains.setdefault(f.dev, {}).setdefault(f.chain, [])
         entries.append(entry)
         entries.sort(key=lambda e: (e.filter.prio, e.seq))
         return f
+
+    def _entries(self):
+        return [e for d in self.devices() for c in self.chains(d) for e in self._chains[d][c]]
+
+    def _bind(self, actions: tuple[Action, ...]) -> tuple[tuple[Action, ...], tuple[int, ...], list[str]]:
+        """Each action with its index: the lowest free one of its kind, or,
+        for an index given that an action of its kind has, that action.
+        An assigned index stays out of the Filter (its line is as added)."""
+        known = {(a.tc_kind, i): a for e in self._entries() for a, i in zip(e.filter.actions, e.indices)}
+        out, indices, notes = [], [], []
+        for a in actions:
+            kind = a.tc_kind
+            index = a.index
+            if index is None:
+                used = {i for k, i in known if k == kind}
+                index = next(i for i in itertools.count(1) if i not in used)
+            elif (kind, index) in known and dataclasses.replace(known[(kind, index)], index=index) != a:
+                old = known[(kind, index)]
+                notes.append(f"action {kind} index {index} exists: the filter is bound to it and runs "
+                             f"`{format_action(old)}`, not `{format_action(a)}` (as tc does)")
+                a = dataclasses.replace(old, index=index)   # the line names the binding
+            known[(kind, index)] = a
+            out.append(a)
+            indices.append(index)
+        return tuple(out), tuple(indices), notes
+
+    def indices(self, f: Filter) -> tuple[int, ...]:
+        """The index of each of f's actions."""
+        return self._entry(f).indices
+
+    def notes(self, f: Filter) -> list[str]:
+        """What adding f did besides adding it (an action bound by index)."""
+        return list(self._entry(f).notes)
+
+    def action_refs(self) -> dict[tuple[str, int], int]:
+        """How many filters hold each action (kind, index): tc's ref and
+        bind counts."""
+        refs: dict[tuple[str, int], int] = {}
+        for e in self._entries():
+            for a, i in zip(e.filter.actions, e.indices):
+                refs[(a.tc_kind, i)] = refs.get((a.tc_kind, i), 0) + 1
+        return refs
 
     def delete(self, dev: str, chain: int | None = None, prio: int | None = None,
                handle: int | None = None, protocol: int | None = None) -> list[Filter]:

@@ -18,9 +18,15 @@ from .errors import RuleSyntaxError
 from .lexer import Token
 from .model import (
     ETH_P_ALL, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP,
-    IPPROTO_TCP, IPPROTO_UDP, U16, U32, U128, CtAction, CtNat, Filter,
+    CT_CONTROLS, IPPROTO_TCP, IPPROTO_UDP, U16, U32, U128, ActionBase, CtAction, CtNat, Filter,
     FlowerMatch, GotoAction, MirredAction,
 )
+
+# goto chain's limit: the chain index shares a 32-bit verdict with the
+# opcode (TC_ACT_EXT_VAL_MASK).
+GOTO_CHAIN_MAX = 0x0FFFFFFF
+# TC_COOKIE_MAX_SIZE
+COOKIE_MAX = 16
 
 # IFNAMSIZ is 16 with the NUL; the kernel's dev_valid_name() also refuses
 # "/", ":" and whitespace, and the names "." and "..".
@@ -139,10 +145,10 @@ def _check_nat(f: Filter, i: int, nat: CtNat, p: list[Problem]) -> None:
 
 
 def _check_ct(f: Filter, i: int, a: CtAction, p: list[Problem]) -> None:
-    # The combinations below are refused by iproute2's m_ct.c (clear, nat)
-    # or documented in tc-ct(8) as "only valid with commit" (force, mark,
-    # label: act_ct silently ignores them without commit, which would make a
-    # rule look like it does something it does not).
+    # The combinations below are the ones iproute2's m_ct.c refuses, with
+    # its messages.  force, mark and label without commit are accepted, as
+    # tc and the kernel accept them; they do nothing there (act_ct writes
+    # mark and label on commit only), nor here.
     where = ("action", i)
     if a.clear and (a.commit or a.force or a.zone or a.mark or a.label or a.nat):
         p.append(Problem("ct: clear can only be used alone", where + ("clear",)))
@@ -154,12 +160,28 @@ def _check_ct(f: Filter, i: int, a: CtAction, p: list[Problem]) -> None:
         if not a.commit and a.nat.kind is not None:
             p.append(Problem("ct: src or dst is only valid if commit is set", where + ("nat",)))
         _check_nat(f, i, a.nat, p)
-    if not a.commit:
-        for name in ("force", "mark", "label"):
-            if getattr(a, name):
-                p.append(Problem(f"ct: {name} is only valid with commit", where + (name,)))
+    if a.control is not None and not isinstance(a.control, CT_CONTROLS):
+        p.append(Problem(f"ct: {type(a.control).__name__} is not a control verb ctctl runs after ct",
+                         where + ("control",)))
+    if isinstance(a.control, GotoAction):
+        _check_goto(a.control, where + ("control",), p)
     _masked(p, where + ("mark",), "ct: mark", a.mark, U32)
     _masked(p, where + ("label",), "ct: label", a.label, U128)
+
+
+def _check_goto(g: GotoAction, where: tuple, p: list[Problem]) -> None:
+    if not 0 <= g.chain <= GOTO_CHAIN_MAX:
+        p.append(Problem(f"goto: chain index out of range (0-{GOTO_CHAIN_MAX})", where))
+
+
+def _check_attrs(a: ActionBase, where: tuple, p: list[Problem]) -> None:
+    """What m_action.c and the kernel check on any action."""
+    if a.index is not None and not 1 <= a.index <= U32:
+        p.append(Problem("index: out of range (1-4294967295)", where))
+    if a.cookie is not None and not 1 <= len(a.cookie) <= COOKIE_MAX:
+        p.append(Problem(f"cookie: 1-{COOKIE_MAX} bytes", where))
+    if a.hw_stats not in (None, "immediate", "delayed", "disabled"):
+        p.append(Problem("hw_stats: expected immediate, delayed or disabled", where))
 
 
 def problems(f: Filter) -> list[Problem]:
@@ -179,11 +201,11 @@ def problems(f: Filter) -> list[Problem]:
         p.append(Problem("flower: skip_hw and skip_sw are mutually exclusive", ("skip_sw",)))
     _check_match(f, p)
     for i, a in enumerate(f.actions):
+        _check_attrs(a, ("action", i), p)
         if isinstance(a, CtAction):
             _check_ct(f, i, a, p)
         elif isinstance(a, GotoAction):
-            if not 0 <= a.chain <= U32:
-                p.append(Problem("goto: chain out of range", ("action", i)))
+            _check_goto(a, ("action", i), p)
         elif isinstance(a, MirredAction):
             if not valid_ifname(a.dev):
                 p.append(Problem(f"mirred: invalid interface name {a.dev!r}", ("action", i, "dev")))

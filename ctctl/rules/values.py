@@ -114,8 +114,9 @@ def protocol(kw: Token, t: Token) -> int:
     return v
 
 
-def masked(kw: Token, t: Token, limit: int, hexonly: bool = False) -> tuple[int, int]:
-    """V[/M]; the value is stored masked, as flower and act_ct apply it."""
+def masked(kw: Token, t: Token, limit: int, hexonly: bool = False, raw: bool = False) -> tuple[int, int]:
+    """V[/M]; the value is stored masked, as flower matches it, or with
+    raw as given (act_ct keeps and prints the value; it masks on commit)."""
     parts = t.text.split("/")
     if len(parts) > 2 or not parts[0]:
         raise err(f"{kw.text}: expected VALUE[/MASK], got '{t.text}'", t)
@@ -125,9 +126,7 @@ def masked(kw: Token, t: Token, limit: int, hexonly: bool = False) -> tuple[int,
         sub = t.sub(offset, offset + len(part))
         offset += len(part) + 1
         if hexonly:
-            digits = part[2:] if part[:2].lower() == "0x" else part
-            ok = re.fullmatch(r"[0-9a-fA-F]{1,32}", digits or "-")
-            v = int(digits, 16) if ok else None
+            v = label_value(part, kw, sub)
         else:
             v = parse_uint(part, limit)
         if v is None:
@@ -136,7 +135,24 @@ def masked(kw: Token, t: Token, limit: int, hexonly: bool = False) -> tuple[int,
         out.append(v)
     value = out[0]
     mask = out[1] if len(out) == 2 else limit
-    return value & mask, mask
+    return (value if raw else value & mask), mask
+
+
+def label_value(part: str, kw: Token, sub: Token) -> int | None:
+    """A ct label as a 128-bit number.  tc reads a label as bytes from the
+    first: `123123` is 12 31 23 00 ... 00 (iproute2's hex2mem), so a short
+    string is padded on the right.  With 0x it is a number (ctctl's
+    spelling; tc refuses it), padded on the left.  tc drops the last digit
+    of an odd count; that is refused, except for zeros (`ct_label 0`)."""
+    if part[:2].lower() == "0x":
+        digits = part[2:]
+        return int(digits, 16) if re.fullmatch(r"[0-9a-fA-F]{1,32}", digits) else None
+    if not re.fullmatch(r"[0-9a-fA-F]{1,32}", part):
+        return None
+    if len(part) % 2 and part.strip("0"):
+        raise err(f"{kw.text}: '{part}' has an odd number of hex digits (tc reads a label as "
+                  "bytes, two digits each; write 0x... for a number)", sub)
+    return int(part, 16) << (4 * (32 - len(part)))
 
 
 def ct_state(cur: Cursor, kw: Token) -> tuple[CtStateMatch, Token]:

@@ -175,8 +175,16 @@ def _actions(rng: random.Random, proto: str, dev: str, chain: int) -> list[str]:
             acts.append(f"ct commit force zone {zone}")
         elif r < 0.92:
             acts.append("ct clear")
-        else:
+        elif r < 0.95:
             acts.append("trap")
+        else:
+            # gact verbs the hardware leaves to software (a trap at them).
+            acts.append(rng.choice(["pipe", "continue", "reclassify"]))
+        if acts[-1].startswith("ct ") and acts[-1] != "ct clear" and rng.random() < 0.15:
+            # ct's own control verb: run right after it, it ends the list
+            # (what follows is unreachable, in hardware too).
+            acts[-1] += " " + rng.choice(["drop", "pass", "pipe", "continue", "reclassify",
+                                          f"goto chain {rng.choice([0, 1, 2])}"])
     r = rng.random()
     if r < 0.35 and chain < 2:
         acts.append(f"goto chain {rng.choice([c for c in (1, 2) if c > chain])}")

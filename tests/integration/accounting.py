@@ -32,6 +32,14 @@ def hardware_counted(b, conn_id: int) -> tuple[int, int]:
     return int(found[0][1]), int(found[0][2])
 
 
+def ignored(b) -> int:
+    """Packets the box let through without counting them, as conntrack
+    does with what it judges IGNORE (a retransmission of data the receiver
+    had already ACKed, an ACK under the window's lower bound: the kernel
+    counts neither), in hardware and in software, all connections so far."""
+    return b.stats()["program"]["window_ignored"] + b.request("conntrack", action="stats")["stats"]["ignore"]
+
+
 def retransmitted_segments(ns: str) -> int:
     """TCP segments the namespace's stack has sent again (RTO and
     tail-loss probes alike), all connections so far: /proc/net/snmp is

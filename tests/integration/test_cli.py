@@ -49,7 +49,9 @@ def fw():
 def test_name_is_taken_wherever_it_is_put(fw, words):
     r = ctctl(*[w.format(name=fw.name) for w in words])
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("filter add dev eth5 protocol ip parent ffff: chain 9 "), r.stdout
+    # tc's layout: dev and chain were given, so tc leaves them out.
+    assert r.stdout.startswith("filter ingress protocol ip pref "), r.stdout
+    assert "chain" not in r.stdout.splitlines()[0] and "\taction order 1: " in r.stdout, r.stdout
 
 
 @pytest.mark.parametrize("words", [
@@ -58,7 +60,7 @@ def test_name_is_taken_wherever_it_is_put(fw, words):
     ["filter", "show", "dev", "eth5", "chain", "9", "-s"],
 ])
 def test_filter_stats_split_hardware_and_software(fw, words):
-    r = ctctl(*words, "--name", fw.name)
+    r = ctctl(*words, "--name", fw.name, "--as-added")
     assert r.returncode == 0, r.stderr
     entries = r.stdout.split("filter add ")[1:]
     est = next(e for e in entries if "protocol ip " in e and "ct_state +trk+est" in e).splitlines()
@@ -66,6 +68,45 @@ def test_filter_stats_split_hardware_and_software(fw, words):
     assert est[2].strip().startswith("Sent software") and est[3].strip().startswith("Sent hardware")
     # The pings' echo requests after the first were the hardware's alone.
     assert hw >= 2 and total == sw + hw, est
+
+
+# -- tc's spellings in, tc's layout out ------------------------------------------
+
+TC_LINES = [
+    # chain 20 is no chain's goto: the box's firewall does not change.
+    "filter add dev eth5 proto ip pref 7 ingress chain 20 flower ip_proto tcp dst_port 80 ct_state +trk+new "
+    "action ct commit zone 2 mark 0x42/0xf0 pipe action mirred egress redirect dev eth6",
+    "filter add dev eth5 protocol ip pref 8 parent ffff: chain 20 flower skip_hw ct_state +trk+est "
+    "action ct zone 2 nat pipe action drop cookie abcd",
+]
+
+
+def test_tc_lines_are_added_and_shown_as_tc_shows_them(fw):
+    try:
+        for line in TC_LINES:
+            r = ctctl(*line.split(), "--name", fw.name)
+            assert r.returncode == 0, r.stderr
+        r = ctctl("filter", "show", "dev", "eth5", "ingress", "chain", "20", "--name", fw.name)
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.split("\n")
+        assert lines[:7] == ["filter protocol ip pref 7 flower ",
+                             "filter protocol ip pref 7 flower handle 0x1 ",
+                             "  eth_type ipv4", "  ip_proto tcp", "  dst_port 80", "  ct_state +trk+new",
+                             "  in_hw in_hw_count 1"], r.stdout    # the hardware runs it
+        assert lines[7] == "\taction order 1: ct commit mark 66/0xf0 zone 2 pipe", r.stdout
+        assert lines[10] == "\taction order 2: mirred (Egress Redirect to device eth6) stolen", r.stdout
+        skip = r.stdout[r.stdout.index("pref 8 flower handle"):].split("\n")
+        assert skip[1:4] == ["  eth_type ipv4", "  ct_state +trk+est", "  skip_hw"] and skip[4] == "  not_in_hw"
+        assert "\taction order 1: ct zone 2 nat pipe" in skip and "\tcookie abcd" in skip, r.stdout
+        # tc -j's shape, for scripts.
+        r = ctctl("filter", "show", "dev", "eth5", "chain", "20", "-j", "--name", fw.name)
+        shown = json.loads(r.stdout)
+        acts = [o["options"]["actions"] for o in shown if "options" in o]
+        assert [a["kind"] for a in acts[0]] == ["ct", "mirred"] and acts[0][0]["mark"] == 66, shown
+        assert acts[0][0]["mark_mask"] == "f0" and acts[1][1]["cookie"] == "abcd", shown
+    finally:
+        r = ctctl("filter", "flush", "dev", "eth5", "chain", "20", "--name", fw.name)
+        assert r.returncode == 0, r.stderr
 
 
 # -- conntrack -------------------------------------------------------------------

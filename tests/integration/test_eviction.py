@@ -13,7 +13,7 @@ from ctctl.lab import traffic
 from ctctl.lab.topology import ns_exec
 from ctctl.lab.waiting import Timeout, wait_until
 
-from accounting import conn_line_and_id, directions
+from accounting import conn_line_and_id, directions, ignored
 
 TOTAL = 100_000_000
 
@@ -35,6 +35,7 @@ def test_deleting_the_est_rule_evicts_a_transfer_and_its_packets_are_then_droppe
     b = fwbox
     quiet(b)
     c0, s0 = tx_packets(b.client), tx_packets(b.server)
+    ignored0 = ignored(b)
     # 100 MB paced at 10 MB/s: the rule goes while it runs.
     with traffic.TcpStream(b.client.netns, b.server.netns, b.server.addr4, 5001, chunk=100_000, every=0.01,
                            total=TOTAL):
@@ -59,7 +60,9 @@ def test_deleting_the_est_rule_evicts_a_transfer_and_its_packets_are_then_droppe
         assert directions(line)[0][1] < TOTAL and cid not in {f["conn_id"] for f in b.request("offload")["flows"]}
 
         # Nothing lost or counted twice: what each host sent is what the box
-        # counted for its direction (hardware, folded, and software).  A
+        # counted for its direction (hardware, folded, and software), less
+        # what conntrack let through uncounted (IGNORE, as in the kernel: a
+        # full run saw one such ACK of the server's after the eviction).  A
         # retransmission may be on its way through the controller while
         # the two are read: they must agree once it has been counted.
         seen = {}
@@ -67,11 +70,13 @@ def test_deleting_the_est_rule_evicts_a_transfer_and_its_packets_are_then_droppe
         def agree():
             seen["sent"] = [tx_packets(b.client) - c0, tx_packets(b.server) - s0]
             seen["counted"] = [p for p, _ in directions(conn_line_and_id(b, "tcp", 5001)[0])]
-            return seen["sent"] == seen["counted"]
+            seen["ignored"] = ignored(b) - ignored0
+            short = [s - c for s, c in zip(seen["sent"], seen["counted"])]
+            return min(short) >= 0 and sum(short) == seen["ignored"]
         try:
             wait_until(agree, 30, "the hosts' and the box's counts to agree")
         except Timeout:
             pass
         p = b.stats()["program"]
         judged = {k: p[k] for k in ("window_invalid", "window_ignored", "csum_invalid", "punts_by_reason")}
-        assert seen["sent"] == seen["counted"], (seen, judged, b.stats()["software"]["drops"])
+        assert agree(), (seen, judged, b.stats()["software"]["drops"])

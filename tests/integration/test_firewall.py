@@ -26,7 +26,7 @@ def ctctl(b, *words):
 
 def chain9_hits(b, dev):
     """Packets per rule of chain 9 on `dev`, keyed by the rule's ct_state."""
-    lines = b.request("filter", line=f"-s filter show dev {dev} chain 9")["lines"]
+    lines = b.request("filter", line=f"-s filter show dev {dev} chain 9", layout="as-added")["lines"]
     hits = {}
     for entry in lines:
         # The rule; Sent total, software, hardware; what its flows sent.

@@ -195,7 +195,7 @@ def test_fresh_refuses_a_changed_config_is_not_adopted_and_the_rules_running_are
         assert sorted(os.listdir(loader.PIN_ROOT / name)) == sorted(loader.abi.PINNED_MAPS)
 
         with running(cfg, topo) as second:
-            shown = second.request("filter", line="filter show dev eth5")["lines"]
+            shown = second.request("filter", line="filter show dev eth5", layout="as-added")["lines"]
             assert "filter add dev eth5 protocol ip parent ffff: chain 9 prio 5 handle 0x1 flower ip_proto udp " \
                    "dst_port 9 action drop" in shown, shown
             assert {p: tc_filters(topo.box, p) for p in filters} == filters

@@ -62,8 +62,23 @@ def test_bad_hardware_or_offload_is_refused_with_position(extra, where, words):
 
 def test_rules_refused_with_the_token_position():
     with pytest.raises(config.ConfigError) as e:
-        config.parse(RULES.replace("mirred egress", "mirred egres"), "box.yaml")
+        config.parse(RULES.replace("mirred egress", "mirred egrezz"), "box.yaml")
     assert str(e.value).startswith("box.yaml:5:"), str(e.value)
+
+
+def test_rules_in_tc_s_abbreviations_and_verbs_load():
+    """The lines a user pastes from tc documentation: prefixes (proto,
+    pref), ingress, control verbs, a ct with mark and pipe."""
+    cfg = config.parse("name: demo\nnetns: n\nports: [eth5, eth6]\nrules:\n"
+                       "  - filter add dev eth5 proto ip pref 1 ingress flower ct_state -trk action ct zone 2 pipe "
+                       "action goto chain 9\n"
+                       "  - filter add dev eth5 proto ip pref 2 ingress chain 9 flower ct_state +trk+new "
+                       "action ct commit zone 2 mark 0x42/0xf0 pipe action mirred egress redirect dev eth6\n",
+                       "box.yaml")
+    first, second = cfg.rules
+    assert (first.protocol, first.prio, second.chain) == (0x0800, 1, 9)
+    ct = second.actions[0]
+    assert ct.commit and ct.zone == 2 and ct.mark == (0x42, 0xF0) and ct.control is None
 
 
 def test_missing_file():

@@ -208,7 +208,34 @@ def test_commit_with_mark_or_label_traps():
     ones: such a commit runs in software."""
     r = rule("dev eth5 flower action ct commit mark 5 action mirred egress redirect dev eth6")
     assert acts(r) == [(ActionKind.TRAP, 0, 0, TRAP_AT_ACTION)]
-    r = rule("dev eth5 flower action ct zone 1 action ct commit zone 1 label 3 action pass")
+    r = rule("dev eth5 flower action ct zone 1 action ct commit zone 1 label 0x3 action pass")
+    assert acts(r) == [(ActionKind.CT, 0, 1, 0), (ActionKind.TRAP, 0, 0, TRAP_AT_ACTION)]
+
+
+def test_mark_or_label_without_commit_is_a_plain_ct():
+    """act_ct writes mark and label on commit only: without commit they are
+    inert and the hardware runs the ct as it is."""
+    r = rule("dev eth5 flower action ct zone 1 mark 5 label 0x3 action pass")
+    assert acts(r) == [(ActionKind.CT, 0, 1, 0), (ActionKind.PASS, 0, 0, 0)]
+
+
+def test_ct_control_verb_takes_the_next_slot():
+    """`ct ... VERB`: the verb as its gact in the slot after the ct (it
+    ends the list, so no action of the filter is there)."""
+    assert acts(rule("dev eth5 flower action ct commit drop")) == [
+        (ActionKind.CT, CtFlags.COMMIT, 0, 0), (ActionKind.DROP, 0, 0, 0)]
+    assert acts(rule("dev eth5 flower action ct zone 2 goto chain 9 action drop")) == [
+        (ActionKind.CT, 0, 2, 0), (ActionKind.GOTO, 0, 0, 9)]
+    assert acts(rule("dev eth5 flower action ct pass")) == [(ActionKind.CT, 0, 0, 0), (ActionKind.PASS, 0, 0, 0)]
+    # A verb the hardware lacks, or no slot left for it: software runs the ct and its verb.
+    assert acts(rule("dev eth5 flower action ct continue")) == [(ActionKind.TRAP, 0, 0, TRAP_AT_ACTION)]
+    r = rule("dev eth5 flower action ct clear action ct clear action ct clear action ct drop")
+    assert acts(r)[3] == (ActionKind.TRAP, 0, 0, TRAP_AT_ACTION)
+
+
+@pytest.mark.parametrize("verb", ["pipe", "continue", "reclassify"])
+def test_gact_verbs_the_hardware_lacks_trap_at_their_index(verb):
+    r = rule(f"dev eth5 flower action ct zone 1 action {verb} action drop")
     assert acts(r) == [(ActionKind.CT, 0, 1, 0), (ActionKind.TRAP, 0, 0, TRAP_AT_ACTION)]
 
 
@@ -219,7 +246,7 @@ def test_mirred_to_a_device_without_ifindex_traps():
 
 @pytest.mark.parametrize("line,caps", [
     ("dev eth5 flower skip_hw action drop", HwCaps()),
-    ("dev eth5 flower ct_label 1 action drop", HwCaps(ct_label_match=False)),
+    ("dev eth5 flower ct_label 0x1 action drop", HwCaps(ct_label_match=False)),
     ("dev eth5 protocol ip flower ip_proto tcp dst_port 80-90 action drop", HwCaps(port_range_match=False)),
     ("dev eth5 protocol ip flower ip_proto udp src_port 1-2 action drop", HwCaps(port_range_match=False)),
 ])

@@ -261,6 +261,43 @@ def test_table(case: Case):
             assert v.meta.ct_state == st.state, where
 
 
+def test_continue_goes_on_at_the_next_prio():
+    """gact continue (TC_ACT_UNSPEC): the rest of the filter's actions do
+    not run, and the next prio of the chain is matched (the other filters
+    of the same prio, one flower instance in the kernel, are skipped)."""
+    pl = make([
+        "filter add dev eth5 protocol ip prio 1 flower action ct commit action continue action drop",
+        "filter add dev eth5 protocol ip prio 1 flower action drop",
+        "filter add dev eth5 protocol ip prio 2 flower ct_state +trk+new action mirred egress redirect dev eth6",
+    ])
+    v = pl.process(tcp(), "eth5")
+    assert (v.kind, v.output) == ("output", "eth6"), v
+    assert [s.filter.prio for s in v.trace] == [1, 2]
+
+
+def test_reclassify_starts_again_at_chain_0_and_counts_as_a_hop():
+    pl = make([
+        "filter add dev eth5 protocol ip prio 1 flower ct_state -trk action ct reclassify",
+        "filter add dev eth5 protocol ip prio 2 flower ct_state +trk+new action mirred egress redirect dev eth6",
+    ])
+    v = pl.process(tcp(), "eth5")
+    assert (v.kind, v.output, v.hops) == ("output", "eth6", 1), v
+    loop = make(["filter add dev eth5 protocol ip prio 1 flower action reclassify"])
+    v = loop.process(tcp(), "eth5")
+    assert (v.kind, v.reason, v.hops) == ("drop", "goto_loop", MAX_GOTO_HOPS), v
+
+
+@pytest.mark.parametrize("verb,kind,reason", [
+    ("drop", "drop", "drop_action"), ("pass", "pass", "pass"), ("pipe", "output", None),
+])
+def test_ct_control_verb_runs_right_after_the_ct(verb, kind, reason):
+    pl = make([f"filter add dev eth5 protocol ip prio 1 flower action ct commit {verb} "
+               "action mirred egress redirect dev eth6"])
+    v = pl.process(tcp(), "eth5")
+    assert v.kind == kind and (reason is None or v.reason == reason), v
+    assert v.meta.ct_state == TRK | NEW and len(pl.tracker.entries()) == 1   # the ct ran, and committed
+
+
 def test_seed_lines_as_written_chain_per_device():
     """The slide's two lines hang on two devices; tc chains belong to their
     device, so a packet entering eth6 goes to chain 9 *of eth6*, which the

@@ -112,7 +112,10 @@ def _m(text: str) -> FlowerMatch:
     ("flower ct_mark 0x10", FlowerMatch(ct_mark=(0x10, 0xFFFFFFFF))),
     ("flower ct_mark 0x13/0x0f", FlowerMatch(ct_mark=(0x03, 0x0F))),
     ("flower ct_label 0x1", FlowerMatch(ct_label=(1, (1 << 128) - 1))),
-    ("flower ct_label ff00/ffff", FlowerMatch(ct_label=(0xFF00, 0xFFFF))),
+    # Without 0x, tc's byte string: `ff00` is the first two bytes.
+    ("flower ct_label ff00/ffff", FlowerMatch(ct_label=(0xFF00 << 112, 0xFFFF << 112))),
+    ("flower ct_label 12312300000000000000000000000001/ffffffff000000000000000000000001",
+     FlowerMatch(ct_label=(0x12312300000000000000000000000001, 0xffffffff000000000000000000000001))),
     ("protocol ip flower eth_type ip", FlowerMatch(eth_type=ETH_P_IP)),
     ("flower eth_type ipv6 ip_proto tcp", FlowerMatch(eth_type=ETH_P_IPV6, ip_proto=6)),
 ])
@@ -138,8 +141,16 @@ def _acts(text: str):
     ("action ct commit force", (CtAction(commit=True, force=True),)),
     ("action ct clear", (CtAction(clear=True),)),
     ("action ct commit mark 0x5", (CtAction(commit=True, mark=(5, 0xFFFFFFFF)),)),
-    ("action ct commit mark 7/0x3", (CtAction(commit=True, mark=(3, 3)),)),
-    ("action ct commit label 0xff/0xf0", (CtAction(commit=True, label=(0xF0, 0xF0)),)),
+    # act_ct keeps the value as given (tc prints it back) and masks on commit.
+    ("action ct commit mark 7/0x3", (CtAction(commit=True, mark=(7, 3)),)),
+    ("action ct commit label 0xff/0xf0", (CtAction(commit=True, label=(0xFF, 0xF0)),)),
+    # Accepted as tc and the kernel accept them, and inert without commit.
+    ("action ct force", (CtAction(force=True),)),
+    ("action ct mark 5", (CtAction(mark=(5, 0xFFFFFFFF)),)),
+    ("action ct label 05", (CtAction(label=(5 << 120, (1 << 128) - 1)),)),
+    ("action ct label 123123", (CtAction(label=(0x123123 << 104, (1 << 128) - 1)),)),
+    # tc needs no `action` between actions: a second verb is a second gact.
+    ("action drop drop", (DropAction(), DropAction())),
     ("action ct nat", (CtAction(nat=CtNat()),)),
     ("action ct zone 2 nat", (CtAction(zone=2, nat=CtNat()),)),
     ("action ct commit nat src addr 192.0.2.1",
@@ -173,8 +184,9 @@ def test_del_and_show_commands():
     assert parse_command("filter delete dev eth6 parent ffff: protocol ip pref 10 handle 0x2 flower") == \
         DelCommand("eth6", prio=10, handle=2, protocol=ETH_P_IP)
     assert parse_command("ctctl filter show") == ShowCommand()
-    assert parse_command("tc -s filter show dev eth6 ingress") == ShowCommand("eth6", stats=True)
-    assert parse_command("filter ls dev eth6 chain 9") == ShowCommand("eth6", chain=9)
+    assert parse_command("tc -s filter show dev eth6 ingress") == ShowCommand(
+        "eth6", stats=True, named=frozenset({"dev", "parent"}))
+    assert parse_command("filter ls dev eth6 chain 9") == ShowCommand("eth6", chain=9, named=frozenset({"dev", "chain"}))
 
 
 def _error(line: str) -> RuleSyntaxError:
@@ -206,9 +218,6 @@ ERRORS = [
      "src and dst nat can't be used together", "dst", 0),
     ("dev eth6 protocol ip flower action ct clear zone 1", "clear can only be used alone", "clear", 0),
     ("dev eth6 protocol ip flower action ct commit clear", "clear can only be used alone", "clear", 0),
-    ("dev eth6 protocol ip flower action ct force", "force is only valid with commit", "force", 0),
-    ("dev eth6 protocol ip flower action ct mark 5", "mark is only valid with commit", "5", 0),
-    ("dev eth6 protocol ip flower action ct label 5", "label is only valid with commit", "5", 0),
     ("dev eth6 protocol ip flower action ct zone 70000", "invalid value '70000'", "70000", 0),
     ("dev eth6 protocol ip flower action ct zone 1 zone 2", "'zone' given twice", "zone", 1),
     ("dev eth6 protocol ip flower action ct commit nat src addr 10.0.0.9-10.0.0.1",
@@ -229,7 +238,7 @@ ERRORS = [
     ("dev eth6 flower action goto chain x", "invalid value 'x'", "x", 0),
     ("dev eth6 flower action frobnicate", "unknown action 'frobnicate'", "frobnicate", 0),
     ("dev eth6 flower action pedit ex munge", "'pedit' is not supported", "pedit", 0),
-    ("dev eth6 flower action drop drop", "unexpected 'drop'", "drop", 1),
+    ("dev eth6 flower action drop frobnicate", "unexpected 'frobnicate'", "frobnicate", 0),
     ("dev eth6 flower ip_proto tcp action drop", "ip_proto: needs protocol ip or ipv6", "tcp", 0),
     ("dev eth6 protocol ip flower ip_proto tcpp action drop", "unknown protocol 'tcpp'", "tcpp", 0),
     ("dev eth6 protocol ip flower ip_proto udp src_port 80-80 action drop",

@@ -211,14 +211,46 @@ def test_execute_add_show_del():
             "action ct action goto chain 9")
     out = execute(rs, seed)
     assert out.verb == "add" and out.filters[0].prio == DEFAULT_PRIO
-    shown = execute(rs, "ctctl filter show dev eth6").lines
+    shown = execute(rs, "ctctl filter show dev eth6", layout="as-added").lines
     assert shown == ["filter add dev eth6 protocol ip parent ffff: chain 0 prio 49152 handle 0x1 "
                      "flower ct_state -trk action ct action goto chain 9"]
     with pytest.raises(RuleSyntaxError):
         execute(rs, "tc filter add dev eth6 flower ct_state +est action drop")
-    assert execute(rs, "tc filter show").lines == shown
-    assert execute(rs, "tc -s filter show dev eth6").lines[0].splitlines()[1:] == [
+    assert execute(rs, "tc filter show", layout="as-added").lines == shown
+    assert execute(rs, "tc -s filter show dev eth6", layout="as-added").lines[0].splitlines()[1:] == [
         "\tSent 0 bytes 0 pkt", "\tSent software 0 bytes 0 pkt", "\tSent hardware 0 bytes 0 pkt"]
+    # tc's own layout by default: the instance's line, then the filter's.
+    assert execute(rs, "tc filter show dev eth6 ingress").lines == [
+        "filter protocol ip pref 49152 flower chain 0 ",
+        "filter protocol ip pref 49152 flower chain 0 handle 0x1 ",
+        "  eth_type ipv4", "  ct_state -trk", "  not_in_hw",
+        "\taction order 1: ct zone 0 pipe", "\t index 1 ref 1 bind 1", "",
+        "\taction order 2: gact action goto chain 9", "\t random type none pass val 0",
+        "\t index 1 ref 1 bind 1", ""]
     gone = execute(rs, "tc filter del dev eth6 chain 0").filters
     assert [format_filter(f) for f in gone] == shown
     assert execute(rs, "tc filter show").lines == []
+
+
+def test_action_indices_as_the_kernel_gives_them():
+    """Each kind (ct, mirred, gact) numbers its actions from 1, lowest free
+    first; an index given that an action of the kind has binds the filter
+    to that action, with that action's parameters, as tc does."""
+    from ctctl.rules import execute
+    rs = RuleSet()
+    a = rs.add(parse_filter("dev eth5 prio 1 flower action ct zone 1 action drop"))
+    b = rs.add(parse_filter("dev eth5 prio 2 flower action ct zone 2 index 7 action mirred egress redirect dev eth6"))
+    assert rs.indices(a) == (1, 1) and rs.indices(b) == (7, 1)
+    assert format_filter(a).endswith("action ct zone 1 action drop")    # assigned: not in the line
+    out = execute(rs, "filter add dev eth5 prio 3 flower action ct commit zone 9 index 7")
+    c = out.filters[0]
+    assert c.actions[0].zone == 2 and not c.actions[0].commit and rs.indices(c) == (7,)
+    assert out.lines and "index 7 exists" in out.lines[0]
+    assert rs.action_refs()[("ct", 7)] == 2
+    rs.delete("eth5", prio=1)
+    d = rs.add(parse_filter("dev eth5 prio 4 flower action ct"))
+    assert rs.indices(d) == (1,)            # the freed index is the lowest again
+    # The state a controller keeps: the lines re-added give the same set.
+    again = RuleSet([parse_filter(format_filter(f)) for f in rs.filters()])
+    assert again.filters() == rs.filters()
+    assert [again.indices(f) for f in again.filters()] == [rs.indices(f) for f in rs.filters()]

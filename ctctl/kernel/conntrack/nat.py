@@ -113,10 +113,14 @@ def _default_port_range(port: int) -> tuple[int, int]:
 
 
 def unique_tuple(orig: Tuple, spec: NatSpec, taken: Callable[[Tuple], bool],
-                 bysource: Callable[[Tuple], Tuple | None] | None = None) -> Tuple:
+                 bysource: Callable[[Tuple], Tuple | None] | None = None,
+                 keep_taken: bool = False) -> Tuple:
     """The translated tuple of the original direction (its inverse is the
     new reply tuple) such that the reply tuple is free (``taken`` says
-    whether a reply tuple is in use by another connection).
+    whether a reply tuple is in use by another connection).  With
+    keep_taken, a DNAT that finds no free tuple returns its candidate
+    anyway, as the kernel's get_unique_tuple() does: the source manip that
+    follows (a null binding) may still make it unique.
 
     Deterministic where the kernel is random: the address is picked by a
     hash of the two addresses, ports are scanned upwards from the original
@@ -178,7 +182,7 @@ def unique_tuple(orig: Tuple, spec: NatSpec, taken: Callable[[Tuple], bool],
         cand = with_(orig, addr=type(spec.addr_min)(int(spec.addr_min) + h % size))
 
     if proto not in _PORTED | _ICMPS:
-        if free(cand):
+        if free(cand) or (keep_taken and not src_manip):
             return cand
         raise NatExhausted(f"{spec}: reply tuple for {cand} is taken")
 
@@ -191,7 +195,7 @@ def unique_tuple(orig: Tuple, spec: NatSpec, taken: Callable[[Tuple], bool],
         lo, hi = 0, 65535
     elif not src_manip:
         # DNAT without a port range leaves the port alone (kernel).
-        if free(cand):
+        if free(cand) or keep_taken:
             return cand
         raise NatExhausted(f"{spec}: reply tuple for {cand} is taken")
     else:
@@ -203,7 +207,26 @@ def unique_tuple(orig: Tuple, spec: NatSpec, taken: Callable[[Tuple], bool],
         t = with_(cand, port=p)
         if free(t):
             return t
+    if keep_taken and not src_manip:
+        return cand
     raise NatExhausted(f"{spec}: no free port in {lo}-{hi} for {cand}")
+
+
+def commit_tuple(orig: Tuple, spec: NatSpec, taken: Callable[[Tuple], bool],
+                 bysource: Callable[[Tuple], Tuple | None] | None = None) -> tuple[Tuple, Tuple]:
+    """The original direction's tuple after the NAT a commit sets up: (after
+    the spec's manip, after the source manip too).
+
+    A DNAT whose reply tuple is another connection's (two clients' DNAT to
+    one server port from the same source port) is not dropped: act_ct's
+    commit also sets up the source manip (a null binding, nf_ct_nat), which
+    moves the source port until the reply tuple is free, as the kernel's
+    tc-testing case 3992 checks."""
+    manip = unique_tuple(orig, spec, taken, bysource, keep_taken=True)
+    if spec.kind != "dst" or not taken(manip.invert()):
+        return manip, manip
+    null = NatSpec("src", manip.src, manip.src)
+    return manip, unique_tuple(manip, null, taken)
 
 
 def nat_ct_state(status: int, direction: int) -> CtState:

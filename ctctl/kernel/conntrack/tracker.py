@@ -21,7 +21,7 @@ from ctctl.protocols import IPPROTO_GRE, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_T
 from . import tcp as tcpmod
 from . import timeouts as timeoutsmod
 from .conn import LABEL_MASK, NR_ICMP_TYPES, ORIGINAL, REPLY, Bits, Conn, CtConfig, CtResult, Status
-from .nat import NatExhausted, NatSpec, nat_ct_state, rewrite, rewrite_icmp_error, unique_tuple
+from .nat import NatExhausted, NatSpec, commit_tuple, nat_ct_state, rewrite, rewrite_icmp_error
 from .tuples import ICMP_NEW, ICMPV6_NEW, ICMPV6_UNTRACKED, Tuple, tuple_of
 
 _TRK, _NEW, _EST, _RPL = int(CtState.TRK), int(CtState.NEW), int(CtState.EST), int(CtState.RPL)
@@ -487,14 +487,14 @@ class ConnTracker:
             spec = dataclasses.replace(spec, port_min=cfg.nat_port_min,
                                        port_max=cfg.nat_port_max or cfg.nat_port_min)
         try:
-            new_orig = unique_tuple(conn.orig, spec, lambda t: self._taken(t, conn),
-                                    self._bysource if spec.kind == "src" else None)
-        except NatExhausted as e:
+            manip, new_orig = commit_tuple(conn.orig, spec, lambda t: self._taken(t, conn),
+                                           self._bysource if spec.kind == "src" else None)
+        except (NatExhausted, ValueError) as e:
             return f"nat: {e}"
-        except ValueError as e:
-            return f"nat: {e}"
-        conn.reply = new_orig.invert()
-        if new_orig != conn.orig:
+        if manip != conn.orig:
             conn.bits |= Bits.SRC_NAT if spec.kind == "src" else Bits.DST_NAT
+        if new_orig != manip:
+            conn.bits |= Bits.SRC_NAT     # the null binding moved the source port
+        conn.reply = new_orig.invert()
         conn.bits |= Bits.SRC_NAT_DONE | Bits.DST_NAT_DONE
         return None
