@@ -270,6 +270,13 @@ class Packet:
             raise ValueError("not an IP packet")
         self.ttl = ttl
 
+    def refresh(self) -> None:
+        """Read the headers again after the bytes were rewritten by other
+        means than the setters (a pedit action)."""
+        fresh = parse(self.data)
+        for name in Packet.__slots__:
+            setattr(self, name, getattr(fresh, name))
+
     def verify_l4_checksum(self) -> bool:
         """True when the L4 checksum is right.  A UDP checksum of 0 means
         "none" and counts as right over IPv6 too, as the kernel's conntrack

@@ -26,6 +26,9 @@ Semantics, and where they follow or leave tc (docs/rules.md has the list):
   where one instance holds all filters of a prio);
 - ct's control verb (`ct commit drop`) runs right after the ct as that
   gact action would;
+- pedit rewrites header words and fixes no checksum, csum recomputes the
+  ones it names (ctctl.kernel.rewrite); both end the list with pass unless
+  their verb says otherwise (`pipe`), as in tc;
 - filters marked skip_sw are not evaluated here.
 
 The ct action goes to the conntrack tracker, with two things act_ct does
@@ -52,10 +55,12 @@ from ctctl.abi import MAX_HOPS, RESUME_MATCH, CtState, Done
 from ctctl.kernel.conntrack import Conn, ConnTracker, CtResult, NatSpec, Status, nat_ct_state, tuple_of
 from ctctl.kernel.conntrack.nat import rewrite
 from ctctl.kernel.packet import Packet, ParseError, parse
+from ctctl.kernel.rewrite import csum as run_csum, pedit as run_pedit
 from ctctl.rules import (
-    ETH_P_ALL, ContinueAction, CtAction, DropAction, Filter, FlowerMatch, GotoAction, MirredAction,
-    PassAction, PipeAction, ReclassifyAction, RuleSet, TrapAction,
+    ETH_P_ALL, ContinueAction, CsumAction, CtAction, DropAction, Filter, FlowerMatch, GotoAction,
+    MirredAction, PassAction, PeditAction, PipeAction, ReclassifyAction, RuleSet, TrapAction,
 )
+from ctctl.rules.pedit import keys as pedit_keys
 
 # Gotos one packet may take.  The hardware interpreter must stop at the same
 # number (the kernel's own reclassify limit is 16).
@@ -206,6 +211,7 @@ class Pipeline:
             "packets": 0, "output": 0, "pass": 0, "drop": 0,
             "no_match": 0, "goto_loop": 0, "drop_action": 0, "unknown_port": 0,
             "stale_resume": 0, "parse_error": 0, "resume_nat_lost": 0, "ct_cached": 0,
+            "pedit_failed": 0, "csum_failed": 0,
         }
 
     def unknown_ports(self) -> list[tuple[Filter, str]]:
@@ -303,6 +309,21 @@ class Pipeline:
                 if a.control is None:
                     continue
                 a = a.control   # `ct ... drop`: the verb ends the list as its gact would
+            elif isinstance(a, PeditAction):
+                try:
+                    if not run_pedit(pkt, pedit_keys(a)):
+                        self.counters["pedit_failed"] += 1   # the kernel's overlimit; the packet goes on
+                except ParseError:
+                    # Rewritten into something that no longer reads as IP
+                    # (an `ip` munge on an IPv6 packet): counted, dropped.
+                    v.kind, v.reason = "drop", "parse_error"
+                    return a
+                a = a.control
+            elif isinstance(a, CsumAction):
+                if not run_csum(pkt, a.targets):
+                    v.kind, v.reason = "drop", "csum_failed"
+                    return a
+                a = a.control
             if isinstance(a, (TrapAction, PipeAction)):
                 continue
             if isinstance(a, (GotoAction, ContinueAction, ReclassifyAction)):

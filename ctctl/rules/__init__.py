@@ -5,8 +5,9 @@ from .commands import Outcome, execute
 from .errors import RuleSyntaxError
 from .model import (
     CT_CONTROLS, DEFAULT_PRIO, ETH_P_ALL, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Action, ActionBase,
-    ContinueAction, CtAction, CtNat, CtStateMatch, DropAction, Filter, FlowerMatch, GotoAction,
-    MirredAction, PassAction, PipeAction, PortRange, ReclassifyAction, TrapAction,
+    ContinueAction, CsumAction, CtAction, CtNat, CtStateMatch, DropAction, Filter, FlowerMatch,
+    GotoAction, MirredAction, Munge, PassAction, PeditAction, PipeAction, PortRange, ReclassifyAction,
+    TrapAction,
 )
 from .parser import AddCommand, Command, DelCommand, ShowCommand, parse_command, parse_filter
 from .printer import format_action, format_filter
@@ -17,7 +18,8 @@ from .yaml_rules import RulesFileError, load_rules, load_ruleset, rules_from_nod
 __all__ = [
     "Outcome", "execute",
     "RuleSyntaxError", "DEFAULT_PRIO", "ETH_P_ALL", "ETH_P_ARP", "ETH_P_IP", "ETH_P_IPV6",
-    "Action", "ActionBase", "CT_CONTROLS", "ContinueAction", "CtAction", "CtNat", "CtStateMatch",
+    "Action", "ActionBase", "CT_CONTROLS", "ContinueAction", "CsumAction", "CtAction", "Munge",
+    "PeditAction", "CtNat", "CtStateMatch",
     "DropAction", "Filter", "FlowerMatch", "GotoAction", "MirredAction", "PassAction", "PipeAction",
     "PortRange", "ReclassifyAction", "TrapAction",
     "AddCommand", "Command", "DelCommand", "ShowCommand", "parse_command", "parse_filter",

@@ -11,12 +11,14 @@ kept under ("action", i, ...) for the validator's messages."""
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 
+from . import pedit
 from .lexer import Token, keywords, resolve
 from .model import (
-    U16, U32, U128, Action, ContinueAction, CtAction, CtNat, DropAction, GotoAction, MirredAction,
-    PassAction, PipeAction, ReclassifyAction, TrapAction,
+    CSUM_TARGETS, U16, U32, U128, Action, ContinueAction, CsumAction, CtAction, CtNat, DropAction,
+    GotoAction, MirredAction, Munge, PassAction, PeditAction, PipeAction, ReclassifyAction, TrapAction,
 )
 from .validate import GOTO_CHAIN_MAX
 from .values import Cursor, err, ip_addr, masked, parse_uint, read_uint
@@ -31,10 +33,15 @@ _HW_STATS = keywords("immediate delayed disabled")
 ACTION_WORDS = ("action", "actions")
 # Action kinds tc knows (looked up exactly) that the model does not run.
 _UNSUPPORTED_ACTIONS = {
-    "pedit", "vlan", "tunnel_key", "csum", "skbedit", "police", "sample",
+    "vlan", "tunnel_key", "skbedit", "police", "sample",
     "mpls", "nat", "connmark", "ctinfo", "bpf", "simple", "ife", "gate", "skbmod",
 }
-_KINDS = "ct, mirred, gact (drop, pass, pipe, continue, reclassify, trap, goto chain N)"
+_KINDS = "ct, mirred, pedit, csum, gact (drop, pass, pipe, continue, reclassify, trap, goto chain N)"
+_KNOWN = ("gact", "ct", "mirred", "pedit", "csum")
+# m_pedit.c's commands (parse_cmd, in its order); ctctl runs set and dec.
+_PEDIT_CMDS = keywords("invert set add decrement preserve clear")
+# m_csum.c's targets in its order: `i` and `ip` are iph, `u` udp.
+_CSUM = keywords("iph ip4h ipv4h icmp igmp tcp udp udplite sctp and or +")
 
 
 _RANDOM, _INDEX, _ADDR, _PORT = keywords("random"), keywords("index"), keywords("addr"), keywords("port")
@@ -85,6 +92,10 @@ class ActionParser:
             a = self._ct(kind, i)
         elif k == "mirred":
             a = self._mirred(kind, i)
+        elif k == "pedit":
+            a = self._pedit(kind)
+        elif k == "csum":
+            a = self._csum(kind)
         elif k in _UNSUPPORTED_ACTIONS:
             raise err(f"action: '{k}' is not supported by ctctl (expected {_KINDS})", kind)
         elif k == "yes_percpu":
@@ -98,7 +109,7 @@ class ActionParser:
         """A word after a finished action that is neither `action` nor a
         kind: name the mistake rather than "unknown action"."""
         k, prev = kind.text, self.actions[-1]
-        known = resolve(k, _VERBS) is not None or k in ("gact", "ct", "mirred") or k in _UNSUPPORTED_ACTIONS
+        known = resolve(k, _VERBS) is not None or k in _KNOWN or k in _UNSUPPORTED_ACTIONS
         if known:
             return
         if k == "yes_percpu":
@@ -271,3 +282,91 @@ class ActionParser:
         if word is None:
             raise err(f"mirred: expected '{want}', got '{t.text}'", t)
         return t
+
+    def _control(self, default: Action) -> Action:
+        """An optional control verb, then an optional `index N` (pedit and
+        csum read them in that order)."""
+        a = default
+        if self._at(_VERBS) is not None:
+            kw = self.cur.take()
+            a = self._verb(kw, "action")
+            if isinstance(a, TrapAction):
+                raise err("trap as a control verb is not modeled by ctctl (write a separate `action trap`)", kw)
+        return a
+
+    def _pedit(self, kind: Token) -> PeditAction:
+        """`pedit [ex] munge LAYER FIELD set VALUE|dec [munge ...] [VERB] [index N]`."""
+        cur = self.cur
+        ex = False
+        if self._at(keywords("ex")):
+            cur.take()
+            ex = True
+        munges = []
+        while self._at(keywords("munge")):
+            m = cur.take()
+            layer = cur.need("eth, ip, ip6, tcp or udp", m)
+            fld = cur.need("a field", layer)
+            if (layer.text, fld.text) not in pedit.FIELDS:
+                raise err(f"pedit: '{layer.text} {fld.text}' is not supported by ctctl (expected "
+                          f"{', '.join(' '.join(f) for f in pedit.FIELDS)})", fld)
+            if layer.text in pedit.EX_ONLY and not ex:
+                raise err(f"pedit: '{layer.text}' needs extended mode (`pedit ex munge ...`), as in tc", layer)
+            c = cur.need("set or dec", fld)
+            cmd = resolve(c.text, _PEDIT_CMDS)
+            if cmd == "decrement":
+                if (layer.text, fld.text) not in pedit.DECREMENTS:
+                    raise err("pedit: decrement is only for ip ttl and ip6 hoplimit", c)
+                if not ex:
+                    raise err("pedit: decrement needs extended mode (`pedit ex munge ...`)", c)
+                munges.append(Munge(layer.text, fld.text, "dec"))
+            elif cmd == "set":
+                munges.append(Munge(layer.text, fld.text, "set", self._pedit_value(layer.text, fld.text, c)))
+            else:
+                raise err(f"pedit: '{c.text}' is not supported by ctctl (expected set or dec)", c)
+        if not munges:
+            raise err("pedit: expected 'munge' (pedit needs at least one)", cur.peek() or kind)
+        control = self._control(PassAction())
+        return PeditAction(tuple(munges), ex=ex, control=control, index=self._index())
+
+    def _pedit_value(self, layer: str, fld: str, after: Token) -> str:
+        t = self.cur.need("a value", after)
+        _, _, width = pedit.FIELDS[(layer, fld)]
+        text = t.text
+        try:
+            if layer == "eth":
+                octets = text.split(":")
+                if len(octets) != 6 or not all(re.fullmatch(r"[0-9a-fA-F]{1,2}", o) for o in octets):
+                    raise ValueError
+                return ":".join(f"{int(o, 16):02x}" for o in octets)
+            if width in (4, 16):
+                addr = ipaddress.ip_address(text.split("/")[0])   # tc takes and ignores a /len
+                if addr.version != (4 if width == 4 else 6):
+                    raise ValueError
+                return str(addr)
+            v = parse_uint(text, (1 << (8 * width)) - 1)
+            if v is None:
+                raise ValueError
+            return str(v)
+        except ValueError:
+            what = {"eth": "a MAC address", "ip": "an IPv4 address", "ip6": "an IPv6 address"}.get(layer)
+            if width < 4:
+                what = f"a number 0-{(1 << (8 * width)) - 1}"
+            raise err(f"pedit: invalid value '{text}' for {layer} {fld} (expected {what})", t) from None
+
+    def _csum(self, kind: Token) -> CsumAction:
+        """`csum TARGET [and TARGET]... [VERB] [index N]`."""
+        cur = self.cur
+        named = set()
+        while (w := self._at(_CSUM)) is not None:
+            t = cur.take()
+            if w in ("and", "or", "+"):
+                continue
+            w = {"ip4h": "iph", "ipv4h": "iph"}.get(w, w)
+            if w not in ("iph", "icmp", "tcp", "udp"):
+                raise err(f"csum: '{w}' is not supported by ctctl (expected iph, icmp, tcp, udp)", t)
+            named.add(w)
+        if not named:
+            raise err("csum: expected what to update (iph, icmp, tcp, udp): tc refuses an empty list",
+                      cur.peek() or kind)
+        control = self._control(PassAction())
+        return CsumAction(tuple(t for t in CSUM_TARGETS if t in named), control=control, index=self._index())

@@ -203,8 +203,51 @@ class ReclassifyAction(ActionBase):
     goto chain (the kernel's max_reclassify_loop covers both)."""
 
 
+@dataclass(frozen=True)
+class Munge:
+    """One `munge` of a pedit action, as written: `eth src set MAC`, `ip ttl
+    dec`.  value is the normalized text (None for dec)."""
+
+    layer: str      # eth, ip, ip6, tcp, udp
+    field: str      # src, dst, ttl, hoplimit, sport, dport
+    cmd: str        # set, dec
+    value: str | None = None
+
+
+@dataclass(frozen=True)
+class PeditAction(ActionBase):
+    """act_pedit: raw rewrites of header words (ctctl.rules.pedit turns the
+    munges into the kernel's 32-bit keys).  It fixes no checksum: that is a
+    csum action's job.  Its verb defaults to pass, as in tc: without `pipe`
+    the actions after it do not run."""
+
+    munges: tuple[Munge, ...]
+    ex: bool = True
+    control: "Action" = field(default_factory=lambda: PassAction())
+
+    @property
+    def tc_kind(self) -> str:
+        return "pedit"
+
+
+# act_csum's targets in the order tc prints them (iph is IPv4's header).
+CSUM_TARGETS = ("iph", "icmp", "igmp", "tcp", "udp", "udplite", "sctp")
+
+
+@dataclass(frozen=True)
+class CsumAction(ActionBase):
+    """act_csum: recompute the named checksums.  Its verb defaults to pass."""
+
+    targets: tuple[str, ...]        # in CSUM_TARGETS order
+    control: "Action" = field(default_factory=lambda: PassAction())
+
+    @property
+    def tc_kind(self) -> str:
+        return "csum"
+
+
 Action = Union[CtAction, GotoAction, MirredAction, DropAction, PassAction, TrapAction, PipeAction,
-               ContinueAction, ReclassifyAction]
+               ContinueAction, ReclassifyAction, PeditAction, CsumAction]
 
 # Actions after which tc does not run the rest of the rule's list.
 TERMINAL_ACTIONS = (GotoAction, MirredAction, DropAction, PassAction, ContinueAction, ReclassifyAction)

@@ -7,8 +7,8 @@ writes every field the model holds, in tc's canonical spelling.
 from __future__ import annotations
 
 from .model import (
-    U16, U32, U128, ContinueAction, CtAction, CtNat, DropAction, Filter, GotoAction, MirredAction,
-    PassAction, PipeAction, PortRange, ReclassifyAction, TrapAction,
+    U16, U32, U128, ContinueAction, CsumAction, CtAction, CtNat, DropAction, Filter, GotoAction,
+    MirredAction, PassAction, PeditAction, PipeAction, PortRange, ReclassifyAction, TrapAction,
 )
 from .values import CT_STATE_FLAGS, IP_PROTO_NAMES, PROTOCOL_NAMES
 
@@ -121,6 +121,14 @@ def format_action(a) -> str:
             out.append(_verb(a.control))
     elif isinstance(a, MirredAction):
         out = ["mirred egress redirect dev", a.dev] + index
+    elif isinstance(a, PeditAction):
+        out = ["pedit"] + (["ex"] if a.ex else [])
+        for m in a.munges:
+            out += ["munge", m.layer, m.field, m.cmd] + ([m.value] if m.value is not None else [])
+        out += ([] if isinstance(a.control, PassAction) else [_verb(a.control)]) + index
+    elif isinstance(a, CsumAction):
+        out = ["csum", " and ".join(a.targets)]
+        out += ([] if isinstance(a.control, PassAction) else [_verb(a.control)]) + index
     else:
         out = [_verb(a)] + index
     return " ".join(out + _attrs(a))

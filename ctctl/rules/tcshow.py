@@ -31,9 +31,10 @@ from typing import Callable
 from ctctl.protocols import ETH_P_8021Q, ETH_P_ALL, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6
 
 from .model import (
-    U16, U32, U128, ContinueAction, CtAction, DropAction, Filter, GotoAction, MirredAction,
-    PassAction, PipeAction, ReclassifyAction, TrapAction,
+    U16, U32, U128, ContinueAction, CsumAction, CtAction, DropAction, Filter, GotoAction, MirredAction,
+    PassAction, PeditAction, PipeAction, ReclassifyAction, TrapAction,
 )
+from .pedit import keys as pedit_keys
 from .ruleset import RuleSet
 from .values import CT_STATE_FLAGS, IP_PROTO_NAMES
 
@@ -200,6 +201,38 @@ def _ct(o: _Out, a: CtAction) -> None:
     _control(o, a.control, " ")
 
 
+def _pedit(o: _Out, a: PeditAction, index: int) -> None:
+    """m_pedit.c: the verb and key count, index/ref/bind, then the keys
+    (act_pedit's words, not the munges as written)."""
+    keys = pedit_keys(a)
+    o.any("kind", "pedit", " %s ")
+    _control(o, a.control, "action ")
+    o.fp(" ")
+    o.any("nkeys", len(keys), "keys %d\n")
+    o.any("index", index, " \t index %u")
+
+
+def _pedit_keys(o: _Out, a: PeditAction) -> None:
+    out: list = []
+    o.json("keys", out)
+    for n, k in enumerate(pedit_keys(a)):
+        o.open(into=out)
+        o.fp(f"\n\t key #{n}  at ")
+        if k.htype == "network":
+            o.json("htype", "network")
+            o.any("offset", k.offset, "%d")
+        else:
+            o.any("htype", k.htype, "%s")
+            o.any("offset", k.offset, "%+d")
+        o.fp(": add" if k.cmd == "add" else ": val")
+        o.json("cmd", k.cmd)
+        o.fp(f" {k.val:08x}")
+        o.json("val", f"{k.val:x}")
+        o.fp(f" mask {k.mask:08x}")
+        o.json("mask", f"{k.mask:x}")
+        o.close()
+
+
 def _action(o: _Out, a, index: int, refs: int, stats: tuple[int, int, int, int] | None) -> None:
     """One action: its print_aopt, index/ref/bind, then what m_action.c
     adds (statistics, cookie, flags)."""
@@ -219,6 +252,14 @@ def _action(o: _Out, a, index: int, refs: int, stats: tuple[int, int, int, int] 
         o.close()
         o.fp("\n")
         o.any("index", index, "\tindex %u")
+    elif isinstance(a, PeditAction):
+        _pedit(o, a, index)
+    elif isinstance(a, CsumAction):
+        o.any("kind", "csum", "%s ")
+        o.any("csum", ", ".join(a.targets), "(%s) ")
+        _control(o, a.control, "action ")
+        o.fp("\n")
+        o.any("index", index, "\tindex %u")
     else:
         o.any("kind", "gact", "%s ")
         _control(o, a, "action ")
@@ -232,6 +273,8 @@ def _action(o: _Out, a, index: int, refs: int, stats: tuple[int, int, int, int] 
         o.any("index", index, "\t index %u")
     o.any("ref", refs, " ref %d")
     o.any("bind", refs, " bind %d")
+    if isinstance(a, PeditAction):
+        _pedit_keys(o, a)
     o.fp("\n")
     if stats is not None:
         sw_p, sw_b, hw_p, hw_b = stats

@@ -177,9 +177,14 @@ def _actions(rng: random.Random, proto: str, dev: str, chain: int) -> list[str]:
             acts.append("ct clear")
         elif r < 0.95:
             acts.append("trap")
-        else:
+        elif r < 0.98 or proto != "ip":
             # gact verbs the hardware leaves to software (a trap at them).
             acts.append(rng.choice(["pipe", "continue", "reclassify"]))
+        else:
+            # A header rewrite, software's too: resumed there, it must run
+            # once (the packet that leaves carries one TTL decrement).
+            acts.append(rng.choice(["pedit ex munge ip ttl dec munge eth dst set 02:00:00:00:00:0b pipe",
+                                    "pedit ex munge ip ttl dec pipe action csum iph and tcp and udp pipe"]))
         if acts[-1].startswith("ct ") and acts[-1] != "ct clear" and rng.random() < 0.15:
             # ct's own control verb: run right after it, it ends the list
             # (what follows is unreachable, in hardware too).

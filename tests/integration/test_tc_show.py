@@ -40,6 +40,12 @@ LINES = [
     # reset it), which ctctl does not copy.
     "filter add dev va pref 6 ingress protocol ip flower ip_proto icmp type 8 code 0 action ct commit "
     "label 123123 index 42 no_percpu action reclassify cookie aa11bb22",
+    # A router's hop (issue 18's header rewrites): pedit's keys, csum's targets.
+    "filter add dev va pref 7 ingress protocol ip chain 9 flower ip_proto udp action pedit ex munge eth src set "
+    "02:00:00:00:00:aa munge eth dst set 02:00:00:00:00:bb munge ip ttl dec pipe action csum ip and udp pipe "
+    "action mirred egress redirect dev vb",
+    "filter add dev va pref 8 ingress protocol ipv6 chain 9 flower action pedit ex munge ip6 hoplimit dec "
+    "munge ip6 dst set 2001:db8::9 pipe action csum udp",
 ]
 
 

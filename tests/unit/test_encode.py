@@ -233,9 +233,10 @@ def test_ct_control_verb_takes_the_next_slot():
     assert acts(r)[3] == (ActionKind.TRAP, 0, 0, TRAP_AT_ACTION)
 
 
-@pytest.mark.parametrize("verb", ["pipe", "continue", "reclassify"])
-def test_gact_verbs_the_hardware_lacks_trap_at_their_index(verb):
-    r = rule(f"dev eth5 flower action ct zone 1 action {verb} action drop")
+@pytest.mark.parametrize("verb", ["pipe", "continue", "reclassify", "pedit ex munge ip ttl dec pipe",
+                                  "csum iph pipe"])
+def test_actions_the_hardware_lacks_trap_at_their_index(verb):
+    r = rule(f"dev eth5 protocol ip flower action ct zone 1 action {verb} action drop")
     assert acts(r) == [(ActionKind.CT, 0, 1, 0), (ActionKind.TRAP, 0, 0, TRAP_AT_ACTION)]
 
 
