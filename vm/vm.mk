@@ -5,7 +5,9 @@
 #   make vm-test                      BPF + integration tiers + tests/vm, Debian's kernel
 #   make vm-test KERNEL=~/linux       the same on a kernel build tree (or a bzImage)
 #   make vm-test VM_TESTS='tests/vm -v'   any pytest selection
-#   make vm-stage                     the short `-m vm` subset that `make test` runs
+#   make vm-stage                     the runner's own host-side tests (a stopped runner
+#                                     leaves no guest), then the short `-m vm` subset,
+#                                     both of which `make test` runs
 #
 # VM_ACCEL=kvm|tcg skips the KVM probe; SKIP_VM=1 leaves the stage out of
 # `make test`, loudly.  The guest's output is also kept in $(VM_OUT)/.
@@ -42,5 +44,6 @@ vm-stage: vm-provision
 ifeq ($(SKIP_VM),1)
 	@echo "*** VM stage SKIPPED (SKIP_VM=1): nothing was checked on a second kernel ***"
 else
+	$(VM_PYTHON) -m pytest tests/vm/test_vmrun.py -ra
 	$(vm_run) $(foreach e,$(VM_STAGE_ENV),--env $(e)) --timeout $(VM_STAGE_TIMEOUT) --log $(VM_OUT)/vm-stage.log -- $(VM_STAGE_TESTS)
 endif

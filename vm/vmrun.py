@@ -13,6 +13,12 @@ short probe boot shows no kernel output (nested KVM on some hosts hangs
 silently), the guest runs under TCG, software emulation, about ten times
 slower.  The probe's answer is cached for the current host boot.
 
+The guest runs in a session of its own (so that the terminal's Ctrl-C
+reaches the runner, not qemu, mid-write); the runner ends that whole
+process group when it is stopped itself (SIGINT, SIGTERM, SIGHUP: exit
+status 128 + the signal), on its timeout, and after a probe: nothing it
+started outlives it.  Every minute it says how far the guest got.
+
 Standard library only: it runs under any python3 >= 3.9.
 """
 
@@ -35,6 +41,12 @@ ACCEL_CACHE = "/run/ctctl-vm/accel"
 PROBE_MARK = b"Linux version"
 GUEST_KERNEL_RE = re.compile(r"^ctctl-vm: guest kernel: (\S+)")
 GUEST_EXIT_RE = re.compile(r"^ctctl-vm: pytest exit status: (\d+)")
+# pytest's progress in the guest: the collection line, and -v's per-test
+# lines ("tests/x.py::test_y PASSED    [ 12%]").
+COLLECTED_RE = re.compile(r"^collected (\d+) items?(?: / (\d+) deselected)?")
+RESULT_RE = re.compile(r"::\S.* (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b")
+PROGRESS_EVERY = 60.0
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 # Exit statuses of our own, outside pytest's 0-5.
 EXIT_USAGE = 64
@@ -49,6 +61,18 @@ def log(msg):
 
 class UsageError(Exception):
     pass
+
+
+class Stopped(Exception):
+    """The runner was asked to stop (a signal): end what it started."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    raise Stopped(signum)
 
 
 def bzimage_release(path):
@@ -163,10 +187,11 @@ def kvm_probe(image, timeout):
 
     reader = threading.Thread(target=watch, daemon=True)
     reader.start()
-    reader.join(timeout)
-    ok = seen.is_set()
-    _kill_group(proc)
-    return ok
+    try:
+        reader.join(timeout)
+    finally:
+        _kill_group(proc)   # also when stopped meanwhile
+    return seen.is_set()
 
 
 def choose_accel(mode, probe_image, probe_timeout):
@@ -205,20 +230,40 @@ def choose_accel(mode, probe_image, probe_timeout):
 
 
 def _kill_group(proc):
-    """End the process group we started for `proc` (qemu and its helpers)."""
-    if proc.poll() is None:
+    """End the process group we started for `proc` (vng, qemu and their
+    helpers: the session's leader may be gone while qemu still runs).  A
+    second Ctrl-C meanwhile must not leave the group half-ended: the stop
+    signals wait until it is done."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
-            pass
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
+            return
+        deadline = time.monotonic() + 5
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            proc.poll()
+            time.sleep(0.1)
+        if _group_alive(proc.pid):
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            proc.wait()
+        proc.wait()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _group_alive(pgid):
+    """Whether any process of the group is left (zombies included: a
+    child not yet reaped counts until its parent, us or vng, reaps it)."""
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 def write_job(workdir, kernel, pytest_args, extra_env=()):
@@ -270,7 +315,8 @@ def run_guest(cmd, timeout, log_path=None):
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=REPO,
     )
-    found = {}
+    log(f"guest started: vng pid {proc.pid}, process group {proc.pid}")
+    found = {"done": 0}
     start = time.monotonic()
     log_file = open(log_path, "w") if log_path else None
 
@@ -288,20 +334,49 @@ def run_guest(cmd, timeout, log_path=None):
             if m:
                 found["pytest"] = int(m.group(1))
                 found["tested"] = time.monotonic() - start
+            m = COLLECTED_RE.match(line)
+            if m:
+                found["total_tests"] = int(m.group(1)) - int(m.group(2) or 0)
+            if RESULT_RE.search(line):
+                found["done"] += 1
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
+    status = None
     try:
-        status = proc.wait(timeout)
-    except subprocess.TimeoutExpired:
+        while True:
+            left = timeout - (time.monotonic() - start)
+            if left <= 0:
+                _kill_group(proc)
+                break
+            try:
+                status = proc.wait(min(left, PROGRESS_EVERY))
+                break
+            except subprocess.TimeoutExpired:
+                log(progress(found, time.monotonic() - start))
+    except Stopped:
         _kill_group(proc)
-        status = None
-    reader.join(5)
-    if log_file:
-        log_file.close()
+        raise
+    finally:
+        reader.join(5)
+        if log_file:
+            log_file.close()
+            log_file = None
     found["status"] = status
     found["total"] = time.monotonic() - start
     return found
+
+
+def progress(found, elapsed):
+    """One line on how far the guest got: booting, or tests done of all."""
+    clock = f"{int(elapsed // 60)} min {int(elapsed % 60)} s"
+    if "release" not in found:
+        return f"{clock}: the guest is booting"
+    if "total_tests" not in found:
+        return f"{clock}: the guest is up ({found['release']}), pytest is collecting"
+    done, total = found["done"], found["total_tests"]
+    pct = f" ({100 * done // total} %)" if total else ""
+    return f"{clock}: {done} of {total} tests done{pct}"
 
 
 def main(argv=None):
@@ -335,6 +410,16 @@ def main(argv=None):
         log("must run as root: the tests in the guest load BPF and make namespaces, "
             "and /boot's kernel images are root-only")
         return EXIT_USAGE
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _stop)
+    try:
+        return run(args)
+    except Stopped as stop:
+        log(f"stopped by {stop}: the guest's process group is ended")
+        return 128 + stop.signum
+
+
+def run(args):
     try:
         extra_env = []
         for item in args.env:

@@ -1,13 +1,18 @@
 # SPDX-License-Identifier: GPL-2.0
-"""Host-side checks of vm/vmrun.py that need neither root nor a guest: how it
-reads a kernel's release and how it refuses what it cannot boot."""
+"""Host-side checks of vm/vmrun.py: how it reads a kernel's release, how
+it refuses what it cannot boot, what its progress lines say (none of these
+need root or a guest), and that a runner stopped by a signal leaves no
+guest behind (root and vng: the VM stage runs it before its guest)."""
 
 import glob
 import importlib.util
 import os
+import re
+import signal
 import struct
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -83,3 +88,84 @@ def test_cli_reports_bad_kernel_without_a_traceback(tmp_path):
                           "--accel", "tcg", "--dry-run"], capture_output=True, text=True)
     assert res.returncode == 64
     assert "does not exist" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_progress_says_how_far_the_guest_got(vmrun):
+    assert vmrun.progress({"done": 0}, 61) == "1 min 1 s: the guest is booting"
+    assert "pytest is collecting" in vmrun.progress({"done": 0, "release": "6.1.0-57-amd64"}, 90)
+    line = vmrun.progress({"done": 95, "release": "6.1.0-57-amd64", "total_tests": 380}, 3000)
+    assert line == "50 min 0 s: 95 of 380 tests done (25 %)"
+    # What the counters read from pytest's -v output in the guest.
+    m = vmrun.COLLECTED_RE.match("collected 412 items / 33 deselected / 379 selected")
+    assert int(m.group(1)) - int(m.group(2)) == 379
+    assert vmrun.RESULT_RE.search("tests/bpf/test_parse.py::test_x[ipv4] PASSED     [  3%]")
+    assert not vmrun.RESULT_RE.search("ctctl-vm: pytest exit status: 0")
+
+
+VNG = os.path.join(REPO, ".venv-vm", "bin", "vng")
+
+
+def group_members(pgid: int) -> list[int]:
+    """The processes of a process group, read from /proc (the 5th field of
+    stat, after the command name in parentheses)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            out.append(int(entry))
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.access(VNG, os.X_OK) or not glob.glob("/boot/vmlinuz-*-amd64"),
+                    reason="needs root, vng (vm/provision-vm.sh, the VM stage runs it) and Debian's kernel")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stopped_runner_ends_its_guest(sig):
+    """Stopped while its guest runs (Ctrl-C, or a CI's time limit), the
+    runner ends the guest's whole process group, vng and qemu, and exits
+    with 128 + the signal.  The guest is a real one: the signal comes as
+    soon as its qemu runs, so the test does not wait for a boot."""
+    from ctctl.lab.waiting import wait_until
+
+    proc = subprocess.Popen([sys.executable, VMRUN, "--accel", "tcg", "--timeout", "600", "--",
+                             "tests/vm/test_vmrun.py", "-k", "release"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, cwd=REPO)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    pgid = None
+    try:
+        def started():
+            return next((int(m.group(1)) for m in map(GUEST_RE.search, list(lines)) if m), None)
+        wait_until(lambda: started() is not None or proc.poll() is not None, 120, "the runner to start vng")
+        pgid = started()
+        assert pgid is not None, lines
+        wait_until(lambda: any("qemu" in cmdline(p) for p in group_members(pgid)), 120,
+                   "qemu to run in the guest's process group")
+        os.kill(proc.pid, sig)
+        assert proc.wait(60) == 128 + sig, lines
+        wait_until(lambda: not group_members(pgid), 30, "the guest's processes to be gone")
+        assert any("stopped by" in line for line in lines), lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if pgid is not None and group_members(pgid):
+            os.killpg(pgid, signal.SIGKILL)   # the group the runner started for this test
+
+
+GUEST_RE = re.compile(r"guest started: vng pid \d+, process group (\d+)")
