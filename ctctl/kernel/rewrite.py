@@ -41,7 +41,7 @@ def _le(x: int) -> int:
     return int.from_bytes(x.to_bytes(4, "big"), "little")
 
 
-def pedit(pkt: Packet, keys: list[PeditKey]) -> bool:
+def pedit(pkt: Packet, keys: tuple[PeditKey, ...]) -> bool:
     """Apply the keys; False when one falls outside the packet (the kernel
     then skips the rest and lets the packet go on, counting an overlimit)."""
     data = pkt.data

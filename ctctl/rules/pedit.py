@@ -15,6 +15,7 @@ What tc prints for a pedit action (`key #0  at ipv4+8: add ff000000 mask
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -89,11 +90,14 @@ def _keys(htype: str, offset: int, data: bytes, cmd: str) -> list[PeditKey]:
     return out
 
 
-def keys(a: PeditAction) -> list[PeditKey]:
+@functools.lru_cache(maxsize=4096)
+def keys(a: PeditAction) -> tuple[PeditKey, ...]:
+    """The action's keys, in order (cached: the pipeline asks per packet,
+    and an action is immutable)."""
     out: list[PeditKey] = []
     for m in a.munges:
         htype, offset, width = FIELDS[(m.layer, m.field)]
         if not a.ex:
             htype = "network"
         out += _keys(htype, offset, _value(m, width), "add" if m.cmd == "dec" else "set")
-    return out
+    return tuple(out)
