@@ -135,3 +135,34 @@ def test_conntrack_cli_lists_like_conntrack_L(fwbox):
     line = next(l for l in r.stdout.splitlines() if l.startswith("icmp"))
     assert f"src={b.client.addr4} dst={b.server.addr4} type=8 code=0" in line
     assert f"src={b.server.addr4} dst={b.client.addr4} type=0 code=0" in line
+
+
+def tc_spelled(lines: list[str]) -> list[str]:
+    """The firewall as tc documentation writes such rules: prefixes,
+    `ingress`, ct with its verb, and the commit marking the connection."""
+    out = []
+    for line in lines:
+        line = (line.replace(" protocol ", " proto ").replace(" parent ffff: ", " ingress ")
+                .replace(" prio ", " pref ").replace("action ct action", "action ct pipe action")
+                .replace("action ct commit action", "action ct commit mark 0x42/0xf0 pipe action"))
+        out.append(line)
+    return out
+
+
+def test_the_firewall_in_tc_s_own_spellings_loads_and_runs(topo):
+    """Issue 17: a config whose lines use tc's abbreviations and verbs
+    loads, forwards as the plain one does, commits the mark (0x42 under
+    mask 0xf0: 64, as act_ct), and `filter show` prints the rule as tc."""
+    from conftest import box_config, running
+
+    cfg = box_config(topo, rules=tc_spelled(firewall.rules("eth5", "eth6")))
+    del cfg["forward"]
+    assert any(" proto ip ingress " in r and " pref " in r and "mark 0x42/0xf0 pipe" in r for r in cfg["rules"])
+    with running(cfg, topo) as b:
+        assert traffic.ping(b.client.netns, b.server.addr4, count=3).ok
+        assert traffic.tcp_transfer(b.client.netns, b.server.netns, b.server.addr4, 200_000).ok
+        assert traffic.ping(b.server.netns, b.client.addr4, count=2).received == 0
+        lines = b.request("conntrack")["lines"]
+        assert lines and all(" mark=64 " in line for line in lines), lines
+        shown = ctctl(b, "filter", "show", "dev", "eth5", "ingress", "chain", "9").stdout
+        assert "\taction order 1: ct commit mark 66/0xf0 zone 0 pipe" in shown, shown
