@@ -41,9 +41,10 @@ ACCEL_CACHE = "/run/ctctl-vm/accel"
 PROBE_MARK = b"Linux version"
 GUEST_KERNEL_RE = re.compile(r"^ctctl-vm: guest kernel: (\S+)")
 GUEST_EXIT_RE = re.compile(r"^ctctl-vm: pytest exit status: (\d+)")
-# pytest's progress in the guest: the collection line, and -v's per-test
-# lines ("tests/x.py::test_y PASSED    [ 12%]").
-COLLECTED_RE = re.compile(r"^collected (\d+) items?(?: / (\d+) deselected)?")
+# pytest's progress in the guest: the collection line ("collecting ...
+# collected 2008 items / 1990 deselected / 18 selected" under -v), and -v's
+# per-test lines ("tests/x.py::test_y PASSED    [ 12%]").
+COLLECTED_RE = re.compile(r"\bcollected (\d+) items?(?: / (\d+) deselected)?")
 RESULT_RE = re.compile(r"::\S.* (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b")
 PROGRESS_EVERY = 60.0
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -334,7 +335,7 @@ def run_guest(cmd, timeout, log_path=None):
             if m:
                 found["pytest"] = int(m.group(1))
                 found["tested"] = time.monotonic() - start
-            m = COLLECTED_RE.match(line)
+            m = COLLECTED_RE.search(line)
             if m:
                 found["total_tests"] = int(m.group(1)) - int(m.group(2) or 0)
             if RESULT_RE.search(line):

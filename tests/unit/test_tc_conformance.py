@@ -19,6 +19,11 @@ sends its two packets through the software datapath (scapy builds them;
 the tracker is ctctl's own, no kernel involved) and reads the
 connection table as /proc/net/nf_conntrack shows it.
 
+The suite's filter tests (tc-tests/filters/*.json, flower.json included)
+have no case with ct_state, ct_zone, ct_mark or ct_label in that version;
+flower's ct matches are covered by case 3992's `ct_state -trk` here and by
+tests/integration/test_tc_show.py against the kernel's own tc.
+
 Cases of newer trees that do not apply, by id (not in 6.12.117; seen in
 intel-lab-lkp/linux@1d291d055581ef69a89987fa1b742efc53f2a6df):
 """
