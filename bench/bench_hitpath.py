@@ -10,6 +10,10 @@ measured in the same run, alternating:
                      bpf/window.h), against the same program without the cap
   --compare csum     checksum verification (hardware: {csum: [ipv4, l4]},
                      bpf/csum.h), against the same program without the cap
+  --compare rewrite  the pedit and csum actions' code in the interpreter
+                     (bpf/pedit.h; without it: built with -DCTCTL_NO_REWRITE),
+                     on rules that rewrite nothing: what header rewrites
+                     cost the packets that do not use them
 
 Every variant but the one feature runs with neither window nor checksum
 validation, so the figures compare with earlier runs of --compare path;
@@ -111,6 +115,7 @@ COMPARE = {
     "path": ("path", {}, {}, ["-DCTCTL_NO_PATH"]),
     "window": ("window validation", {"window": True}, {}, []),
     "csum": ("checksum verification", {"csum": ("ipv4", "l4")}, {}, []),
+    "rewrite": ("rewrite code", {}, {}, ["-DCTCTL_NO_REWRITE"]),
 }
 
 

@@ -129,7 +129,8 @@ static __always_inline int punt(struct __sk_buff *skb, const struct ctctl_state 
  * replayed from the entry alone when nothing in it depended on more than
  * the ingress port, the packet's tuple and the entry: one lookup in the
  * offload table (zone 0, the tuple as it arrived), and no per-packet
- * judgement (window tracking and checksum verification are off).  With
+ * judgement (window tracking and checksum verification are off), and no
+ * pedit (the replay rewrites nothing but the entry's NAT).  With
  * one lookup, any NAT the walk applied is that entry's, once: the replay
  * applies it again (CTCTL_FP_NAT).  TCP SYN, FIN and RST never get there:
  * they stop at the ct action.
@@ -143,7 +144,8 @@ static __always_inline int punt(struct __sk_buff *skb, const struct ctctl_state 
 static __always_inline int walk_cacheable(const struct ctctl_state *st, __u32 caps)
 {
 	return (caps & CTCTL_CAP_FLOW_CACHE) && !(caps & CTCTL_CACHE_CAPS) &&
-	       st->ct_lookups == 1 && st->tuple.zone == 0 && st->fp_verdict != CTCTL_FP_NONE;
+	       st->ct_lookups == 1 && st->tuple.zone == 0 && st->fp_verdict != CTCTL_FP_NONE &&
+	       !(st->done & CTCTL_DONE_PEDIT);
 }
 
 /*

@@ -70,6 +70,9 @@ enum ctctl_counter {
 	CTCTL_C_CACHE_HIT,		/* packets finished from their entry's cached verdict (the flow cache) */
 	CTCTL_C_CACHE_MISS,		/* ... that looked there and found none for their port */
 	CTCTL_C_CACHE_STALE,		/* ... that found one older than the rules or caps: walked again */
+	CTCTL_C_PEDIT,			/* pedit actions the program ran (header words rewritten) */
+	CTCTL_C_PEDIT_SHORT,		/* ... whose key fell outside the packet: the rest skipped, as act_pedit */
+	CTCTL_C_CSUM,			/* csum actions the program ran (checksums fixed incrementally) */
 	CTCTL_C_MAX,
 };
 
@@ -93,6 +96,8 @@ enum ctctl_done {
 	CTCTL_DONE_CT = 0x01,		/* ct lookup ran: ct_state, zone, mark, label are valid */
 	CTCTL_DONE_SNAT = 0x02,		/* source address/port rewritten */
 	CTCTL_DONE_DNAT = 0x04,		/* destination address/port rewritten */
+	CTCTL_DONE_PEDIT = 0x08,	/* header words rewritten by a pedit action (the bytes that
+					 * follow are the rewritten packet: software does not redo it) */
 };
 
 /* Largest packet the program hands to software (a jumbo frame). */
@@ -104,6 +109,7 @@ enum ctctl_done {
 #define CTCTL_MAX_HOPS 8		/* goto chain hops per packet */
 #define CTCTL_PATH_LEN 12		/* rule ids an entry keeps: one per chain (CTCTL_MAX_HOPS + 1), to 8 bytes */
 #define CTCTL_MAX_RULE_IDS 4096		/* slots of the per-rule counter array */
+#define CTCTL_MAX_PEDIT_KEYS 8		/* pedit keys per rule, its pedit actions' together */
 /* A resume point's action index meaning "match rule `rule` and on". */
 #define CTCTL_RESUME_MATCH 0xffff
 /* A TRAP action's arg: where software continues the packet. */
@@ -322,6 +328,44 @@ enum ctctl_action_kind {
 	CTCTL_A_DROP = 5,
 	CTCTL_A_PASS = 6,
 	CTCTL_A_TRAP = 7,	/* send to software; arg: CTCTL_TRAP_AT_ACTION or CTCTL_TRAP_REMATCH */
+	CTCTL_A_PEDIT = 8,	/* arg: the rule's pedit keys [arg & 0xff, + (arg >> 8) & 0xff) */
+	CTCTL_A_CSUM = 9,	/* arg: enum ctctl_csum_target bits */
+};
+
+/*
+ * A pedit key as act_pedit holds one (struct tc_pedit_key with its
+ * extended header type): the 32-bit word at `offset` from the start of
+ * its header becomes (word & mask) ^ val, or with ADD the word plus val
+ * with the bits of mask kept.  val and mask are in the packet's byte order,
+ * and the word is read as the host reads memory: ADD on a one-byte field
+ * (TTL, hop limit) is the kernel's little-endian addition, as in
+ * ctctl/kernel/rewrite.py.
+ */
+enum ctctl_pedit_htype {
+	CTCTL_PH_ETH = 0,	/* the Ethernet header */
+	CTCTL_PH_NETWORK = 1,	/* the IP header, whichever version the key was written for */
+	CTCTL_PH_TRANSPORT = 2,	/* the transport header, whichever protocol */
+};
+
+enum ctctl_pedit_cmd {
+	CTCTL_PC_SET = 0,
+	CTCTL_PC_ADD = 1,
+};
+
+struct ctctl_pedit_key {
+	__u8 htype;		/* enum ctctl_pedit_htype */
+	__u8 cmd;		/* enum ctctl_pedit_cmd */
+	__u16 offset;		/* a multiple of 4 */
+	__u32 val;
+	__u32 mask;		/* the bits kept */
+};
+
+/* What a csum action fixes (act_csum's update flags the program runs). */
+enum ctctl_csum_target {
+	CTCTL_CSUMT_IPH = 0x01,		/* the IPv4 header checksum */
+	CTCTL_CSUMT_ICMP = 0x02,	/* ICMP and ICMPv6 */
+	CTCTL_CSUMT_TCP = 0x04,
+	CTCTL_CSUMT_UDP = 0x08,
 };
 
 enum ctctl_ct_flags {
@@ -347,6 +391,8 @@ struct ctctl_rule {
 	__u32 id;		/* slot in the per-rule counter array */
 	__u32 pad;
 	struct ctctl_action actions[CTCTL_MAX_ACTIONS];
+	/* The keys of the rule's pedit actions, in order (CTCTL_A_PEDIT's arg). */
+	struct ctctl_pedit_key pedit[CTCTL_MAX_PEDIT_KEYS];
 };
 
 struct ctctl_chain_key {

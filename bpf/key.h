@@ -6,8 +6,9 @@
  * Contract: state_reset() makes a state that punts "at the very start"
  * (chain 0, rule 0, RESUME_MATCH, nothing done); state_load() fills the key
  * from what bpf/parse.h found, with all-zero ct metadata.  From then on the
- * key is changed only by NAT (bpf/nat.h) and the ct metadata only by the ct
- * actions (bpf/rules.h), so a later match sees the packet as it is now.
+ * key is changed only by NAT (bpf/nat.h) and pedit (bpf/pedit.h), and the
+ * ct metadata only by the ct actions (bpf/rules.h), so a later match sees
+ * the packet as it is now.
  *
  * The key is laid out as struct ctctl_match so that a rule's masked match
  * is eight 64-bit (value ^ key) & mask words, with no per-field code.
@@ -81,6 +82,19 @@ struct ctctl_state {
 	__u8 ct_lookups;
 	__u8 fp_verdict;
 	__u16 pad;
+	/* Checksum changes pedit made and no csum action fixed yet
+	 * (bpf/pedit.h): the IPv4 header's, the transport's through the
+	 * pseudo-header (addresses) and through its own header. */
+	__u64 pend_iph;
+	__u64 pend_pseudo;
+	__u64 pend_l4;
+	/* The packet's layout as a pedit key sees it, written at the action
+	 * and read back in its loop (bpf/pedit.h pedit_layout). */
+	__u32 pedit_i;			/* the key being applied */
+	__u32 hdr_base[4];		/* where each enum ctctl_pedit_htype counts from */
+	__u32 iph_lo, iph_len;		/* the IPv4 header's bytes (IPv6: none) */
+	__u32 pseudo_lo, pseudo_len;	/* the addresses, in the pseudo-header */
+	__u32 seg_lo, seg_len;		/* the transport segment */
 	/* Bytes of the packet being summed (bpf/csum.h): no room on the stack. */
 	__u32 csum_buf[CTCTL_CSUM_CHUNK / 4];
 };
@@ -100,6 +114,9 @@ static __always_inline void state_reset(struct ctctl_state *st)
 	st->tcp_has_sack = 0;
 	st->ct_lookups = 0;
 	st->fp_verdict = CTCTL_FP_NONE;
+	st->pend_iph = 0;
+	st->pend_pseudo = 0;
+	st->pend_l4 = 0;
 	__builtin_memset(st->path, 0, sizeof(st->path));
 }
 

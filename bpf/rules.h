@@ -12,7 +12,7 @@
  * resume point (docs/offload.md lists the cases).
  *
  * Verifier: three bounded loops, chain hops (9) > rules of a chain (64) >
- * actions of a rule (4).  The matching rule's index goes through the
+ * actions of a rule (4), and a pedit action's keys (8) inside the last.  The matching rule's index goes through the
  * scratch map and is read back as a number the verifier does not know, so
  * the actions are verified once per hop, not once per rule that may match.
  */
@@ -26,6 +26,7 @@
 #include "key.h"
 #include "maps.h"
 #include "nat.h"
+#include "pedit.h"
 #include "window.h"
 
 #define CTCTL_PUNT (-1)
@@ -286,6 +287,20 @@ static __always_inline int interpret(struct __sk_buff *skb, struct ctctl_state *
 				count(CTCTL_C_PASS, 1);
 				st->fp_verdict = CTCTL_FP_PASS;
 				return TC_ACT_OK;
+#ifndef CTCTL_NO_REWRITE	/* built without only to measure what they cost */
+			case CTCTL_A_PEDIT:
+				if (pedit_apply(skb, st, r, act->arg) < 0) {
+					count(CTCTL_C_DROP, 1);
+					return TC_ACT_SHOT;
+				}
+				continue;
+			case CTCTL_A_CSUM:
+				if (csum_apply(skb, st, act->arg) < 0) {
+					count(CTCTL_C_DROP, 1);
+					return TC_ACT_SHOT;
+				}
+				continue;
+#endif
 			case CTCTL_A_TRAP:
 				/* REMATCH: software decides the match (a skip_hw part). */
 				return stop(st, CTCTL_R_TRAP, i,

@@ -74,9 +74,12 @@ class Counter(enum.IntEnum):
     CACHE_HIT = REASON_MAX + 16
     CACHE_MISS = REASON_MAX + 17
     CACHE_STALE = REASON_MAX + 18
+    PEDIT = REASON_MAX + 19
+    PEDIT_SHORT = REASON_MAX + 20
+    CSUM = REASON_MAX + 21
 
 
-COUNTER_MAX = REASON_MAX + 19
+COUNTER_MAX = REASON_MAX + 22
 
 
 class CtState(enum.IntFlag):
@@ -98,6 +101,7 @@ class Done(enum.IntFlag):
     CT = 0x01
     SNAT = 0x02
     DNAT = 0x04
+    PEDIT = 0x08
 
 
 MAX_PUNT = 9216
@@ -106,6 +110,7 @@ MAX_ACTIONS = 4         # actions per rule
 MAX_HOPS = 8            # goto chain hops per packet
 PATH_LEN = 12           # rule ids a flow entry keeps (one per chain, MAX_HOPS + 1, to 8 bytes)
 MAX_RULE_IDS = 4096     # per-rule counter slots
+MAX_PEDIT_KEYS = 8      # pedit keys per rule (its pedit actions' together)
 RESUME_MATCH = 0xFFFF   # resume action index: "match from rule `rule` on"
 # A TRAP action's arg: where software continues.
 TRAP_AT_ACTION = 0      # at this action (the hardware matched the rule)
@@ -155,6 +160,30 @@ class ActionKind(enum.IntEnum):
     DROP = 5
     PASS = 6
     TRAP = 7
+    PEDIT = 8       # arg: first key | count << 8, in Rule.pedit
+    CSUM = 9        # arg: CsumTarget bits
+
+
+class PeditHtype(enum.IntEnum):
+    """enum ctctl_pedit_htype: the header a pedit key's offset counts from."""
+
+    ETH = 0
+    NETWORK = 1
+    TRANSPORT = 2
+
+
+class PeditCmd(enum.IntEnum):
+    SET = 0
+    ADD = 1
+
+
+class CsumTarget(enum.IntFlag):
+    """enum ctctl_csum_target: the checksums a csum action fixes."""
+
+    IPH = 0x01
+    ICMP = 0x02
+    TCP = 0x04
+    UDP = 0x08
 
 
 class CtFlags(enum.IntFlag):
@@ -329,6 +358,19 @@ class Action(ctypes.Structure):
     ]
 
 
+class PeditKey(ctypes.Structure):
+    """struct ctctl_pedit_key: val and mask hold the word's bytes in packet
+    order (as a little-endian u32, the value the program reads)."""
+
+    _fields_ = [
+        ("htype", ctypes.c_uint8),
+        ("cmd", ctypes.c_uint8),
+        ("offset", ctypes.c_uint16),
+        ("val", ctypes.c_uint32),
+        ("mask", ctypes.c_uint32),
+    ]
+
+
 class Rule(ctypes.Structure):
     _fields_ = [
         ("key", Match),
@@ -340,6 +382,7 @@ class Rule(ctypes.Structure):
         ("id", ctypes.c_uint32),
         ("pad", ctypes.c_uint32),
         ("actions", Action * MAX_ACTIONS),
+        ("pedit", PeditKey * MAX_PEDIT_KEYS),
     ]
 
 
@@ -405,6 +448,9 @@ C_ENUMS = {
     "CTCTL_FP_": FpVerdict,
     "CTCTL_A_": ActionKind,
     "CTCTL_CTF_": CtFlags,
+    "CTCTL_PH_": PeditHtype,
+    "CTCTL_PC_": PeditCmd,
+    "CTCTL_CSUMT_": CsumTarget,
     "CTCTL_WCHECK_": WindowCheck,
     "CTCTL_WM_": WMerge,
 }
@@ -417,6 +463,7 @@ C_CONSTANTS = {
     "CTCTL_MAX_HOPS": MAX_HOPS,
     "CTCTL_PATH_LEN": PATH_LEN,
     "CTCTL_MAX_RULE_IDS": MAX_RULE_IDS,
+    "CTCTL_MAX_PEDIT_KEYS": MAX_PEDIT_KEYS,
     "CTCTL_RESUME_MATCH": RESUME_MATCH,
     "CTCTL_TRAP_AT_ACTION": TRAP_AT_ACTION,
     "CTCTL_TRAP_REMATCH": TRAP_REMATCH,
@@ -430,6 +477,7 @@ C_STRUCTS = {
     "ctctl_hw_config": HwConfig,
     "ctctl_match": Match,
     "ctctl_action": Action,
+    "ctctl_pedit_key": PeditKey,
     "ctctl_rule": Rule,
     "ctctl_chain_key": ChainKey,
     "ctctl_chain": Chain,

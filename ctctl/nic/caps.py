@@ -18,13 +18,14 @@ that the same box can be modelled as different devices.
                               # hardware) or punt (software judges it)
       flow_cache: true        # finish a hit from the verdict cached in its
                               # entry (only without window and csum checks)
+      rewrite: true           # pedit and csum actions (bpf/pedit.h)
 
     hardware: {profile: minimal, nat: true}   # a named profile, then overrides
 
 Profiles (PROFILES): `full` (the defaults: everything the model has, so it
 validates windows and checksums, counts, ages), `minimal` (the ct lookup
 and counters: no window or checksum validation, no NAT, no ct_label or
-port-range matches, no aging of its own), `no-counters` (everything but
+port-range matches, no aging of its own, no header rewrites), `no-counters` (everything but
 per-entry counters).
 
 The defaults are a device that supports everything.  ctctl.nic.encode turns
@@ -59,7 +60,7 @@ class CapsError(ValueError):
 PROFILES: dict[str, dict] = {
     "full": {},
     "minimal": {"nat": False, "ct_label_match": False, "port_range_match": False, "hw_aging": False,
-                "window": False, "csum": ()},
+                "window": False, "csum": (), "rewrite": False},
     "no-counters": {"flow_counters": False},
 }
 
@@ -79,6 +80,7 @@ _SPEC: dict[str, tuple[type, int | None, int | None, str]] = {
     "csum": (tuple, None, None, "checksums verified"),
     "invalid": (str, None, None, "what an invalid packet gets"),
     "flow_cache": (bool, None, None, "verdicts cached in the offload table's entries"),
+    "rewrite": (bool, None, None, "header rewrites: pedit and csum actions"),
 }
 CSUM_LAYERS = ("ipv4", "l4")
 INVALID_CHOICES = ("inv", "punt")
@@ -100,6 +102,7 @@ class HwCaps:
     csum: tuple = CSUM_LAYERS
     invalid: str = "inv"
     flow_cache: bool = True
+    rewrite: bool = True
     profile: str = "full"        # the named profile it started from (PROFILES)
 
     def __post_init__(self):

@@ -24,9 +24,10 @@ from ctctl.kernel.packet import Packet
 from ctctl.nic.caps import HwCaps
 from ctctl.protocols import ICMPS, proto_name
 from ctctl.rules import (
-    ETH_P_ALL, ETH_P_IP, ETH_P_IPV6, ContinueAction, CtAction, DropAction, Filter, GotoAction,
-    MirredAction, PassAction, ReclassifyAction, TrapAction,
+    ETH_P_ALL, ETH_P_IP, ETH_P_IPV6, ContinueAction, CsumAction, CtAction, DropAction, Filter, GotoAction,
+    MirredAction, PassAction, PeditAction, PipeAction, ReclassifyAction, TrapAction,
 )
+from ctctl.nic.rewrite import csum_bits, encode_pedit
 
 # Rule id 0 is the scratch slot: rules that stand for no filter's match (the
 # match-all traps of skip_hw and unevaluable filters, the overflow trap of a
@@ -219,6 +220,16 @@ def _encode_action(a, caps: HwCaps, ifindex_by_port: dict[str, int]) -> abi.Acti
     return None
 
 
+def _verb(a):
+    """The control verb that ends the list after a (ct, pedit or csum with
+    a verb other than pipe), or None."""
+    if isinstance(a, CtAction):
+        return a.control
+    if isinstance(a, (PeditAction, CsumAction)) and not isinstance(a.control, PipeAction):
+        return a.control
+    return None
+
+
 def encode_rule(f: Filter, rule_id: int, caps: HwCaps | None = None,
                 ifindex_by_port: dict[str, int] | None = None) -> abi.Rule:
     """One filter as a hardware rule (struct ctctl_rule).
@@ -245,6 +256,12 @@ def encode_rule(f: Filter, rule_id: int, caps: HwCaps | None = None,
       then the verb as its gact (drop, pass, goto).  The verb ends the list,
       so the extra slot is no action's and the indices still agree.  gact
       pipe, continue and reclassify are software's (a trap at their index).
+      pedit and csum take their verb the same way (pass unless written:
+      tc's default for both), pipe taking no slot.
+    - pedit keys go to the rule's key slots (MAX_PEDIT_KEYS for all its
+      pedit actions); a pedit that does not fit, or whose headers the
+      filter does not pin (ctctl.nic.rewrite), traps; so does either action on a
+      device without `rewrite`.
     """
     caps = caps or HwCaps()
     ifindex_by_port = ifindex_by_port or {}
@@ -256,20 +273,30 @@ def encode_rule(f: Filter, rule_id: int, caps: HwCaps | None = None,
     r.id = rule_id
     _encode_match(f, r)
     acts = f.actions
+    used = 0
     for i, a in enumerate(acts):
-        ends = isinstance(a, (*_TERMINAL, TrapAction)) or (isinstance(a, CtAction) and a.control is not None)
+        verb = _verb(a)
+        ends = isinstance(a, (*_TERMINAL, TrapAction)) or verb is not None
         if i == abi.MAX_ACTIONS - 1 and len(acts) > abi.MAX_ACTIONS and not ends:
             # Slot left for the trap: actions i.. continue in software.
             r.actions[i].kind, r.actions[i].arg = ActionKind.TRAP, TRAP_AT_ACTION
             break
-        enc = _encode_action(a, caps, ifindex_by_port)
+        if isinstance(a, PeditAction):
+            got = encode_pedit(f, a, r, used) if caps.rewrite else None
+            enc, used = got if got is not None else (None, used)
+        elif isinstance(a, CsumAction):
+            enc = None
+            if caps.rewrite:
+                enc = abi.Action()
+                enc.kind, enc.arg = ActionKind.CSUM, csum_bits(a)
+        else:
+            enc = _encode_action(a, caps, ifindex_by_port)
         control = None
-        if enc is not None and isinstance(a, CtAction) and a.control is not None:
+        if enc is not None and verb is not None:
             # `ct ... drop`: the verb in the next slot, which no action of the
             # filter uses (the verb ends the list).  No room, or a verb the
-            # device lacks: software runs the ct and its verb.
-            control = (_encode_action(a.control, caps, ifindex_by_port)
-                       if i + 1 < abi.MAX_ACTIONS else None)
+            # device lacks: software runs the action and its verb.
+            control = _encode_action(verb, caps, ifindex_by_port) if i + 1 < abi.MAX_ACTIONS else None
             if control is None:
                 enc = None
         if enc is None:

@@ -416,6 +416,8 @@ def program_stats(counters: list[int]) -> dict:
         "window_invalid": counters[c.WINDOW_INVALID],
         "window_ignored": counters[c.WINDOW_IGNORED],
         "csum_invalid": counters[c.CSUM_INVALID],
+        "rewrites": {"pedit": counters[c.PEDIT], "pedit_short": counters[c.PEDIT_SHORT],
+                     "csum": counters[c.CSUM]},
         "flow_cache": {"hits": counters[c.CACHE_HIT], "misses": counters[c.CACHE_MISS],
                        "stale": counters[c.CACHE_STALE]},
         "punts_by_reason": {r.label: counters[r] for r in abi.Reason if r and counters[r]},

@@ -22,24 +22,15 @@ host, where the reference is skipped.
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import struct
-import subprocess
-import tempfile
-import threading
 
 import pytest
-from scapy.error import Scapy_Exception
 from scapy.layers.inet import IP, TCP
-from scapy.utils import PcapReader, rdpcap
 
-from ctctl.lab import traffic
 from ctctl.lab.boxproc import BoxProcess
-from ctctl.lab.topology import ns_exec, ns_popen
-from ctctl.lab.waiting import wait_until
+from ctctl.lab.topology import ns_exec
 
+from capture import checksums_ok, transfer
 from conftest import box_config
 from tcct import TcBox, Unavailable
 
@@ -102,105 +93,6 @@ def tcnat(topo):
         pytest.skip(f"no act_ct on this kernel ({e}); the VM tier runs the reference")
 
 
-class Capture:
-    """tcpdump of what one host receives on its interface, into a pcap file
-    read back with scapy.  Started and stopped by us (its own pid)."""
-
-    def __init__(self, ns: str, ifname: str, bpf_filter: str):
-        self._dir = tempfile.TemporaryDirectory(prefix="ctctl-cap-")
-        self.path = os.path.join(self._dir.name, "cap.pcap")
-        self.proc = ns_popen(ns, "tcpdump", "-i", ifname, "-Q", "in", "--immediate-mode", "-U",
-                             "-B", "65536", "-n", "-s", "0",
-                             "-w", self.path, bpf_filter,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.err: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        wait_until(lambda: any("listening on" in l for l in self.err) or self.proc.poll() is not None,
-                   30, f"tcpdump to listen on {ns}:{ifname}")
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"tcpdump exited {self.proc.returncode}: {''.join(self.err)}")
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.err.append(line)
-
-    def read(self) -> list:
-        """The packets written so far (a record being written is left out)."""
-        out = []
-        try:
-            with PcapReader(self.path) as r:
-                for p in r:
-                    out.append(p)
-        except (OSError, EOFError, struct.error, Scapy_Exception):
-            pass
-        return out
-
-    def wait_for(self, pred, what: str, timeout: float = 30) -> None:
-        """Until a packet for which pred holds is in the file: tcpdump
-        writes in arrival order, so everything before it is there too."""
-        wait_until(lambda: any(pred(p) for p in self.read()), timeout, what, interval=0.2)
-
-    def stop(self):
-        """Stop tcpdump (SIGINT: it flushes and exits) and return the packets."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._reader.join(timeout=10)
-        try:
-            return list(rdpcap(self.path)) if os.path.getsize(self.path) else []
-        finally:
-            self._dir.cleanup()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._dir.cleanup()
-
-
-def checksums_ok(p) -> bool:
-    """IPv4 header and TCP checksums as on the wire equal scapy's
-    recomputation over the same bytes."""
-    ip = p[IP]
-    raw = IP(bytes(ip))
-    fresh = raw.copy()
-    del fresh.chksum
-    del fresh[TCP].chksum
-    fresh = IP(bytes(fresh))
-    return raw.chksum == fresh.chksum and raw[TCP].chksum == fresh[TCP].chksum
-
-
-def transfer(b, conntrack, snapshot=lambda: None):
-    """The client's transfer through `b`, captured at both hosts: the
-    connection's conntrack lines (`conntrack()` while it is still in
-    TIME_WAIT), the packets at the server and at the client, and what
-    `snapshot()` returned once both FINs had arrived."""
-    at_server = Capture(b.server.netns, b.server.ifname, f"tcp port {PORT}")
-    at_client = None
-    try:
-        at_client = Capture(b.client.netns, b.client.ifname, f"tcp port {PORT}")
-        res = traffic.tcp_transfer(b.client.netns, b.server.netns, b.server.addr4, SIZE, port=PORT)
-        assert res.ok, res
-        # Everything up to the FINs is on the wire and in the files.
-        fin = lambda p: TCP in p and p[TCP].flags.F
-        at_server.wait_for(fin, "the client's FIN in the server's capture")
-        at_client.wait_for(fin, "the server's FIN in the client's capture")
-        snap = snapshot()
-        lines = [l for l in conntrack() if f"dport={PORT} " in l]
-        server_pkts = at_server.stop()
-        client_pkts = at_client.stop()
-    finally:
-        at_server.close()
-        if at_client is not None:
-            at_client.close()
-    return lines, server_pkts, client_pkts, snap
-
-
 def nat_on_the_wire(b, lines, server_pkts, client_pkts) -> int:
     """One connection, SNATed to 192.0.2.100, every packet translated
     exactly once with correct checksums; returns the translated port."""
@@ -231,7 +123,7 @@ def nat_on_the_wire(b, lines, server_pkts, client_pkts) -> int:
 def test_nat_in_hardware_then_software_at_the_same_step(natbox):
     b = natbox
     before = b.stats()
-    lines, server_pkts, client_pkts, after = transfer(b, lambda: b.request("conntrack")["lines"], b.stats)
+    lines, server_pkts, client_pkts, after = transfer(b, PORT, SIZE, lambda: b.request("conntrack")["lines"], b.stats)
     nat_port = nat_on_the_wire(b, lines, server_pkts, client_pkts)
 
     prog0, prog1 = before["program"], after["program"]
@@ -262,6 +154,6 @@ def test_nat_in_hardware_then_software_at_the_same_step(natbox):
 # Not in the VM stage: 2 MB through act_ct under capture takes 105 s there.
 def test_act_ct_reference_nat_then_a_match_in_the_next_chain(tcnat):
     """act_ct does all of it in software: what arrives must be the same."""
-    lines, server_pkts, client_pkts, _ = transfer(tcnat, tcnat.conntrack)
+    lines, server_pkts, client_pkts, _ = transfer(tcnat, PORT, SIZE, tcnat.conntrack)
     nat_on_the_wire(tcnat, lines, server_pkts, client_pkts)
     assert "zone=1" in lines[0], lines

@@ -19,7 +19,9 @@ from scapy.all import ICMP, IP, TCP, UDP, Ether, IPv6, raw  # noqa: E402
 from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest  # noqa: E402
 
 from ctctl import abi  # noqa: E402
-from ctctl.abi import TRAP_AT_ACTION, TRAP_REMATCH, ActionKind, CtFlags, CtState, Nat  # noqa: E402  # noqa: E402
+from ctctl.abi import (  # noqa: E402
+    TRAP_AT_ACTION, TRAP_REMATCH, ActionKind, CsumTarget, CtFlags, CtState, Nat, PeditCmd, PeditHtype,
+)
 from ctctl.kernel.conntrack import Conn, ConnTracker, NatSpec, Status, tuple_of  # noqa: E402
 from ctctl.kernel.offload.hw import DeviceError  # noqa: E402
 from ctctl.kernel.packet import parse  # noqa: E402
@@ -233,11 +235,54 @@ def test_ct_control_verb_takes_the_next_slot():
     assert acts(r)[3] == (ActionKind.TRAP, 0, 0, TRAP_AT_ACTION)
 
 
-@pytest.mark.parametrize("verb", ["pipe", "continue", "reclassify", "pedit ex munge ip ttl dec pipe",
-                                  "csum iph pipe"])
+@pytest.mark.parametrize("verb", ["pipe", "continue", "reclassify"])
 def test_actions_the_hardware_lacks_trap_at_their_index(verb):
     r = rule(f"dev eth5 protocol ip flower action ct zone 1 action {verb} action drop")
     assert acts(r) == [(ActionKind.CT, 0, 1, 0), (ActionKind.TRAP, 0, 0, TRAP_AT_ACTION)]
+
+
+def test_pedit_keys_go_to_the_rules_slots_in_packet_order():
+    r = rule("dev eth5 protocol ip flower action pedit ex munge eth dst set 02:00:00:00:00:0b "
+             "munge ip ttl dec pipe action csum iph and tcp pipe action pedit ex munge ip src set 10.0.0.9 "
+             "pipe action drop")
+    assert acts(r) == [(ActionKind.PEDIT, 0, 0, 0 | 3 << 8), (ActionKind.CSUM, 0, 0, CsumTarget.IPH | CsumTarget.TCP),
+                       (ActionKind.PEDIT, 0, 0, 3 | 1 << 8), (ActionKind.DROP, 0, 0, 0)]
+    keys = [(k.htype, k.cmd, k.offset, k.val.to_bytes(4, "little"), k.mask.to_bytes(4, "little"))
+            for k in r.pedit[:4]]
+    assert keys == [
+        (PeditHtype.ETH, PeditCmd.SET, 0, bytes.fromhex("02000000"), bytes.fromhex("00000000")),
+        (PeditHtype.ETH, PeditCmd.SET, 4, bytes.fromhex("000b0000"), bytes.fromhex("0000ffff")),
+        # dec: add 0xff to the TTL byte, the rest of the word kept.
+        (PeditHtype.NETWORK, PeditCmd.ADD, 8, bytes.fromhex("ff000000"), bytes.fromhex("00ffffff")),
+        (PeditHtype.NETWORK, PeditCmd.SET, 12, bytes([10, 0, 0, 9]), bytes(4)),
+    ]
+
+
+@pytest.mark.parametrize("line", [
+    # Not pinned to its header: act_pedit would write an ip key into an IPv6 header.
+    "dev eth5 flower action pedit ex munge ip ttl dec pipe action drop",
+    "dev eth5 protocol ipv6 flower action pedit ex munge ip ttl dec pipe action drop",
+    "dev eth5 protocol ip flower action pedit ex munge tcp dport set 80 pipe action drop",
+    "dev eth5 protocol ip flower ip_proto udp action pedit ex munge tcp dport set 80 pipe action drop",
+    # Beyond the rule's 8 key slots (an IPv6 address is 4 keys).
+    "dev eth5 protocol ipv6 flower action pedit ex munge ip6 src set 2001:db8::1 munge ip6 dst set "
+    "2001:db8::2 munge ip6 hoplimit dec pipe action drop",
+])
+def test_a_pedit_the_nic_cannot_bind_traps_at_its_index(line):
+    assert acts(rule(line)) == [(ActionKind.TRAP, 0, 0, TRAP_AT_ACTION)]
+
+
+def test_pedit_and_csum_verbs_and_a_device_without_rewrite():
+    # tc's default verb for both is pass: the next slot, as a ct's verb.
+    assert acts(rule("dev eth5 protocol ip flower action pedit ex munge ip ttl dec")) == [
+        (ActionKind.PEDIT, 0, 0, 1 << 8), (ActionKind.PASS, 0, 0, 0)]
+    assert acts(rule("dev eth5 flower action csum udp goto chain 3")) == [
+        (ActionKind.CSUM, 0, 0, CsumTarget.UDP), (ActionKind.GOTO, 0, 0, 3)]
+    off = HwCaps(rewrite=False)
+    assert acts(rule("dev eth5 protocol ip flower action ct action pedit ex munge ip ttl dec pipe", off)) == [
+        (ActionKind.CT, 0, 0, 0), (ActionKind.TRAP, 0, 0, TRAP_AT_ACTION)]
+    assert acts(rule("dev eth5 flower action csum iph pipe action drop", off)) == [
+        (ActionKind.TRAP, 0, 0, TRAP_AT_ACTION)]
 
 
 def test_mirred_to_a_device_without_ifindex_traps():

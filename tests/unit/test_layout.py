@@ -32,6 +32,8 @@ MAX_LINES = 500
 LONG = {
     "ctctl/kernel/conntrack/tcp.py": "nf_conntrack_proto_tcp.c's job: the state table, "
                                      "tcp_in_window and the timeouts read one another",
+    "ctctl/abi.py": "the mirror of bpf/ctctl_abi.h, the one Python truth of the C/Python boundary "
+                    "that test_abi.py holds to the header: split, it would be two",
 }
 
 

@@ -101,6 +101,17 @@ def test_stats_text_has_the_flow_cache_once_it_answered():
                                                                      "ports": {}}).splitlines())
 
 
+def test_stats_text_has_the_rewrites_once_there_were_some():
+    prog = {"rx_packets": 42, "rx_bytes": 4012, "punted": 0, "perf_lost": 0, "too_big": 0, "punts_by_reason": {},
+            "rewrites": {"pedit": 40, "pedit_short": 1, "csum": 39}}
+    lines = format_stats({"box": "lab", "program": prog, "ports": {}}).splitlines()
+    assert lines[2] == ("rewritten in hardware: 40 pedit actions (1 cut short by a key outside the packet), "
+                        "39 csum actions")
+    prog["rewrites"] = {"pedit": 0, "pedit_short": 0, "csum": 0}
+    assert not any(x.startswith("rewritten") for x in format_stats({"box": "lab", "program": prog,
+                                                                    "ports": {}}).splitlines())
+
+
 def test_stats_text_says_why_connections_left_the_hardware():
     stats = {
         "box": "lab", "uptime_s": 1.0,

@@ -32,6 +32,10 @@ def format_stats(s: dict) -> str:
         out.append(f"judged in hardware: {judged['window_invalid']} outside the TCP window, "
                    f"{judged['window_ignored']} let through unrecorded (conntrack's ignore), "
                    f"{judged['csum_invalid']} with a wrong checksum")
+    rw = prog.get("rewrites") or {}
+    if any(rw.values()):
+        out.append(f"rewritten in hardware: {rw['pedit']} pedit actions ({rw['pedit_short']} cut short "
+                   f"by a key outside the packet), {rw['csum']} csum actions")
     if prog["punts_by_reason"]:
         out.append("punts by reason:")
         width = max(len(r) for r in prog["punts_by_reason"])
