@@ -9,6 +9,7 @@
     eviction: {max_idle: 10, flow_limit: 200000}   # OVS-style eviction of rules' flows (off by default)
     metrics: {listen: 127.0.0.1:9464}   # serve the counters on /metrics for Prometheus (off by default)
     port_lost: keep             # a port deleted under the box: keep the others (default) | stop
+    tunnels: {vxlan0: {port: eth5, local: 10.9.0.1, dstport: 4789}}   # VXLAN devices (ctctl.kernel.tunnel)
 
 Every error names the file, line and column of the offending node.
 """
@@ -39,6 +40,7 @@ KEYS = {
     "eviction": "eviction of rules' flows from hardware",
     "metrics": "Prometheus endpoint",
     "port_lost": "what a deleted port does to the box",
+    "tunnels": "VXLAN tunnel devices over the ports",
 }
 REQUIRED = ("name", "netns", "ports")
 
@@ -62,6 +64,7 @@ class BoxConfig:
     eviction: object = None            # ctctl.kernel.offload.eviction.EvictionConfig
     metrics: object = None             # ctctl.box.metrics.MetricsConfig
     port_lost: str = "keep"            # keep | stop
+    tunnels: list = field(default_factory=list)   # list[ctctl.kernel.tunnel.Tunnel]
     perf_pages: int = 2048
     # key -> (key node, value node): positions for check_system's errors
     nodes: dict = field(default_factory=dict, repr=False, compare=False)
@@ -153,11 +156,13 @@ def _settings(path: str, seen: dict, cfg: BoxConfig) -> BoxConfig:
                 if p not in ports:
                     raise ConfigError(_where(path, n), f"forward: unknown port {p!r} (ports: {', '.join(ports)})")
             cfg.forward[src] = dst
+    if "tunnels" in seen:
+        cfg.tunnels = _tunnels(path, seen["tunnels"][1], ports)
     if "rules" in seen:
         if "forward" in seen:
             raise ConfigError(_where(path, seen["rules"][0]), "rules and forward exclude each other: "
                               "the rules decide where packets go")
-        cfg.rules = _rules(path, seen["rules"][1], ports)
+        cfg.rules = _rules(path, seen["rules"][1], ports + [t.name for t in cfg.tunnels])
     cfg.hardware = _hardware(path, seen.get("hardware", (None, None))[1])
     cfg.offload = _offload(path, seen.get("offload", (None, None))[1])
     cfg.aging = _aging(path, seen.get("aging", (None, None))[1], cfg.hardware)
@@ -178,6 +183,44 @@ def _settings(path: str, seen: dict, cfg: BoxConfig) -> BoxConfig:
     return cfg
 
 
+def _tunnels(path: str, node, ports: list[str]) -> list:
+    """`tunnels: {NAME: {port: P, local: A, dstport: N}}`: a VXLAN device
+    NAME over port P with local IPv4 address A (UDP port N, 4789 by
+    default), one per port."""
+    import ipaddress
+
+    from ctctl.kernel.tunnel import VXLAN_PORT, Tunnel
+
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError(_where(path, node), "tunnels must map a device name to {port, local, dstport}")
+    out: list = []
+    for kn, vn in node.value:
+        name = _scalar(path, kn, str, "tunnel name")
+        if not NAME_RE.match(name) or name in ports or any(t.name == name for t in out):
+            raise ConfigError(_where(path, kn), f"tunnel {name!r}: a new device name (not a port, not twice)")
+        spec = keys_of(path, vn, {"port": "underlay port", "local": "local IPv4 address",
+                                  "dstport": "UDP port"}, f"tunnel {name}")
+        for key in ("port", "local"):
+            if key not in spec:
+                raise ConfigError(_where(path, vn), f"tunnel {name}: missing key {key!r}")
+        port = _scalar(path, spec["port"][1], str, "port")
+        if port not in ports or any(t.port == port for t in out):
+            raise ConfigError(_where(path, spec["port"][1]),
+                              f"tunnel {name}: port {port!r} is not a port of the box, or has a tunnel already")
+        try:
+            local = ipaddress.IPv4Address(_scalar(path, spec["local"][1], str, "local"))
+        except ValueError:
+            raise ConfigError(_where(path, spec["local"][1]),
+                              f"tunnel {name}: local must be an IPv4 address (outer IPv6 is not modelled)") from None
+        dstport = VXLAN_PORT
+        if "dstport" in spec:
+            dstport = _scalar(path, spec["dstport"][1], int, "dstport")
+            if not 1 <= dstport <= 65535:
+                raise ConfigError(_where(path, spec["dstport"][1]), f"tunnel {name}: dstport must be 1-65535")
+        out.append(Tunnel(name, port, local, dstport))
+    return out
+
+
 def _rules(path: str, node, ports: list[str]) -> list:
     from ctctl.rules import MirredAction, RulesFileError, rules_from_node
 
@@ -190,7 +233,7 @@ def _rules(path: str, node, ports: list[str]) -> list:
         for dev, what in [(f.dev, "dev")] + [(a.dev, "mirred dev") for a in f.actions
                                               if isinstance(a, MirredAction)]:
             if dev not in ports:
-                raise ConfigError(_where(path, item), f"{what} {dev!r} is not a port of the box "
+                raise ConfigError(_where(path, item), f"{what} {dev!r} is not a port or tunnel of the box "
                                                       f"(ports: {', '.join(ports)})")
     return filters
 

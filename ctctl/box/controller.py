@@ -71,7 +71,8 @@ class Controller:
         self.csum_completed = 0    # checksums a sender left to its NIC (kernel/csum.py)
         self.tracker = ConnTracker(clock=clock)
         self.ruleset = RuleSet(cfg.rules) if cfg.rules is not None else None
-        self.pipeline = Pipeline(self.ruleset, self.tracker, cfg.ports) if self.ruleset is not None else None
+        self.pipeline = (Pipeline(self.ruleset, self.tracker, cfg.ports, tunnels=cfg.tunnels)
+                         if self.ruleset is not None else None)
         self.device: Device | None = None
         self.offload: OffloadManager | None = None
         self.metrics: metrics.Endpoint | None = None   # /metrics, when the config asks for it
@@ -162,7 +163,8 @@ class Controller:
                     self.offload.after_packet(conns, forwarded=v.kind == "output")
                     if in_hw and self.recorder is not None:
                         self.recorder.touched(in_hw)
-                    if fkey is not None and v.kind == "output":
+                    # A shortcut replays NAT only: not a packet pedit, csum or a tunnel changed.
+                    if fkey is not None and v.kind == "output" and not v.rewritten:
                         self.offload.learn(fkey, before, v, self.ruleset.stats)
         except Exception as e:
             self._bug(e)
@@ -314,9 +316,12 @@ class Controller:
         if old:
             filters, ids = adopt.rules(old)
             self.ruleset = RuleSet(filters)
-            self.pipeline = Pipeline(self.ruleset, self.tracker, self.cfg.ports)
+            self.pipeline = Pipeline(self.ruleset, self.tracker, self.cfg.ports, tunnels=self.cfg.tunnels)
             records, unreadable = replay(state.journal_path(self.cfg.name))
-        self.device = Device(self.dp.maps, self.dp.ifindexes(), self.cfg.hardware, ktime=self.ktime)
+        self.device = Device(self.dp.maps, self.dp.ifindexes(), self.cfg.hardware, ktime=self.ktime,
+                             software_ports={t.port for t in self.cfg.tunnels})
+        for t in self.cfg.tunnels:      # the outer source MAC of what it encapsulates
+            t.mac = self.dp.mac(t.port)
         if old:
             self.device.adopt_ids(ids)
         self.device.set_caps()

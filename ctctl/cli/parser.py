@@ -48,6 +48,9 @@ config (YAML; every key but name, netns and ports optional):
   metrics: {listen: 127.0.0.1:9464}   # serve the counters on /metrics for Prometheus (off by default;
                                       # port 0: any free one, which `ctctl stats` names)
   port_lost: keep                 # a port deleted under the box: keep the others, or stop
+  tunnels: {vxlan0: {port: eth5, local: 10.9.0.1, dstport: 4789}}   # a VXLAN device over eth5:
+                                  # rules on `dev vxlan0` see its decapsulated packets (enc_* keys),
+                                  # a mirred to it encapsulates (tunnel_key set)
 
 examples:
   ctctl load --config box.yaml            # runs until Ctrl-C or `ctctl unload`; a box whose

@@ -29,7 +29,14 @@ Semantics, and where they follow or leave tc (docs/rules.md has the list):
 - pedit rewrites header words and fixes no checksum, csum recomputes the
   ones it names (ctctl.kernel.rewrite); both end the list with pass unless
   their verb says otherwise (`pipe`), as in tc;
-- filters marked skip_sw are not evaluated here.
+- filters marked skip_sw are not evaluated here;
+- a frame on a tunnel device's underlay port that is VXLAN for it is
+  decapsulated first and classified on the tunnel device with its
+  metadata (enc_* keys), as the kernel's vxlan device does before tc sees
+  it; `tunnel_key unset`/`set` drop and give metadata, and a mirred to the
+  tunnel device encapsulates (ctctl.kernel.tunnel): drop `no_tunnel_key`
+  without metadata, `no_neighbor` without a learned outer MAC,
+  `outer_ipv6` for IPv6 outer addresses (not modelled).
 
 The ct action goes to the conntrack tracker, with two things act_ct does
 that the tracker's one-call API leaves to its caller:
@@ -56,9 +63,10 @@ from ctctl.kernel.conntrack import Conn, ConnTracker, CtResult, NatSpec, Status,
 from ctctl.kernel.conntrack.nat import rewrite
 from ctctl.kernel.packet import Packet, ParseError, parse
 from ctctl.kernel.rewrite import csum as run_csum, pedit as run_pedit
+from ctctl.kernel.tunnel import Tunnel, TunnelInfo, decap, enc_matches, encap
 from ctctl.rules import (
     ETH_P_ALL, ContinueAction, CsumAction, CtAction, DropAction, Filter, FlowerMatch, GotoAction,
-    MirredAction, PassAction, PeditAction, PipeAction, ReclassifyAction, RuleSet, TrapAction,
+    MirredAction, PassAction, PeditAction, PipeAction, ReclassifyAction, RuleSet, TrapAction, TunnelKeyAction,
 )
 from ctctl.rules.pedit import keys as pedit_keys
 
@@ -146,6 +154,9 @@ class Verdict:
     hops: int = 0
     trace: list[Step] = field(default_factory=list)
     cts: list[CtStep] = field(default_factory=list)
+    tunnel: TunnelInfo | None = None     # the packet's tunnel metadata as it ends
+    in_dev: str | None = None            # the device it was classified on (a tunnel's, decapsulated)
+    rewritten: bool = False              # pedit, csum or a tunnel changed it (beyond NAT)
 
     def __str__(self) -> str:
         where = f" {self.output}" if self.output else ""
@@ -153,10 +164,11 @@ class Verdict:
         return f"{self.kind}{where}{why}"
 
 
-def flower_matches(f: Filter, pkt: Packet, meta: CtMeta) -> bool:
-    """Does the packet, with its current ct metadata, match the filter?
-    A key the packet does not have (ports of a non-first fragment, ICMP type
-    of a TCP packet) does not match, as in the flow dissector."""
+def flower_matches(f: Filter, pkt: Packet, meta: CtMeta, tunnel: TunnelInfo | None = None) -> bool:
+    """Does the packet, with its current ct and tunnel metadata, match the
+    filter?  A key the packet does not have (ports of a non-first fragment,
+    ICMP type of a TCP packet, enc_* without tunnel metadata) does not
+    match, as in the flow dissector."""
     eth = f.effective_eth_type
     if eth != ETH_P_ALL and pkt.eth_type != eth:
         return False
@@ -178,6 +190,8 @@ def flower_matches(f: Filter, pkt: Packet, meta: CtMeta) -> bool:
     if m.icmp_code is not None and pkt.icmp_code != m.icmp_code:
         return False
     if m.ct_state is not None and not m.ct_state.matches(int(meta.ct_state)):
+        return False
+    if m.has_enc and not enc_matches(m, tunnel):
         return False
     for key, have in ((m.ct_zone, meta.zone), (m.ct_mark, meta.mark), (m.ct_label, meta.label)):
         if key is not None and (have & key[1]) != key[0]:
@@ -202,16 +216,19 @@ def _set_masked(old: int, v: tuple[int, int] | None) -> int:
 
 class Pipeline:
     def __init__(self, ruleset: RuleSet, tracker: ConnTracker, ports: Iterable[str],
-                 max_hops: int = MAX_GOTO_HOPS):
+                 max_hops: int = MAX_GOTO_HOPS, tunnels: Iterable[Tunnel] = ()):
         self.ruleset = ruleset
         self.tracker = tracker
         self.ports = frozenset(ports)
         self.max_hops = max_hops
+        self.tunnels = {t.name: t for t in tunnels}
+        self._tunnel_of_port = {t.port: t for t in self.tunnels.values()}
         self.counters: dict[str, int] = {
             "packets": 0, "output": 0, "pass": 0, "drop": 0,
             "no_match": 0, "goto_loop": 0, "drop_action": 0, "unknown_port": 0,
             "stale_resume": 0, "parse_error": 0, "resume_nat_lost": 0, "ct_cached": 0,
-            "pedit_failed": 0, "csum_failed": 0,
+            "pedit_failed": 0, "csum_failed": 0, "decapsulated": 0, "encapsulated": 0,
+            "no_tunnel_key": 0, "no_neighbor": 0, "outer_ipv6": 0,
         }
 
     def unknown_ports(self) -> list[tuple[Filter, str]]:
@@ -221,21 +238,32 @@ class Pipeline:
         out = []
         for f in self.ruleset.filters():
             for a in f.actions:
-                if isinstance(a, MirredAction) and a.dev not in self.ports:
+                if isinstance(a, MirredAction) and a.dev not in self.ports and a.dev not in self.tunnels:
                     out.append((f, a.dev))
         return out
 
     # ------------------------------------------------------------------
     def process(self, pkt: Packet | bytes | bytearray, in_dev: str,
-                resume: Resume | None = None) -> Verdict:
+                resume: Resume | None = None, tunnel: TunnelInfo | None = None) -> Verdict:
+        """Classify a frame received on `in_dev` (a port, or a tunnel device
+        with the frame's `tunnel` metadata), from the start or from `resume`."""
         self.counters["packets"] += 1
+        t = self._tunnel_of_port.get(in_dev)
+        if t is not None and (resume is None or (resume.chain, resume.rule, resume.action, resume.done)
+                              == (0, 0, RESUME_MATCH, Done(0))):
+            data = pkt.data if isinstance(pkt, Packet) else pkt
+            inner = decap(t, data)
+            if inner is not None:
+                self.counters["decapsulated"] += 1
+                pkt, tunnel = inner
+                in_dev, resume = t.name, None
         if not isinstance(pkt, Packet):
             try:
                 pkt = parse(pkt)
             except ParseError:
                 return self._end(Verdict("drop", None, reason="parse_error"), CtMeta())
         nbytes = len(pkt.data)
-        v = Verdict("drop", pkt)
+        v = Verdict("drop", pkt, tunnel=tunnel, in_dev=in_dev, rewritten=tunnel is not None)
         meta = CtMeta()
         outcome = None
         chain, first = 0, 0   # where the next chain scan starts
@@ -279,7 +307,7 @@ class Pipeline:
             filters = self.ruleset.chain(in_dev, chain)
             hit = None
             for i, f in enumerate(filters[first:], first):
-                if not f.skip_sw and flower_matches(f, pkt, meta):
+                if not f.skip_sw and flower_matches(f, pkt, meta, v.tunnel):
                     hit = i
                     break
             if hit is None:
@@ -310,6 +338,7 @@ class Pipeline:
                     continue
                 a = a.control   # `ct ... drop`: the verb ends the list as its gact would
             elif isinstance(a, PeditAction):
+                v.rewritten = True
                 try:
                     if not run_pedit(pkt, pedit_keys(a)):
                         self.counters["pedit_failed"] += 1   # the kernel's overlimit; the packet goes on
@@ -320,16 +349,24 @@ class Pipeline:
                     return a
                 a = a.control
             elif isinstance(a, CsumAction):
+                v.rewritten = True
                 if not run_csum(pkt, a.targets):
                     v.kind, v.reason = "drop", "csum_failed"
                     return a
+                a = a.control
+            elif isinstance(a, TunnelKeyAction):
+                v.rewritten = True
+                v.tunnel = None if a.unset else TunnelInfo(a.key_id or 0, a.src_ip, a.dst_ip,
+                                                           a.dst_port or 0, a.csum)
                 a = a.control
             if isinstance(a, (TrapAction, PipeAction)):
                 continue
             if isinstance(a, (GotoAction, ContinueAction, ReclassifyAction)):
                 return a
             if isinstance(a, MirredAction):
-                if a.dev not in self.ports:
+                if a.dev in self.tunnels:
+                    self._encap(self.tunnels[a.dev], pkt, v)
+                elif a.dev not in self.ports:
                     v.kind, v.reason = "drop", "unknown_port"
                 else:
                     v.kind, v.output, v.reason = "output", a.dev, None
@@ -344,6 +381,20 @@ class Pipeline:
         return PassAction()
 
     # ------------------------------------------------------------------
+    def _encap(self, t: Tunnel, pkt: Packet, v: Verdict) -> None:
+        """mirred to a tunnel device: out of its underlay port, encapsulated
+        with the packet's metadata (the kernel's vxlan device drops a packet
+        that has none)."""
+        info = v.tunnel
+        frame = encap(t, pkt.data, info) if info is not None and info.src.version == 4 else None
+        if frame is None:
+            v.kind, v.reason = "drop", ("no_tunnel_key" if info is None else
+                                        "outer_ipv6" if info.src.version != 4 else "no_neighbor")
+            return
+        self.counters["encapsulated"] += 1
+        v.kind, v.output, v.reason = "output", t.port, None
+        v.packet = parse(frame)
+
     def _ct(self, f: Filter, i: int, a: CtAction, pkt: Packet, meta: CtMeta, v: Verdict) -> None:
         if a.clear:
             self._assign(meta, CtMeta())

@@ -13,6 +13,7 @@ opaque keys and counters out.
 from __future__ import annotations
 
 import time
+from typing import Iterable
 
 from ctctl import abi
 from ctctl.kernel.conntrack import Conn
@@ -32,9 +33,13 @@ class Device:
     ifindexes and what it can do."""
 
     def __init__(self, maps: Maps | None, ifindex_by_port: dict[str, int], caps: HwCaps | None = None,
-                 ktime=time.monotonic_ns):
+                 ktime=time.monotonic_ns, software_ports: Iterable[str] = ()):
         self.maps = maps
         self.ifindex_by_port = dict(ifindex_by_port)
+        # Ports whose rules stay in software: a tunnel's underlay, whose
+        # VXLAN frames the NIC does not decapsulate yet (they punt
+        # no_offload, and software decapsulates them).
+        self.software_ports = frozenset(software_ports)
         self.caps = caps or HwCaps()
         self.ktime = ktime                   # the NIC's clock (bpf_ktime_get_ns)
         self._keys: dict[int, list] = {}     # conn id -> [original key, reply key] in the table
@@ -139,7 +144,7 @@ class Device:
         self.not_installed = []
         for dev in ruleset.devices():
             ifindex = self.ifindex_by_port.get(dev)
-            if ifindex is None:
+            if ifindex is None or dev in self.software_ports:
                 self.not_installed.append(dev)
                 continue
             chains = ruleset.chains(dev)

@@ -97,6 +97,9 @@ def unevaluable(f: Filter, caps: HwCaps) -> str | None:
     if f.skip_hw:
         return "skip_hw"
     m = f.matches
+    if m.has_enc:
+        # Tunnel metadata: the NIC does not decapsulate (yet), so it has none.
+        return "enc_* match (tunnel metadata)"
     if m.ct_label is not None and not caps.ct_label_match:
         return "ct_label match (hardware: ct_label_match false)"
     for name in ("src_port", "dst_port"):

@@ -208,6 +208,14 @@ class Datapath:
                 out[port] = idx[0]
         return out
 
+    def mac(self, port: str) -> bytes:
+        """A port's MAC address (a tunnel's outer source MAC)."""
+        with netns.ipr(self.netns) as ipr:
+            idx = ipr.link_lookup(ifname=port)
+            if not idx:
+                raise LoadError(f"port {port!r}: no such interface in netns {self.netns!r}")
+            return bytes.fromhex(ipr.get_links(idx[0])[0].get_attr("IFLA_ADDRESS").replace(":", ""))
+
     def attach(self) -> None:
         fn = self.bpf.load_func(FUNCTION, self.bpf.SCHED_CLS)
         with netns.ipr(self.netns) as ipr:

@@ -7,7 +7,7 @@ from .model import (
     CT_CONTROLS, DEFAULT_PRIO, ETH_P_ALL, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Action, ActionBase,
     ContinueAction, CsumAction, CtAction, CtNat, CtStateMatch, DropAction, Filter, FlowerMatch,
     GotoAction, MirredAction, Munge, PassAction, PeditAction, PipeAction, PortRange, ReclassifyAction,
-    TrapAction,
+    TrapAction, TunnelKeyAction,
 )
 from .parser import AddCommand, Command, DelCommand, ShowCommand, parse_command, parse_filter
 from .printer import format_action, format_filter
@@ -21,7 +21,7 @@ __all__ = [
     "Action", "ActionBase", "CT_CONTROLS", "ContinueAction", "CsumAction", "CtAction", "Munge",
     "PeditAction", "CtNat", "CtStateMatch",
     "DropAction", "Filter", "FlowerMatch", "GotoAction", "MirredAction", "PassAction", "PipeAction",
-    "PortRange", "ReclassifyAction", "TrapAction",
+    "PortRange", "ReclassifyAction", "TrapAction", "TunnelKeyAction",
     "AddCommand", "Command", "DelCommand", "ShowCommand", "parse_command", "parse_filter",
     "format_action", "format_filter", "FilterStats", "RuleSet", "problems", "validate",
     "RulesFileError", "load_rules", "load_ruleset", "rules_from_node",

@@ -19,6 +19,7 @@ from .lexer import Token, keywords, resolve
 from .model import (
     CSUM_TARGETS, U16, U32, U128, Action, ContinueAction, CsumAction, CtAction, CtNat, DropAction,
     GotoAction, MirredAction, Munge, PassAction, PeditAction, PipeAction, ReclassifyAction, TrapAction,
+    TunnelKeyAction,
 )
 from .validate import GOTO_CHAIN_MAX
 from .values import Cursor, err, ip_addr, masked, parse_uint, read_uint
@@ -33,13 +34,16 @@ _HW_STATS = keywords("immediate delayed disabled")
 ACTION_WORDS = ("action", "actions")
 # Action kinds tc knows (looked up exactly) that the model does not run.
 _UNSUPPORTED_ACTIONS = {
-    "vlan", "tunnel_key", "skbedit", "police", "sample",
+    "vlan", "skbedit", "police", "sample",
     "mpls", "nat", "connmark", "ctinfo", "bpf", "simple", "ife", "gate", "skbmod",
 }
-_KINDS = "ct, mirred, pedit, csum, gact (drop, pass, pipe, continue, reclassify, trap, goto chain N)"
-_KNOWN = ("gact", "ct", "mirred", "pedit", "csum")
+_KINDS = "ct, mirred, pedit, csum, tunnel_key, gact (drop, pass, pipe, continue, reclassify, trap, goto chain N)"
+_KNOWN = ("gact", "ct", "mirred", "pedit", "csum", "tunnel_key")
 # m_pedit.c's commands (parse_cmd, in its order); ctctl runs set and dec.
 _PEDIT_CMDS = keywords("invert set add decrement preserve clear")
+# m_tunnel_key.c's words in its order: `s` is set, `dst` dst_ip, `n` nocsum.
+_TUNNEL_KEY = keywords("unset set src_ip dst_ip id dst_port geneve_opts vxlan_opts erspan_opts tos ttl "
+                       "csum nocsum nofrag= help")
 # m_csum.c's targets in its order: `i` and `ip` are iph, `u` udp.
 _CSUM = keywords("iph ip4h ipv4h icmp igmp tcp udp udplite sctp and or +")
 
@@ -96,6 +100,8 @@ class ActionParser:
             a = self._pedit(kind)
         elif k == "csum":
             a = self._csum(kind)
+        elif k == "tunnel_key":
+            a = self._tunnel_key(kind, i)
         elif k in _UNSUPPORTED_ACTIONS:
             raise err(f"action: '{k}' is not supported by ctctl (expected {_KINDS})", kind)
         elif k == "yes_percpu":
@@ -370,3 +376,44 @@ class ActionParser:
                       cur.peek() or kind)
         control = self._control(PassAction())
         return CsumAction(tuple(t for t in CSUM_TARGETS if t in named), control=control, index=self._index())
+
+    def _tunnel_key(self, kind: Token, i: int) -> TunnelKeyAction:
+        """`tunnel_key unset | set src_ip A dst_ip B [id N] [dst_port P]
+        [csum|nocsum] [VERB] [index N]`, the words in any order as tc
+        takes them (m_tunnel_key.c)."""
+        cur = self.cur
+        opts: dict = {}
+        mode = None
+        while (w := self._at(_TUNNEL_KEY)) is not None:
+            kw = cur.take()
+            if w in ("set", "unset"):
+                if mode is not None:
+                    raise err(f'tunnel_key: unexpected "{kw.text}" - action already specified', kw)
+                mode = w
+            elif w in ("src_ip", "dst_ip"):
+                t = cur.need("an address", kw)
+                opts[w] = ip_addr(kw, t.text, t)
+                self.loc[("action", i, w)] = t
+            elif w == "id":
+                opts["key_id"], self.loc[("action", i, "id")] = read_uint(cur, kw, U32, "a key id", base0=False)
+            elif w == "dst_port":
+                opts[w], self.loc[("action", i, w)] = read_uint(cur, kw, U16, "a port", base0=False)
+            elif w in ("csum", "nocsum"):
+                opts["csum"] = w == "csum"
+            else:   # options, tos, ttl, nofrag, help
+                raise err(f"tunnel_key: '{w}' is not supported by ctctl (expected set, unset, src_ip, "
+                          "dst_ip, id, dst_port, csum, nocsum)", kw)
+        if mode is None:
+            raise err("tunnel_key: expected 'set' or 'unset' (the kernel refuses neither)", cur.peek() or kind)
+        if mode == "set":
+            if "src_ip" not in opts or "dst_ip" not in opts:
+                raise err("tunnel_key: set needs src_ip and dst_ip (tc: set needs tunnel_key parameters)",
+                          cur.peek() or kind)
+            if opts["src_ip"].version != opts["dst_ip"].version:
+                raise err("tunnel_key: src_ip and dst_ip of different families (the kernel: Missing either "
+                          "ipv4 or ipv6 src and dst)", self.loc[("action", i, "dst_ip")])
+        elif set(opts) - {"csum"}:
+            raise err(f"tunnel_key: unset takes no parameters ({', '.join(sorted(set(opts) - {'csum'}))} given)",
+                      kind)
+        control = self._control(PipeAction())
+        return TunnelKeyAction(unset=mode == "unset", control=control, index=self._index(), **opts)

@@ -91,6 +91,16 @@ class FlowerMatch:
     ct_zone: Masked | None = None
     ct_mark: Masked | None = None
     ct_label: Masked | None = None
+    # The tunnel metadata of a packet a tunnel device decapsulated
+    # (flower's enc_* keys); a packet without it matches none of them.
+    enc_dst_ip: IPNetwork | None = None
+    enc_src_ip: IPNetwork | None = None
+    enc_key_id: int | None = None
+    enc_dst_port: int | None = None
+
+    @property
+    def has_enc(self) -> bool:
+        return (self.enc_dst_ip, self.enc_src_ip, self.enc_key_id, self.enc_dst_port) != (None,) * 4
 
 
 @dataclass(frozen=True)
@@ -246,8 +256,28 @@ class CsumAction(ActionBase):
         return "csum"
 
 
+@dataclass(frozen=True)
+class TunnelKeyAction(ActionBase):
+    """act_tunnel_key.  `unset` drops the packet's tunnel metadata (what
+    the device that decapsulated it left); `set` gives it the metadata a
+    tunnel device encapsulates with when a mirred sends the packet there.
+    Its verb defaults to pipe, as in tc."""
+
+    unset: bool = False
+    src_ip: IPAddress | None = None
+    dst_ip: IPAddress | None = None
+    key_id: int | None = None
+    dst_port: int | None = None
+    csum: bool = True                 # the outer UDP checksum (tc's default; `nocsum` clears it)
+    control: "Action" = field(default_factory=lambda: PipeAction())
+
+    @property
+    def tc_kind(self) -> str:
+        return "tunnel_key"
+
+
 Action = Union[CtAction, GotoAction, MirredAction, DropAction, PassAction, TrapAction, PipeAction,
-               ContinueAction, ReclassifyAction, PeditAction, CsumAction]
+               ContinueAction, ReclassifyAction, PeditAction, CsumAction, TunnelKeyAction]
 
 # Actions after which tc does not run the rest of the rule's list.
 TERMINAL_ACTIONS = (GotoAction, MirredAction, DropAction, PassAction, ContinueAction, ReclassifyAction)

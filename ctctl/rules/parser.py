@@ -43,7 +43,7 @@ _FLOWER = keywords(
     "actions= cfm=")
 _FLOWER_RUN = {"eth_type", "skip_hw", "skip_sw", "ct_state", "ct_zone", "ct_mark", "ct_label",
                "ip_proto", "dst_ip", "src_ip", "dst_port", "src_port", "type", "code", "icmp_type",
-               "icmp_code"}
+               "icmp_code", "enc_dst_ip", "enc_src_ip", "enc_key_id", "enc_dst_port"}
 _CLASSIFIERS = ("u32", "bpf", "matchall", "basic", "fw", "route", "flow", "cgroup", "rsvp", "tcindex")
 
 
@@ -173,9 +173,13 @@ class _FilterParser:
                     raise err(f"ip_proto: unknown protocol '{t.text}' "
                                f"(expected {', '.join(IP_PROTO_NAMES)} or 0-255)", t)
                 self.m[name] = v
-            elif name in ("src_ip", "dst_ip"):
+            elif name in ("src_ip", "dst_ip", "enc_src_ip", "enc_dst_ip"):
                 t = cur.need("an address", kw)
                 self.m[name] = ip_prefix(kw, t)
+            elif name == "enc_key_id":
+                self.m[name], t = read_uint(cur, kw, U32, "a key id", base0=False)
+            elif name == "enc_dst_port":
+                self.m[name], t = read_uint(cur, kw, U16, "a port", base0=False)
             elif name in ("src_port", "dst_port"):
                 t = cur.need("a port or range", kw)
                 self.m[name] = port_range(kw, t)

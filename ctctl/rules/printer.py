@@ -9,6 +9,7 @@ from __future__ import annotations
 from .model import (
     U16, U32, U128, ContinueAction, CsumAction, CtAction, CtNat, DropAction, Filter, GotoAction,
     MirredAction, PassAction, PeditAction, PipeAction, PortRange, ReclassifyAction, TrapAction,
+    TunnelKeyAction,
 )
 from .values import CT_STATE_FLAGS, IP_PROTO_NAMES, PROTOCOL_NAMES
 
@@ -129,6 +130,14 @@ def format_action(a) -> str:
     elif isinstance(a, CsumAction):
         out = ["csum", " and ".join(a.targets)]
         out += ([] if isinstance(a.control, PassAction) else [_verb(a.control)]) + index
+    elif isinstance(a, TunnelKeyAction):
+        out = ["tunnel_key", "unset" if a.unset else "set"]
+        for name, v in (("src_ip", a.src_ip), ("dst_ip", a.dst_ip), ("id", a.key_id), ("dst_port", a.dst_port)):
+            if v is not None:
+                out += [name, str(v)]
+        if not a.csum:
+            out.append("nocsum")
+        out += ([] if isinstance(a.control, PipeAction) else [_verb(a.control)]) + index
     else:
         out = [_verb(a)] + index
     return " ".join(out + _attrs(a))
@@ -157,6 +166,14 @@ def format_match(f: Filter) -> str:
         out += ["type", str(m.icmp_type)]
     if m.icmp_code is not None:
         out += ["code", str(m.icmp_code)]
+    if m.enc_dst_ip is not None:
+        out += ["enc_dst_ip", _net(m.enc_dst_ip)]
+    if m.enc_src_ip is not None:
+        out += ["enc_src_ip", _net(m.enc_src_ip)]
+    if m.enc_key_id is not None:
+        out += ["enc_key_id", str(m.enc_key_id)]
+    if m.enc_dst_port is not None:
+        out += ["enc_dst_port", str(m.enc_dst_port)]
     if m.ct_state is not None:
         out += ["ct_state", format_ct_state(m.ct_state)]
     if m.ct_zone is not None:

@@ -32,7 +32,7 @@ from ctctl.protocols import ETH_P_8021Q, ETH_P_ALL, ETH_P_ARP, ETH_P_IP, ETH_P_I
 
 from .model import (
     U16, U32, U128, ContinueAction, CsumAction, CtAction, DropAction, Filter, GotoAction, MirredAction,
-    PassAction, PeditAction, PipeAction, ReclassifyAction, TrapAction,
+    PassAction, PeditAction, PipeAction, ReclassifyAction, TrapAction, TunnelKeyAction,
 )
 from .pedit import keys as pedit_keys
 from .ruleset import RuleSet
@@ -148,6 +148,12 @@ def _keys(o: _Out, f: Filter) -> None:
     for name in ("icmp_type", "icmp_code"):
         if getattr(m, name) is not None:
             o.any(name, str(getattr(m, name)), f"\n  {name} %s")
+    for name in ("enc_dst_ip", "enc_src_ip"):
+        if getattr(m, name) is not None:
+            o.any(name, _net(getattr(m, name)), f"\n  {name} %s")
+    for name in ("enc_key_id", "enc_dst_port"):
+        if getattr(m, name) is not None:
+            o.any(name, getattr(m, name), f"\n  {name} %u")
     if m.ct_state is not None:
         o.any("ct_state", _ct_state(m.ct_state), "\n  ct_state %s")
     if m.ct_zone is not None:
@@ -233,6 +239,24 @@ def _pedit_keys(o: _Out, a: PeditAction) -> None:
         o.close()
 
 
+def _tunnel_key(o: _Out, a: TunnelKeyAction) -> None:
+    """m_tunnel_key.c: the mode, for set each parameter the kernel dumps
+    on its own line (the key id and port only when given), the checksum
+    flag, then the verb on the last line."""
+    o.any("kind", "tunnel_key", "%s ")
+    o.any("mode", "unset" if a.unset else "set", " %s")
+    if not a.unset:
+        for name, v in (("src_ip", a.src_ip), ("dst_ip", a.dst_ip)):
+            o.any(name, str(v), f"\n\t{name} %s")
+        if a.key_id is not None:
+            o.any("key_id", a.key_id, "\n\tkey_id %u")
+        if a.dst_port:
+            o.any("dst_port", a.dst_port, "\n\tdst_port %u")
+        o.any("flag", "csum" if a.csum else "nocsum", "\n\t%s")
+        o.json("nofrag", False)
+    _control(o, a.control, " ")
+
+
 def _action(o: _Out, a, index: int, refs: int, stats: tuple[int, int, int, int] | None) -> None:
     """One action: its print_aopt, index/ref/bind, then what m_action.c
     adds (statistics, cookie, flags)."""
@@ -260,6 +284,10 @@ def _action(o: _Out, a, index: int, refs: int, stats: tuple[int, int, int, int] 
         _control(o, a.control, "action ")
         o.fp("\n")
         o.any("index", index, "\tindex %u")
+    elif isinstance(a, TunnelKeyAction):
+        _tunnel_key(o, a)
+        o.fp("\n")
+        o.any("index", index, "\t index %u")
     else:
         o.any("kind", "gact", "%s ")
         _control(o, a, "action ")

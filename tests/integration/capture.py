@@ -20,13 +20,14 @@ from ctctl.lab.waiting import wait_until
 
 
 class Capture:
-    """tcpdump of what one host receives on its interface, into a pcap file
-    read back with scapy.  Started and stopped by us (its own pid)."""
+    """tcpdump of what one host receives on its interface (`direction`
+    "out": what it sends), into a pcap file read back with scapy.  Started
+    and stopped by us (its own pid)."""
 
-    def __init__(self, ns: str, ifname: str, bpf_filter: str):
+    def __init__(self, ns: str, ifname: str, bpf_filter: str, direction: str = "in"):
         self._dir = tempfile.TemporaryDirectory(prefix="ctctl-cap-")
         self.path = os.path.join(self._dir.name, "cap.pcap")
-        self.proc = ns_popen(ns, "tcpdump", "-i", ifname, "-Q", "in", "--immediate-mode", "-U",
+        self.proc = ns_popen(ns, "tcpdump", "-i", ifname, "-Q", direction, "--immediate-mode", "-U",
                              "-B", "65536", "-n", "-s", "0",
                              "-w", self.path, bpf_filter,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -4,7 +4,8 @@ ingress qdisc and to ctctl's rule set; `tc filter show` and ctctl's
 tc-layout show must print the same text, and `tc -j` the same JSON for
 the fields both know.
 
-The kernel side needs cls_flower, act_ct, act_mirred and act_gact: Debian's
+The kernel side needs cls_flower, act_ct, act_mirred, act_gact, act_pedit,
+act_csum and act_tunnel_key: Debian's
 6.1 has them, this project's 6.18 host kernel lacks cls_flower, so on the
 host the test skips with tc's own message and the VM stage runs it."""
 
@@ -46,6 +47,13 @@ LINES = [
     "action mirred egress redirect dev vb",
     "filter add dev va pref 8 ingress protocol ipv6 chain 9 flower action pedit ex munge ip6 hoplimit dec "
     "munge ip6 dst set 2001:db8::9 pipe action csum udp",
+    # A tenant's tunnel (issue 18): flower's enc_* keys, tunnel_key unset and set.
+    "filter add dev va pref 9 ingress protocol ip flower enc_key_id 42 enc_dst_ip 10.9.0.1 enc_src_ip 10.9.0.0/24 "
+    "enc_dst_port 4789 ct_state -trk action tunnel_key unset action ct zone 42 pipe action goto chain 9",
+    "filter add dev va pref 10 ingress protocol ip chain 9 flower ct_state +trk+est action tunnel_key set id 42 "
+    "src_ip 10.9.0.1 dst_ip 10.9.0.2 dst_port 4789 nocsum pipe action mirred egress redirect dev vb",
+    "filter add dev va pref 11 ingress protocol ip chain 9 flower ct_state +trk+new action tunnel_key s "
+    "dst 10.9.0.2 src_ip 10.9.0.1 drop",
 ]
 
 

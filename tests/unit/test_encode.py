@@ -295,6 +295,8 @@ def test_mirred_to_a_device_without_ifindex_traps():
     ("dev eth5 flower ct_label 0x1 action drop", HwCaps(ct_label_match=False)),
     ("dev eth5 protocol ip flower ip_proto tcp dst_port 80-90 action drop", HwCaps(port_range_match=False)),
     ("dev eth5 protocol ip flower ip_proto udp src_port 1-2 action drop", HwCaps(port_range_match=False)),
+    # Tunnel metadata: the NIC does not decapsulate (yet).
+    ("dev eth5 flower enc_key_id 42 action drop", HwCaps()),
 ])
 def test_unevaluable_match_is_match_all_trap(line, caps):
     assert is_match_all_trap(rule(line, caps))
@@ -358,6 +360,14 @@ def test_chain_overflow_ends_in_rematch_trap():
     assert c.n_rules == 4
     assert [c.rules[i].key.ct_mark for i in range(3)] == [0, 1, 2]
     assert is_match_all_trap(c.rules[3])  # software matches from rule 3 on
+
+
+def test_a_tunnels_port_and_device_stay_in_software():
+    rs = RuleSet([parse_filter("dev eth5 flower action drop"), parse_filter("dev eth6 flower action drop"),
+                  parse_filter("dev vxlan0 flower action drop")])
+    dev = Device(None, PORTS, software_ports={"eth5"})
+    assert [k for k in dev.plan(rs)] == [(PORTS["eth6"], 0)]
+    assert sorted(dev.not_installed) == ["eth5", "vxlan0"]
 
 
 def test_device_plan_ids_and_goto_targets():

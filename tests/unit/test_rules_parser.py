@@ -237,7 +237,7 @@ ERRORS = [
     ("dev eth6 flower action goto 9", "goto: expected 'chain'", "9", 0),
     ("dev eth6 flower action goto chain x", "invalid value 'x'", "x", 0),
     ("dev eth6 flower action frobnicate", "unknown action 'frobnicate'", "frobnicate", 0),
-    ("dev eth6 flower action tunnel_key unset", "'tunnel_key' is not supported", "tunnel_key", 0),
+    ("dev eth6 flower action vlan pop", "'vlan' is not supported", "vlan", 0),
     ("dev eth6 flower action pedit ex munge", "expected eth, ip, ip6, tcp or udp after 'munge'", "", 0),
     ("dev eth6 flower action drop frobnicate", "unexpected 'frobnicate'", "frobnicate", 0),
     ("dev eth6 flower ip_proto tcp action drop", "ip_proto: needs protocol ip or ipv6", "tcp", 0),

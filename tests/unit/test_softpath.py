@@ -29,14 +29,15 @@ IFINDEX = {"eth5": 2, "eth6": 3}
 C, S, VIP = "192.0.2.1", "192.0.2.2", "192.0.2.100"
 
 
-def rules(nat=False):
+def rules(nat=False, rewrite=""):
     commit = "ct commit nat src addr " + VIP if nat else "ct commit"
     lines = [
         "dev eth5 chain 0 protocol ip flower ct_state -trk action ct" + (" nat" if nat else "")
         + " action goto chain 9",
         f"dev eth5 chain 9 prio 1 protocol ip flower ct_state +trk+new action {commit} "
         "action mirred egress redirect dev eth6",
-        "dev eth5 chain 9 prio 2 protocol ip flower ct_state +trk+est action mirred egress redirect dev eth6",
+        f"dev eth5 chain 9 prio 2 protocol ip flower ct_state +trk+est {rewrite} "
+        "action mirred egress redirect dev eth6",
         "dev eth6 chain 0 protocol ip flower ct_state -trk action ct" + (" nat" if nat else "")
         + " action goto chain 9",
         "dev eth6 chain 9 protocol ip flower ct_state +trk+est action mirred egress redirect dev eth5",
@@ -52,9 +53,9 @@ class Recorder:
         self.sent.append((port, bytes(frame)))
 
 
-def box(where="soft", nat=False, table=1000, **policy):
+def box(where="soft", nat=False, table=1000, rewrite="", **policy):
     clock = FakeClock()
-    ctl = Controller(BoxConfig(name="unit", netns="unit-box", ports=["eth5", "eth6"], rules=rules(nat)),
+    ctl = Controller(BoxConfig(name="unit", netns="unit-box", ports=["eth5", "eth6"], rules=rules(nat, rewrite)),
                      clock=clock, ktime=clock.ns)
     ctl.port_by_ifindex = {i: p for p, i in IFINDEX.items()}
     ctl.transmitter = Recorder()
@@ -118,6 +119,21 @@ def test_the_fast_path_applies_the_connections_nat():
     assert soft.offload.fastpath.stats()["hits"] > 10
     out = [f for port, f in soft.transmitter.sent if port == "eth6"]
     assert all(IP(f[14:]).src == VIP for f in out)
+
+
+def test_a_rewriting_rule_keeps_its_packets_off_the_fast_path():
+    """A shortcut replays NAT only: the packets of a flow whose rules run
+    pedit (a router's TTL decrement) take the full path every time."""
+    hop = "action pedit ex munge ip ttl dec pipe action csum iph pipe"
+    soft, _ = box("soft", rewrite=hop)
+    full, _ = box("hardware", rewrite=hop, udp="never")
+    for ctl in (soft, full):
+        exchange(ctl, 10)
+    assert soft.transmitter.sent == full.transmitter.sent
+    est = [f for port, f in soft.transmitter.sent if port == "eth6"][1:]
+    assert est and all(IP(f[14:]).ttl == 63 for f in est)
+    # The replies (no rewrite on eth6) still take it.
+    assert soft.offload.fastpath.stats()["hits"] > 0
 
 
 def test_tcp_setup_and_teardown_take_the_full_path():
