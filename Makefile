@@ -73,6 +73,7 @@ bench: provision
 	$(PY) bench/bench_conncost.py
 	$(PY) bench/bench_punts.py
 	$(PY) bench/bench_fuzz.py
+	$(PY) bench/bench_rules.py
 
 bench-aging: provision
 	$(PY) bench/bench_aging.py

@@ -53,6 +53,12 @@ class RuleSet:
         # dev -> chain -> entries, kept sorted by (prio, seq)
         self._chains: dict[str, dict[int, list[_Entry]]] = {}
         self._seq = itertools.count()
+        # The actions by (kind, index), how many filters hold each, and per
+        # kind an index below which all are taken: kept as filters come and
+        # go, so that adding one does not walk all the others.
+        self._by_index: dict[tuple[str, int], Action] = {}
+        self._refs: dict[tuple[str, int], int] = {}
+        self._low: dict[str, int] = {}
         for f in filters or ():
             self.add(f)
 
@@ -82,6 +88,8 @@ class RuleSet:
                                   f"in chain {f.chain} of {f.dev}")
         actions, indices, notes = self._bind(f.actions)
         f = dataclasses.replace(f, prio=prio, handle=handle, actions=actions)
+        for a, i in zip(actions, indices):
+            self._refs[(a.tc_kind, i)] = self._refs.get((a.tc_kind, i), 0) + 1
         entry = _Entry(f, next(self._seq), FilterStats(), indices, notes)
         entries = self._chains.setdefault(f.dev, {}).setdefault(f.chain, [])
         entries.append(entry)
@@ -95,14 +103,16 @@ class RuleSet:
         """Each action with its index: the lowest free one of its kind, or,
         for an index given that an action of its kind has, that action.
         An assigned index stays out of the Filter (its line is as added)."""
-        known = {(a.tc_kind, i): a for e in self._entries() for a, i in zip(e.filter.actions, e.indices)}
+        known = self._by_index
         out, indices, notes = [], [], []
         for a in actions:
             kind = a.tc_kind
             index = a.index
             if index is None:
-                used = {i for k, i in known if k == kind}
-                index = next(i for i in itertools.count(1) if i not in used)
+                index = self._low.get(kind, 1)
+                while (kind, index) in known:
+                    index += 1
+                self._low[kind] = index + 1
             elif (kind, index) in known and dataclasses.replace(known[(kind, index)], index=index) != a:
                 old = known[(kind, index)]
                 notes.append(f"action {kind} index {index} exists: the filter is bound to it and runs "
@@ -124,11 +134,7 @@ class RuleSet:
     def action_refs(self) -> dict[tuple[str, int], int]:
         """How many filters hold each action (kind, index): tc's ref and
         bind counts."""
-        refs: dict[tuple[str, int], int] = {}
-        for e in self._entries():
-            for a, i in zip(e.filter.actions, e.indices):
-                refs[(a.tc_kind, i)] = refs.get((a.tc_kind, i), 0) + 1
-        return refs
+        return dict(self._refs)
 
     def delete(self, dev: str, chain: int | None = None, prio: int | None = None,
                handle: int | None = None, protocol: int | None = None) -> list[Filter]:
@@ -146,6 +152,7 @@ class RuleSet:
                         and (handle is None or f.handle == handle)
                         and (protocol is None or f.protocol == protocol)):
                     removed.append(f)
+                    self._release(e)
                 else:
                     keep.append(e)
             if keep:
@@ -156,10 +163,21 @@ class RuleSet:
             self._chains.pop(dev, None)
         return removed
 
+    def _release(self, e: _Entry) -> None:
+        """A removed filter's hold on its actions; an action no filter holds
+        any more is gone, and its index free again."""
+        for a, i in zip(e.filter.actions, e.indices):
+            key = (a.tc_kind, i)
+            self._refs[key] -= 1
+            if not self._refs[key]:
+                del self._refs[key], self._by_index[key]
+                self._low[a.tc_kind] = min(self._low.get(a.tc_kind, 1), i)
+
     def replace_all(self, filters: list[Filter]) -> None:
         """Swap in a whole new set, or nothing if any filter is refused."""
         fresh = RuleSet(filters)
         self._chains, self._seq = fresh._chains, fresh._seq
+        self._by_index, self._refs, self._low = fresh._by_index, fresh._refs, fresh._low
 
     # -- reading ---------------------------------------------------------
     def devices(self) -> list[str]:

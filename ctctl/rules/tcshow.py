@@ -337,7 +337,7 @@ def _action(o: _Out, a, index: int, refs: int, stats: tuple[int, int, int, int] 
 
 
 def _filter(o: _Out, rs: RuleSet, f: Filter, named: frozenset[str], in_hw: bool,
-            counts: dict | None) -> None:
+            counts: dict | None, refs: dict) -> None:
     _header(o, f, named)
     o.open("options")
     o.any("handle", f.handle, "handle 0x%x ")
@@ -353,7 +353,6 @@ def _filter(o: _Out, rs: RuleSet, f: Filter, named: frozenset[str], in_hw: bool,
         o.any("not_in_hw", True, "\n  not_in_hw")
     actions: list = []
     o.json("actions", actions)
-    refs = rs.action_refs()
     for order, (a, index) in enumerate(zip(f.actions, rs.indices(f)), 1):
         o.open(into=actions)
         o.fp("\n")
@@ -386,6 +385,7 @@ def show(rs: RuleSet, dev: str | None = None, chain: int | None = None, stats: b
     text: list[str] = []
     objs: list[dict] = []
     last_tp = None
+    refs = rs.action_refs()     # once: it walks every filter
     for f in rs.filters(dev):
         if chain is not None and f.chain != chain:
             continue
@@ -399,7 +399,7 @@ def show(rs: RuleSet, dev: str | None = None, chain: int | None = None, stats: b
             objs.append(o.obj)
             last_tp = tp
         o = _Out()
-        _filter(o, rs, f, named, bool(in_hw and in_hw(f)), counts)
+        _filter(o, rs, f, named, bool(in_hw and in_hw(f)), counts, refs)
         text += o.text
         objs.append(o.obj)
     return "".join(text), objs

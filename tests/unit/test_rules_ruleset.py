@@ -250,6 +250,10 @@ def test_action_indices_as_the_kernel_gives_them():
     rs.delete("eth5", prio=1)
     d = rs.add(parse_filter("dev eth5 prio 4 flower action ct"))
     assert rs.indices(d) == (1,)            # the freed index is the lowest again
+    rs.delete("eth5", prio=3)
+    assert rs.action_refs()[("ct", 7)] == 1     # b still holds it
+    e = rs.add(parse_filter("dev eth5 prio 5 flower action ct zone 5 action ct zone 6"))
+    assert rs.indices(e) == (2, 3)              # two of a kind in one filter: two indices
     # The state a controller keeps: the lines re-added give the same set.
     again = RuleSet([parse_filter(format_filter(f)) for f in rs.filters()])
     assert again.filters() == rs.filters()
