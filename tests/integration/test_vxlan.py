@@ -98,7 +98,8 @@ def _segments(pkts) -> collections.Counter:
                                 int(p[TCP].flags), bytes(p[TCP].payload)) for p in pkts if TCP in p)
 
 
-@pytest.mark.vm
+# Not in the VM stage yet: this step runs tunnels in software, the same
+# Python on both kernels; it goes there with the program's decapsulation.
 def test_a_transfer_through_vxlan_is_decapsulated_once_and_its_replies_encapsulated(vxbox):
     b = vxbox
     sent = Capture(b.client.netns, "vx42", f"tcp port {PORT}", direction="out")
