@@ -44,8 +44,12 @@ from ctctl.rules import RuleSet
 
 POLL_MS = 100
 # Punts that carry a resume point; the others (parse failures, a port
-# without rules) start at chain 0.
-RESUMABLE = {abi.Reason.CT_MISS, abi.Reason.CT_FLAGS, abi.Reason.TRAP, abi.Reason.NO_MATCH}
+# without rules) start at chain 0.  A ct action's punts for software to
+# judge (an invalid packet, a window the NIC cannot track) resume at that
+# ct: started over, a packet the program rewrote (NAT, pedit) would be
+# rewritten twice.
+RESUMABLE = {abi.Reason.CT_MISS, abi.Reason.CT_FLAGS, abi.Reason.TRAP, abi.Reason.NO_MATCH,
+             abi.Reason.CT_INVALID, abi.Reason.CT_WINDOW}
 SWEEP_EVERY_S = 1.0   # conntrack's periodic sweep, besides lazy expiry on lookup
 STOP_WAIT_S = 10.0    # how long a stopping box waits for a request in progress
 

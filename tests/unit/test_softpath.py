@@ -136,6 +136,31 @@ def test_a_rewriting_rule_keeps_its_packets_off_the_fast_path():
     assert soft.offload.fastpath.stats()["hits"] > 0
 
 
+@pytest.mark.parametrize("reason", [abi.Reason.CT_MISS, abi.Reason.CT_WINDOW, abi.Reason.CT_INVALID],
+                         ids=lambda r: r.label)
+def test_a_punt_at_a_ct_after_a_rewrite_resumes_there(reason):
+    """The program decremented the TTL, then its ct action handed the
+    packet over (a miss, a window it cannot track, a packet it found
+    invalid): software resumes at that ct, from the rewritten bytes, and
+    does not decrement again.  (CT_WINDOW and CT_INVALID once started over
+    at chain 0: a full run caught TTL 62 on the wire.)"""
+    lines = ["dev eth5 chain 0 protocol ip flower ct_state -trk action pedit ex munge ip ttl dec pipe "
+             "action csum iph pipe action ct action goto chain 9",
+             "dev eth5 chain 9 protocol ip flower ct_state +trk action ct commit "
+             "action mirred egress redirect dev eth6"]
+    clock = FakeClock()
+    ctl = Controller(BoxConfig(name="unit", netns="unit-box", ports=["eth5", "eth6"],
+                               rules=[parse_filter(x) for x in lines]), clock=clock, ktime=clock.ns)
+    ctl.port_by_ifindex = {i: p for p, i in IFINDEX.items()}
+    ctl.transmitter = Recorder()
+    rewritten = eth(IP(src=C, dst=S, ttl=63) / UDP(sport=5000, dport=53) / b"q")   # as the program left it
+    hdr = abi.PuntHdr(reason=reason, ifindex=IFINDEX["eth5"], pkt_len=len(rewritten), chain=0, rule=0,
+                      action=2, done=abi.Done.PEDIT)
+    ctl.handle(Punt(hdr, bytearray(rewritten), 0))
+    ((port, frame),) = ctl.transmitter.sent
+    assert port == "eth6" and IP(frame[14:]).ttl == 63
+
+
 def test_tcp_setup_and_teardown_take_the_full_path():
     ctl, clock = box("soft")
     t = lambda flags, seq, ack, back=False, data=b"": eth(  # noqa: E731
