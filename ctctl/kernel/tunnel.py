@@ -87,10 +87,9 @@ def decap(t: Tunnel, frame: bytes | bytearray) -> tuple[bytearray, TunnelInfo] |
     vihl, _, tot_len, _, frag, _, proto = struct.unpack_from("!BBHHHBB", frame, _ETH)
     if vihl != 0x45 or proto != IPPROTO_UDP or frag & 0x3FFF:
         return None
-    src = ipaddress.IPv4Address(bytes(frame[_ETH + 12:_ETH + 16]))
-    dst = ipaddress.IPv4Address(bytes(frame[_ETH + 16:_ETH + 20]))
-    _, dport, ulen, _ = struct.unpack_from("!HHHH", frame, _ETH + _IP)
-    if dst != t.local or dport != t.dstport or tot_len < _IP + _UDP + _VXLAN + _ETH:
+    dport, = struct.unpack_from("!H", frame, _ETH + _IP + 2)
+    if (frame[_ETH + 16:_ETH + 20] != t.local.packed or dport != t.dstport
+            or tot_len < _IP + _UDP + _VXLAN + _ETH):
         return None
     flags, vni = struct.unpack_from("!II", frame, _ETH + _IP + _UDP)
     if not (flags >> 24) & VXLAN_FLAG_VNI:
@@ -98,8 +97,9 @@ def decap(t: Tunnel, frame: bytes | bytearray) -> tuple[bytearray, TunnelInfo] |
     end = _ETH + tot_len
     if end > len(frame):
         return None
+    src = ipaddress.IPv4Address(bytes(frame[_ETH + 12:_ETH + 16]))
     t.neighbors[src] = bytes(frame[6:12])
-    return bytearray(frame[OVERHEAD:end]), TunnelInfo(vni >> 8, src, dst, dport)
+    return bytearray(frame[OVERHEAD:end]), TunnelInfo(vni >> 8, src, t.local, dport)
 
 
 def source_port(inner: bytes | bytearray) -> int:

@@ -53,11 +53,10 @@ class RuleSet:
         # dev -> chain -> entries, kept sorted by (prio, seq)
         self._chains: dict[str, dict[int, list[_Entry]]] = {}
         self._seq = itertools.count()
-        # The actions by (kind, index), how many filters hold each, and per
-        # kind an index below which all are taken: kept as filters come and
-        # go, so that adding one does not walk all the others.
-        self._by_index: dict[tuple[str, int], Action] = {}
-        self._refs: dict[tuple[str, int], int] = {}
+        # Each action by (kind, index) with how many filters hold it, and
+        # per kind an index below which all are taken: kept as filters come
+        # and go, so that adding one does not walk all the others.
+        self._held: dict[tuple[str, int], list] = {}     # -> [action, holders]
         self._low: dict[str, int] = {}
         for f in filters or ():
             self.add(f)
@@ -89,21 +88,18 @@ class RuleSet:
         actions, indices, notes = self._bind(f.actions)
         f = dataclasses.replace(f, prio=prio, handle=handle, actions=actions)
         for a, i in zip(actions, indices):
-            self._refs[(a.tc_kind, i)] = self._refs.get((a.tc_kind, i), 0) + 1
+            self._held[(a.tc_kind, i)][1] += 1
         entry = _Entry(f, next(self._seq), FilterStats(), indices, notes)
         entries = self._chains.setdefault(f.dev, {}).setdefault(f.chain, [])
         entries.append(entry)
         entries.sort(key=lambda e: (e.filter.prio, e.seq))
         return f
 
-    def _entries(self):
-        return [e for d in self.devices() for c in self.chains(d) for e in self._chains[d][c]]
-
     def _bind(self, actions: tuple[Action, ...]) -> tuple[tuple[Action, ...], tuple[int, ...], list[str]]:
         """Each action with its index: the lowest free one of its kind, or,
         for an index given that an action of its kind has, that action.
         An assigned index stays out of the Filter (its line is as added)."""
-        known = self._by_index
+        known = self._held
         out, indices, notes = [], [], []
         for a in actions:
             kind = a.tc_kind
@@ -113,12 +109,12 @@ class RuleSet:
                 while (kind, index) in known:
                     index += 1
                 self._low[kind] = index + 1
-            elif (kind, index) in known and dataclasses.replace(known[(kind, index)], index=index) != a:
-                old = known[(kind, index)]
+            elif (kind, index) in known and dataclasses.replace(known[(kind, index)][0], index=index) != a:
+                old = known[(kind, index)][0]
                 notes.append(f"action {kind} index {index} exists: the filter is bound to it and runs "
                              f"`{format_action(old)}`, not `{format_action(a)}` (as tc does)")
                 a = dataclasses.replace(old, index=index)   # the line names the binding
-            known[(kind, index)] = a
+            known.setdefault((kind, index), [a, 0])[0] = a
             out.append(a)
             indices.append(index)
         return tuple(out), tuple(indices), notes
@@ -134,7 +130,7 @@ class RuleSet:
     def action_refs(self) -> dict[tuple[str, int], int]:
         """How many filters hold each action (kind, index): tc's ref and
         bind counts."""
-        return dict(self._refs)
+        return {k: n for k, (_, n) in self._held.items()}
 
     def delete(self, dev: str, chain: int | None = None, prio: int | None = None,
                handle: int | None = None, protocol: int | None = None) -> list[Filter]:
@@ -168,16 +164,16 @@ class RuleSet:
         any more is gone, and its index free again."""
         for a, i in zip(e.filter.actions, e.indices):
             key = (a.tc_kind, i)
-            self._refs[key] -= 1
-            if not self._refs[key]:
-                del self._refs[key], self._by_index[key]
+            self._held[key][1] -= 1
+            if not self._held[key][1]:
+                del self._held[key]
                 self._low[a.tc_kind] = min(self._low.get(a.tc_kind, 1), i)
 
     def replace_all(self, filters: list[Filter]) -> None:
         """Swap in a whole new set, or nothing if any filter is refused."""
         fresh = RuleSet(filters)
         self._chains, self._seq = fresh._chains, fresh._seq
-        self._by_index, self._refs, self._low = fresh._by_index, fresh._refs, fresh._low
+        self._held, self._low = fresh._held, fresh._low
 
     # -- reading ---------------------------------------------------------
     def devices(self) -> list[str]:
