@@ -14,6 +14,11 @@ measured in the same run, alternating:
                      (bpf/pedit.h; without it: built with -DCTCTL_NO_REWRITE),
                      on rules that rewrite nothing: what header rewrites
                      cost the packets that do not use them
+  --compare tunnel   the VXLAN code (bpf/tunnel.h: the decapsulation's test
+                     before the rules, tunnel_key and the encapsulation's
+                     test at a mirred; without it: built with
+                     -DCTCTL_NO_TUNNEL), on a box without tunnels: what
+                     tunnels cost the packets that do not use them
 
 Every variant but the one feature runs with neither window nor checksum
 validation, so the figures compare with earlier runs of --compare path;
@@ -116,6 +121,7 @@ COMPARE = {
     "window": ("window validation", {"window": True}, {}, []),
     "csum": ("checksum verification", {"csum": ("ipv4", "l4")}, {}, []),
     "rewrite": ("rewrite code", {}, {}, ["-DCTCTL_NO_REWRITE"]),
+    "tunnel": ("tunnel code", {}, {}, ["-DCTCTL_NO_TUNNEL"]),
 }
 
 

@@ -75,6 +75,38 @@ static __always_inline struct ctctl_tcp_window *window_lookup(__u32 conn_id)
 	return windows.lookup(&conn_id);
 }
 
+static __always_inline struct ctctl_tunnel *tunnel_lookup(__u32 ifindex)
+{
+	return tunnels.lookup(&ifindex);
+}
+
+static __always_inline struct ctctl_encap *encap_lookup(__u32 slot)
+{
+	return encaps.lookup(&slot);
+}
+
+static __always_inline struct ctctl_vtep *vtep_lookup(const __u8 *addr)
+{
+	__u32 key;
+
+	__builtin_memcpy(&key, addr, 4);
+	return vteps.lookup(&key);
+}
+
+/* Written only when it changed: a VTEP's steady stream costs a lookup. */
+static __always_inline void vtep_learn(const __u8 *addr, const __u8 *mac)
+{
+	struct ctctl_vtep v = {}, *had;
+	__u32 key;
+
+	__builtin_memcpy(&key, addr, 4);
+	__builtin_memcpy(v.mac, mac, 6);
+	had = vteps.lookup(&key);
+	if (had && *(__u64 *)had == *(__u64 *)&v)
+		return;
+	vteps.update(&key, &v);
+}
+
 #include "nat.h"
 #include "csum.h"
 #include "rules.h"
@@ -85,9 +117,10 @@ static __always_inline struct ctctl_tcp_window *window_lookup(__u32 conn_id)
  */
 #define CTCTL_PULL_LEN (18 + 60 + 60)
 
-static __always_inline int punt(struct __sk_buff *skb, const struct ctctl_state *st)
+/* The header is built in the scratch state: the stack has no room for it. */
+static __always_inline int punt(struct __sk_buff *skb, struct ctctl_state *st)
 {
-	struct ctctl_punt_hdr hdr = {};
+	struct ctctl_punt_hdr *hdr = &st->punt;
 	__u64 len = skb->len;
 	int err;
 
@@ -95,25 +128,37 @@ static __always_inline int punt(struct __sk_buff *skb, const struct ctctl_state 
 		count(CTCTL_C_TOO_BIG, 1);
 		return TC_ACT_SHOT;
 	}
-	hdr.reason = st->reason;
-	hdr.done = st->done;
-	hdr.ifindex = skb->ifindex;
-	hdr.pkt_len = len;
-	hdr.chain = st->chain;
-	hdr.rule = st->rule;
-	hdr.action = st->action;
-	hdr.zone = st->key.ct_zone;
-	hdr.ct_state = st->key.ct_state;
-	hdr.hops = st->hops;
-	hdr.mark = st->key.ct_mark;
-	__builtin_memcpy(hdr.label, st->key.ct_label, 16);
-	hdr.tstamp_ns = bpf_ktime_get_ns();
+	__builtin_memset(hdr, 0, sizeof(*hdr));
+	hdr->reason = st->reason;
+	hdr->done = st->done;
+	hdr->ifindex = skb->ifindex;
+	hdr->pkt_len = len;
+	hdr->chain = st->chain;
+	hdr->rule = st->rule;
+	hdr->action = st->action;
+	hdr->zone = st->key.ct_zone;
+	hdr->ct_state = st->key.ct_state;
+	hdr->hops = st->hops;
+	hdr->mark = st->key.ct_mark;
+	__builtin_memcpy(hdr->label, st->key.ct_label, 16);
+	hdr->tstamp_ns = bpf_ktime_get_ns();
 	if (skb->vlan_present) {
-		hdr.vlan_proto = bpf_ntohs(skb->vlan_proto);
-		hdr.vlan_tci = skb->vlan_tci;
+		hdr->vlan_proto = bpf_ntohs(skb->vlan_proto);
+		hdr->vlan_tci = skb->vlan_tci;
+	}
+	if (st->tun.flags) {
+		hdr->tun_id = st->tun.key_id;
+		__builtin_memcpy(hdr->tun_src, st->tun.src, 4);
+		__builtin_memcpy(hdr->tun_dst, st->tun.dst, 4);
+		hdr->tun_dport = st->tun.dport;
+		hdr->tun_flags = st->tun.flags;
+	}
+	if (st->done & CTCTL_DONE_DECAP) {
+		__builtin_memcpy(hdr->vtep, st->vtep, 4);
+		__builtin_memcpy(hdr->vtep_mac, st->vtep_mac, 6);
 	}
 	/* BCC rewrites perf_submit_skb into a statement: keep it on its own. */
-	err = punts.perf_submit_skb(skb, len, &hdr, sizeof(hdr));
+	err = punts.perf_submit_skb(skb, len, hdr, sizeof(*hdr));
 	if (err < 0) {
 		/* Buffer full: the packet is lost, and said so. */
 		count(CTCTL_C_PERF_LOST, 1);
@@ -130,7 +175,8 @@ static __always_inline int punt(struct __sk_buff *skb, const struct ctctl_state 
  * the ingress port, the packet's tuple and the entry: one lookup in the
  * offload table (zone 0, the tuple as it arrived), and no per-packet
  * judgement (window tracking and checksum verification are off), and no
- * pedit (the replay rewrites nothing but the entry's NAT).  With
+ * pedit or tunnel (the replay rewrites nothing but the entry's NAT; a
+ * mirred to a tunnel device leaves fp_verdict NONE).  With
  * one lookup, any NAT the walk applied is that entry's, once: the replay
  * applies it again (CTCTL_FP_NAT).  TCP SYN, FIN and RST never get there:
  * they stop at the ct action.
@@ -145,7 +191,7 @@ static __always_inline int walk_cacheable(const struct ctctl_state *st, __u32 ca
 {
 	return (caps & CTCTL_CAP_FLOW_CACHE) && !(caps & CTCTL_CACHE_CAPS) &&
 	       st->ct_lookups == 1 && st->tuple.zone == 0 && st->fp_verdict != CTCTL_FP_NONE &&
-	       !(st->done & CTCTL_DONE_PEDIT);
+	       !(st->done & (CTCTL_DONE_PEDIT | CTCTL_DONE_DECAP));
 }
 
 /*
@@ -273,14 +319,19 @@ static __always_inline int cached_verdict(struct __sk_buff *skb, const struct ct
 	}
 }
 
+/* The program decapsulated the packet (st is valid only then: with tunnels). */
+static __always_inline int decapsulated(const struct ctctl_state *st, __u32 caps)
+{
+	return (caps & CTCTL_CAP_TUNNELS) && (st->done & CTCTL_DONE_DECAP);
+}
+
 int ctctl_ingress(struct __sk_buff *skb)
 {
 	struct ctctl_pkt pkt = {};
 	struct ctctl_hw_config *cfg;
 	struct ctctl_state *st;
 	struct cursor c;
-	__u32 pull = skb->len < CTCTL_PULL_LEN ? skb->len : CTCTL_PULL_LEN;
-	__u32 zero = 0, caps = 0, gen = 0;
+	__u32 zero = 0, caps = 0, gen = 0, pull;
 	int r;
 
 	/*
@@ -293,17 +344,6 @@ int ctctl_ingress(struct __sk_buff *skb)
 	count(CTCTL_C_RX, 1);
 	count(CTCTL_C_RX_BYTES, skb->len);
 
-	/* Non-linear skbs (veth with GRO, for one) may hold headers in frags. */
-	if (skb->data_end - skb->data < pull)
-		bpf_skb_pull_data(skb, pull);
-
-	c.start = (void *)(long)skb->data;
-	c.pos = c.start;
-	c.end = (void *)(long)skb->data_end;
-	c.len = skb->len;
-	c.l3_end = skb->len;
-	r = parse_packet(&c, &pkt);
-
 	/* The generation first: a verdict this packet caches is from rules
 	 * and caps at least as old as it. */
 	cfg = hw_config_lookup();
@@ -314,14 +354,47 @@ int ctctl_ingress(struct __sk_buff *skb)
 	st = scratch.lookup(&zero);
 	if (!st)
 		return TC_ACT_SHOT;	/* cannot happen: index 0 of a 1-slot array */
-	if (r == CTCTL_R_NONE && (caps & CTCTL_CAP_FLOW_CACHE) && !(caps & CTCTL_CACHE_CAPS)) {
-		int v = cached_verdict(skb, &pkt, caps, gen, st);
-
-		if (v != CTCTL_PUNT)
-			return v;
+#ifndef CTCTL_NO_TUNNEL
+	/* A tunnel's frame: decapsulated once, here, before it is parsed. */
+	if (caps & CTCTL_CAP_TUNNELS) {
+		state_reset(st);
+		st->gen = gen;
+		st->in_ifindex = skb->ifindex;
+		r = tunnel_decap(skb, st);
+		if (r == CTCTL_DECAP_FAILED) {
+			count(CTCTL_C_DROP, 1);
+			return TC_ACT_SHOT;
+		}
+		if (r > CTCTL_DECAP_DONE) {
+			st->tun.flags = 0;	/* the frame goes whole: software decapsulates */
+			st->reason = r;
+			return punt(skb, st);
+		}
 	}
-	state_reset(st);
-	st->gen = gen;
+#endif
+
+	/* Non-linear skbs (veth with GRO, for one) may hold headers in frags. */
+	pull = skb->len < CTCTL_PULL_LEN ? skb->len : CTCTL_PULL_LEN;
+	if (skb->data_end - skb->data < pull)
+		bpf_skb_pull_data(skb, pull);
+	c.start = (void *)(long)skb->data;
+	c.pos = c.start;
+	c.end = (void *)(long)skb->data_end;
+	c.len = skb->len;
+	c.l3_end = skb->len;
+	r = parse_packet(&c, &pkt);
+
+	if (!decapsulated(st, caps)) {
+		if (r == CTCTL_R_NONE && (caps & CTCTL_CAP_FLOW_CACHE) && !(caps & CTCTL_CACHE_CAPS)) {
+			int v = cached_verdict(skb, &pkt, caps, gen, st);
+
+			if (v != CTCTL_PUNT)
+				return v;
+		}
+		state_reset(st);
+		st->gen = gen;
+		st->in_ifindex = skb->ifindex;
+	}
 	if (r != CTCTL_R_NONE) {
 		st->reason = r;
 		return punt(skb, st);
@@ -339,6 +412,10 @@ int ctctl_ingress(struct __sk_buff *skb)
 	if ((caps & CTCTL_CAP_TCP_WINDOW) && pkt.proto == IPPROTO_TCP)
 		tcp_sack_scan(skb, st);
 	r = interpret(skb, st);
+#ifndef CTCTL_NO_TUNNEL
+	if (r == CTCTL_ENCAP)
+		r = tunnel_encap(skb, st);
+#endif
 	if (r == CTCTL_PUNT)
 		return punt(skb, st);
 #ifndef CTCTL_NO_PATH

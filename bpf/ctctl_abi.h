@@ -43,7 +43,13 @@ enum ctctl_reason {
 					 * checksum) and its caps say software judges such packets */
 	CTCTL_R_CT_WINDOW = 17,		/* ct action: a TCP segment the hardware's window tracking
 					 * cannot judge (SACK blocks, not ESTABLISHED, no context) */
-	CTCTL_R_MAX = 18,
+	CTCTL_R_TUNNEL = 18,		/* a VXLAN frame for a tunnel device that the program leaves
+					 * whole to software (a GSO packet, an inner frame that is not
+					 * IP, padding after the outer packet): software decapsulates */
+	CTCTL_R_ENCAP = 19,		/* mirred to a tunnel device the hardware cannot encapsulate
+					 * for (no metadata, the outer UDP checksum asked for, no MAC
+					 * for the VTEP, GSO, a VLAN tag): software runs that mirred */
+	CTCTL_R_MAX = 20,
 };
 
 /*
@@ -73,6 +79,8 @@ enum ctctl_counter {
 	CTCTL_C_PEDIT,			/* pedit actions the program ran (header words rewritten) */
 	CTCTL_C_PEDIT_SHORT,		/* ... whose key fell outside the packet: the rest skipped, as act_pedit */
 	CTCTL_C_CSUM,			/* csum actions the program ran (checksums fixed incrementally) */
+	CTCTL_C_DECAP,			/* VXLAN frames the program decapsulated for a tunnel device */
+	CTCTL_C_ENCAP,			/* packets it encapsulated (mirred to a tunnel device) */
 	CTCTL_C_MAX,
 };
 
@@ -98,6 +106,8 @@ enum ctctl_done {
 	CTCTL_DONE_DNAT = 0x04,		/* destination address/port rewritten */
 	CTCTL_DONE_PEDIT = 0x08,	/* header words rewritten by a pedit action (the bytes that
 					 * follow are the rewritten packet: software does not redo it) */
+	CTCTL_DONE_DECAP = 0x10,	/* decapsulated: the bytes are the inner frame, classified on
+					 * the tunnel device of the port; tun_* and vtep* are valid */
 };
 
 /* Largest packet the program hands to software (a jumbo frame). */
@@ -143,6 +153,21 @@ struct ctctl_punt_hdr {
 	__u16 vlan_proto;
 	__u16 vlan_tci;
 	__u64 tstamp_ns;	/* bpf_ktime_get_ns() when the program stopped */
+	/*
+	 * The packet's tunnel metadata as it stopped (what a decapsulation
+	 * found, or a tunnel_key set gave; tun_flags 0 when it has none), and
+	 * with CTCTL_DONE_DECAP the VTEP it came from (outer source address
+	 * and MAC), which software learns as the program did.
+	 */
+	__u32 tun_id;		/* the VNI */
+	__u8 tun_src[4];
+	__u8 tun_dst[4];
+	__u8 vtep[4];
+	__be16 tun_dport;
+	__u8 tun_flags;		/* enum ctctl_tun_flags */
+	__u8 pad;
+	__u8 vtep_mac[6];
+	__u8 pad2[6];
 };
 
 /*
@@ -218,6 +243,7 @@ enum ctctl_cap {
 	CTCTL_CAP_CSUM_L4 = 0x10,	/* verify the TCP/UDP/ICMP checksum at a ct action */
 	CTCTL_CAP_INVALID_PUNT = 0x20,	/* an invalid packet is punted (CT_INVALID), not +inv */
 	CTCTL_CAP_FLOW_CACHE = 0x40,	/* finish a hit from its entry's cached verdict (fp_*) */
+	CTCTL_CAP_TUNNELS = 0x80,	/* decapsulate and encapsulate VXLAN for the `tunnels` map */
 };
 
 struct ctctl_hw_config {
@@ -316,7 +342,7 @@ struct ctctl_match {
 	__u16 ct_zone;
 	__u32 ct_mark;
 	__u8 ct_label[16];	/* big-endian */
-	__u32 pad;
+	__u32 tun_id;		/* the VNI | CTCTL_TUN_PRESENT; 0: no tunnel metadata */
 };
 
 enum ctctl_action_kind {
@@ -330,6 +356,8 @@ enum ctctl_action_kind {
 	CTCTL_A_TRAP = 7,	/* send to software; arg: CTCTL_TRAP_AT_ACTION or CTCTL_TRAP_REMATCH */
 	CTCTL_A_PEDIT = 8,	/* arg: the rule's pedit keys [arg & 0xff, + (arg >> 8) & 0xff) */
 	CTCTL_A_CSUM = 9,	/* arg: enum ctctl_csum_target bits */
+	CTCTL_A_TUNNEL_UNSET = 10,	/* tunnel_key unset: the metadata is dropped */
+	CTCTL_A_TUNNEL_SET = 11,	/* tunnel_key set; arg: its slot in the `encaps` map */
 };
 
 /*
@@ -441,6 +469,49 @@ struct ctctl_expiry {
 	__u64 last_used_ns;
 	__u64 packets[2];		/* the entries' final counters: original, reply */
 	__u64 bytes[2];
+};
+
+/*
+ * VXLAN (docs/tunnels.md).  A tunnel device of the box has an ifindex of
+ * its own in the chains map, CTCTL_TUNNEL_DEV + its slot (no real device
+ * has one that high here): its chains are where a decapsulated packet is
+ * classified, and a mirred to it encapsulates.  The `tunnels` map holds
+ * each tunnel twice, under its underlay port's ifindex (decapsulation)
+ * and under its own (encapsulation).
+ */
+#define CTCTL_TUNNEL_DEV 0x7fff0000
+#define CTCTL_TUN_PRESENT 0x80000000	/* ctctl_match.tun_id: the packet has metadata */
+#define CTCTL_TUN_ID_MASK 0x00ffffff
+#define CTCTL_MAX_ENCAPS 256		/* tunnel_key set metadata the NIC holds (`encaps`) */
+
+struct ctctl_tunnel {
+	__u32 port;		/* the underlay port's ifindex */
+	__u32 dev;		/* the tunnel device's (CTCTL_TUNNEL_DEV + slot) */
+	__u8 local[4];		/* the outer destination it decapsulates */
+	__be16 dstport;		/* ... and UDP port */
+	__u8 mac[6];		/* the port's MAC: the outer source of what it sends */
+};
+
+/* Tunnel metadata flags (punt header, `encaps`). */
+enum ctctl_tun_flags {
+	CTCTL_TF_PRESENT = 0x01,	/* the packet has metadata */
+	CTCTL_TF_CSUM = 0x02,		/* the outer UDP checksum is asked for (tunnel_key's csum) */
+};
+
+/* What a tunnel_key set gives a packet (CTCTL_A_TUNNEL_SET's slot). */
+struct ctctl_encap {
+	__u32 key_id;
+	__u8 src[4];
+	__u8 dst[4];
+	__be16 dport;		/* 0: the tunnel device's */
+	__u8 flags;		/* enum ctctl_tun_flags, PRESENT set */
+	__u8 pad;
+};
+
+/* A VTEP's MAC (the `vteps` map: outer IPv4 address -> MAC), learned at decapsulation. */
+struct ctctl_vtep {
+	__u8 mac[6];
+	__u8 pad[2];
 };
 
 #endif /* CTCTL_ABI_H */

@@ -27,6 +27,20 @@
 #include "ctctl_abi.h"
 #include "parse.h"
 
+/* What the data path's steps return for a packet that goes to software
+ * (st->reason and the resume point say why and where). */
+#define CTCTL_PUNT (-1)
+
+/* A packet's tunnel metadata in the program (the punt header's tun_*). */
+struct ctctl_tun_state {
+	__u32 key_id;
+	__u8 src[4];
+	__u8 dst[4];
+	__be16 dport;
+	__u8 flags;			/* enum ctctl_tun_flags; 0: none */
+	__u8 pad;
+};
+
 /* Bytes a checksum verification reads per step (bpf/csum.h). */
 #define CTCTL_CSUM_CHUNK 256
 
@@ -95,6 +109,20 @@ struct ctctl_state {
 	__u32 iph_lo, iph_len;		/* the IPv4 header's bytes (IPv6: none) */
 	__u32 pseudo_lo, pseudo_len;	/* the addresses, in the pseudo-header */
 	__u32 seg_lo, seg_len;		/* the transport segment */
+	/*
+	 * VXLAN (bpf/tunnel.h): the device the packet is classified on (its
+	 * port, or the tunnel device it was decapsulated for), its tunnel
+	 * metadata as it stands, where it came from when decapsulated, and
+	 * the tunnel device a mirred sends it to.
+	 */
+	__u32 in_ifindex;
+	__u32 encap_dev;
+	struct ctctl_tun_state tun;
+	__u8 vtep[4];
+	__u8 vtep_mac[6];
+	__u16 pad2;
+	/* A punt's header, built by bpf/ctctl.c punt(). */
+	struct ctctl_punt_hdr punt;
 	/* Bytes of the packet being summed (bpf/csum.h): no room on the stack. */
 	__u32 csum_buf[CTCTL_CSUM_CHUNK / 4];
 };
@@ -117,6 +145,7 @@ static __always_inline void state_reset(struct ctctl_state *st)
 	st->pend_iph = 0;
 	st->pend_pseudo = 0;
 	st->pend_l4 = 0;
+	st->tun.flags = 0;
 	__builtin_memset(st->path, 0, sizeof(st->path));
 }
 

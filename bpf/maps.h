@@ -32,6 +32,7 @@
 #define CTCTL_TABLE(_type, _key, _leaf, _name, _size) \
   BPF_F_TABLE(_type CTCTL_PIN(_name), _key, _leaf, _name, _size, 0)
 #define CTCTL_HASH(_name, _key, _leaf, _size) CTCTL_TABLE("hash", _key, _leaf, _name, _size)
+#define CTCTL_LRU_HASH(_name, _key, _leaf, _size) CTCTL_TABLE("lru_hash", _key, _leaf, _name, _size)
 #define CTCTL_ARRAY(_name, _leaf, _size) CTCTL_TABLE("array", int, _leaf, _name, _size)
 #define CTCTL_PERCPU_ARRAY(_name, _leaf, _size) CTCTL_TABLE("percpu_array", int, _leaf, _name, _size)
 /* BCC's BPF_PERF_OUTPUT and BPF_RINGBUF_OUTPUT, with the pin in the section. */
@@ -109,6 +110,16 @@ CTCTL_HASH(windows, __u32, struct ctctl_tcp_window, CTCTL_WINDOW_SLOTS);
 /* The driver's merge request (ctctl_window_merge): one at a time. */
 CTCTL_ARRAY(window_merges, struct ctctl_window_merge, 1);
 
+/*
+ * VXLAN (bpf/tunnel.h): the box's tunnel devices, each under its underlay
+ * port's ifindex and under its own; what each tunnel_key set gives; and
+ * the VTEPs' MACs the program learned from what it decapsulated (outer
+ * IPv4 address, as the packet holds it -> MAC).
+ */
+CTCTL_HASH(tunnels, __u32, struct ctctl_tunnel, 64);
+CTCTL_ARRAY(encaps, struct ctctl_encap, CTCTL_MAX_ENCAPS);
+CTCTL_LRU_HASH(vteps, __u32, struct ctctl_vtep, 4096);
+
 /* The interpreter's per-packet state (bpf/key.h says why it is not on the stack). */
 BPF_PERCPU_ARRAY(scratch, struct ctctl_state, 1);
 
@@ -124,5 +135,9 @@ static __always_inline struct ctctl_rule_stats *rule_stats_lookup(__u32 id);
 static __always_inline __u32 hw_caps(void);
 static __always_inline __u64 last_use(void);
 static __always_inline struct ctctl_tcp_window *window_lookup(__u32 conn_id);
+static __always_inline struct ctctl_tunnel *tunnel_lookup(__u32 ifindex);
+static __always_inline struct ctctl_encap *encap_lookup(__u32 slot);
+static __always_inline struct ctctl_vtep *vtep_lookup(const __u8 *addr);
+static __always_inline void vtep_learn(const __u8 *addr, const __u8 *mac);
 
 #endif /* CTCTL_MAPS_H */

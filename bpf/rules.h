@@ -6,7 +6,10 @@
  * Contract: interpret() returns the TC verdict of a packet it finished
  * (TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_OK, with its counter moved), or
  * CTCTL_PUNT with st->reason and the resume point (st->chain, st->rule,
- * st->action) set, the ct metadata and st->done as they are at that point.
+ * st->action) set, the ct metadata and st->done as they are at that point,
+ * or CTCTL_ENCAP: a mirred to a tunnel device, which the caller
+ * encapsulates once, outside the loops (bpf/tunnel.h), the resume point
+ * at that mirred.  Chains are those of st->in_ifindex.
  * The semantics are ctctl/kernel/pipeline.py's, the software reference; where the
  * hardware stops short of it, it punts and software continues from the
  * resume point (docs/offload.md lists the cases).
@@ -27,9 +30,10 @@
 #include "maps.h"
 #include "nat.h"
 #include "pedit.h"
+#include "tunnel.h"
 #include "window.h"
 
-#define CTCTL_PUNT (-1)
+#define CTCTL_ENCAP (-2)	/* mirred to a tunnel device: st->encap_dev, resume point at it */
 #define CTCTL_CONTINUE 0
 #define CTCTL_NO_RULE 0xffff	/* st->rule while no rule matched */
 
@@ -205,7 +209,7 @@ static __always_inline int interpret(struct __sk_buff *skb, struct ctctl_state *
 		const struct ctctl_rule *r;
 		__u32 n, i, a;
 
-		st->ck.ifindex = skb->ifindex;
+		st->ck.ifindex = st->in_ifindex;
 		st->ck.chain = st->chain;
 		ch = chain_lookup(&st->ck);
 		if (!ch) {
@@ -275,6 +279,14 @@ static __always_inline int interpret(struct __sk_buff *skb, struct ctctl_state *
 				st->chain = act->arg;
 				goto next_chain;
 			case CTCTL_A_MIRRED:
+#ifndef CTCTL_NO_TUNNEL
+				if (act->arg >= CTCTL_TUNNEL_DEV) {
+					st->encap_dev = act->arg;
+					st->rule = i;
+					st->action = a;
+					return CTCTL_ENCAP;
+				}
+#endif
 				count(CTCTL_C_REDIRECT, 1);
 				st->fp_verdict = CTCTL_FP_REDIRECT;
 				st->fp_arg = act->arg;
@@ -299,6 +311,16 @@ static __always_inline int interpret(struct __sk_buff *skb, struct ctctl_state *
 					count(CTCTL_C_DROP, 1);
 					return TC_ACT_SHOT;
 				}
+				continue;
+#endif
+#ifndef CTCTL_NO_TUNNEL
+			case CTCTL_A_TUNNEL_UNSET:
+				st->tun.flags = 0;
+				st->key.tun_id = 0;
+				continue;
+			case CTCTL_A_TUNNEL_SET:
+				if (tunnel_set(st, act->arg) < 0)
+					return stop(st, CTCTL_R_TRAP, i, a);
 				continue;
 #endif
 			case CTCTL_A_TRAP:

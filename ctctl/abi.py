@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,13 +43,15 @@ class Reason(enum.IntEnum):
     NO_MATCH = 15
     CT_INVALID = 16
     CT_WINDOW = 17
+    TUNNEL = 18         # a tunnel's VXLAN frame left whole to software (it decapsulates)
+    ENCAP = 19          # mirred to a tunnel device the NIC cannot encapsulate for: resume there
 
     @property
     def label(self) -> str:
         return self.name.lower()
 
 
-REASON_MAX = 18
+REASON_MAX = 20
 
 
 class Counter(enum.IntEnum):
@@ -77,9 +80,11 @@ class Counter(enum.IntEnum):
     PEDIT = REASON_MAX + 19
     PEDIT_SHORT = REASON_MAX + 20
     CSUM = REASON_MAX + 21
+    DECAP = REASON_MAX + 22
+    ENCAP = REASON_MAX + 23
 
 
-COUNTER_MAX = REASON_MAX + 22
+COUNTER_MAX = REASON_MAX + 24
 
 
 class CtState(enum.IntFlag):
@@ -102,6 +107,7 @@ class Done(enum.IntFlag):
     SNAT = 0x02
     DNAT = 0x04
     PEDIT = 0x08
+    DECAP = 0x10    # the frame is the inner one, classified on its port's tunnel device
 
 
 MAX_PUNT = 9216
@@ -130,6 +136,7 @@ class Cap(enum.IntFlag):
     CSUM_L4 = 0x10
     INVALID_PUNT = 0x20
     FLOW_CACHE = 0x40
+    TUNNELS = 0x80
 
 
 class FpVerdict(enum.IntEnum):
@@ -162,6 +169,8 @@ class ActionKind(enum.IntEnum):
     TRAP = 7
     PEDIT = 8       # arg: first key | count << 8, in Rule.pedit
     CSUM = 9        # arg: CsumTarget bits
+    TUNNEL_UNSET = 10
+    TUNNEL_SET = 11  # arg: the slot of its metadata in `encaps`
 
 
 class PeditHtype(enum.IntEnum):
@@ -211,10 +220,35 @@ class PuntHdr(ctypes.Structure):
         ("vlan_proto", ctypes.c_uint16),
         ("vlan_tci", ctypes.c_uint16),
         ("tstamp_ns", ctypes.c_uint64),
+        # The tunnel metadata as the packet stopped; with Done.DECAP its VTEP.
+        ("tun_id", ctypes.c_uint32),
+        ("tun_src", ctypes.c_uint8 * 4),
+        ("tun_dst", ctypes.c_uint8 * 4),
+        ("vtep", ctypes.c_uint8 * 4),
+        ("tun_dport", ctypes.c_uint16),      # network order
+        ("tun_flags", ctypes.c_uint8),       # TunFlags
+        ("pad", ctypes.c_uint8),
+        ("vtep_mac", ctypes.c_uint8 * 6),
+        ("pad2", ctypes.c_uint8 * 6),
     ]
 
 
 U8_16 = ctypes.c_uint8 * 16
+
+# The __be16 fields (ports) hold network order in memory; as the u16 ctypes
+# reads them on this host, a byte swap (computed: entries are encoded for
+# every offload, two per connection).
+_SWAP = sys.byteorder == "little"
+
+
+def be16(v: int) -> int:
+    """A host-order 16-bit number as the u16 whose memory holds it in
+    network order (the __be16 fields)."""
+    return ((v & 0xFF) << 8) | ((v >> 8) & 0xFF) if _SWAP else v & 0xFFFF
+
+
+def from_be16(v: int) -> int:
+    return be16(v)       # a swap is its own inverse
 
 
 class Tuple(ctypes.Structure):
@@ -345,7 +379,7 @@ class Match(ctypes.Structure):
         ("ct_zone", ctypes.c_uint16),
         ("ct_mark", ctypes.c_uint32),
         ("ct_label", U8_16),
-        ("pad", ctypes.c_uint32),
+        ("tun_id", ctypes.c_uint32),    # VNI | TUN_PRESENT
     ]
 
 
@@ -437,6 +471,48 @@ class Expiry(ctypes.Structure):
     ]
 
 
+# VXLAN: a tunnel device's ifindex in the chains map is TUNNEL_DEV + its slot.
+TUNNEL_DEV = 0x7FFF0000
+TUN_PRESENT = 0x80000000     # Match.tun_id: the packet has tunnel metadata
+TUN_ID_MASK = 0x00FFFFFF
+MAX_ENCAPS = 256             # tunnel_key set metadata the NIC holds (`encaps` slots)
+
+
+class TunFlags(enum.IntFlag):
+    PRESENT = 0x01
+    CSUM = 0x02      # the outer UDP checksum is asked for
+
+
+class Tunnel(ctypes.Structure):
+    """struct ctctl_tunnel: a tunnel device as the `tunnels` map holds it
+    (under its port's ifindex and under its own)."""
+
+    _fields_ = [
+        ("port", ctypes.c_uint32),
+        ("dev", ctypes.c_uint32),
+        ("local", ctypes.c_uint8 * 4),
+        ("dstport", ctypes.c_uint16),   # network order
+        ("mac", ctypes.c_uint8 * 6),
+    ]
+
+
+class Encap(ctypes.Structure):
+    """struct ctctl_encap: what a tunnel_key set gives (an `encaps` slot)."""
+
+    _fields_ = [
+        ("key_id", ctypes.c_uint32),
+        ("src", ctypes.c_uint8 * 4),
+        ("dst", ctypes.c_uint8 * 4),
+        ("dport", ctypes.c_uint16),     # network order; 0: the device's
+        ("flags", ctypes.c_uint8),      # TunFlags
+        ("pad", ctypes.c_uint8),
+    ]
+
+
+class Vtep(ctypes.Structure):
+    _fields_ = [("mac", ctypes.c_uint8 * 6), ("pad", ctypes.c_uint8 * 2)]
+
+
 # Every enum of the header, by its C prefix, for the agreement test.
 C_ENUMS = {
     "CTCTL_R_": Reason,
@@ -453,6 +529,7 @@ C_ENUMS = {
     "CTCTL_CSUMT_": CsumTarget,
     "CTCTL_WCHECK_": WindowCheck,
     "CTCTL_WM_": WMerge,
+    "CTCTL_TF_": TunFlags,
 }
 C_CONSTANTS = {
     "CTCTL_R_MAX": REASON_MAX,
@@ -469,6 +546,10 @@ C_CONSTANTS = {
     "CTCTL_TRAP_REMATCH": TRAP_REMATCH,
     "CTCTL_AGING_CLASSES": AGING_CLASSES,
     "CTCTL_WMERGE_DIR_SHIFT": WM_DIR_SHIFT,
+    "CTCTL_TUNNEL_DEV": TUNNEL_DEV,
+    "CTCTL_TUN_PRESENT": TUN_PRESENT,
+    "CTCTL_TUN_ID_MASK": TUN_ID_MASK,
+    "CTCTL_MAX_ENCAPS": MAX_ENCAPS,
 }
 C_STRUCTS = {
     "ctctl_punt_hdr": PuntHdr,
@@ -488,6 +569,9 @@ C_STRUCTS = {
     "ctctl_tcp_seen": TcpSeen,
     "ctctl_tcp_window": TcpWindow,
     "ctctl_window_merge": WindowMerge,
+    "ctctl_tunnel": Tunnel,
+    "ctctl_encap": Encap,
+    "ctctl_vtep": Vtep,
 }
 
 
@@ -516,6 +600,9 @@ MAPS = {
     "aging_slots": MapSpec("CTCTL_ARRAY", ctypes.c_uint32, AgingSlot, True),
     "windows": MapSpec("CTCTL_HASH", ctypes.c_uint32, TcpWindow, True),
     "window_merges": MapSpec("CTCTL_ARRAY", ctypes.c_uint32, WindowMerge, True),
+    "tunnels": MapSpec("CTCTL_HASH", ctypes.c_uint32, Tunnel, True),
+    "encaps": MapSpec("CTCTL_ARRAY", ctypes.c_uint32, Encap, True),
+    "vteps": MapSpec("CTCTL_LRU_HASH", ctypes.c_uint32, Vtep, True),
     # The hardware's expiry events (ctctl_expiry), read by the driver.
     "expiries": MapSpec("CTCTL_RINGBUF_OUTPUT", None, None, True),
     # The interpreter's per-packet state: internal to the program.

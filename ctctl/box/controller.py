@@ -49,7 +49,7 @@ POLL_MS = 100
 # ct: started over, a packet the program rewrote (NAT, pedit) would be
 # rewritten twice.
 RESUMABLE = {abi.Reason.CT_MISS, abi.Reason.CT_FLAGS, abi.Reason.TRAP, abi.Reason.NO_MATCH,
-             abi.Reason.CT_INVALID, abi.Reason.CT_WINDOW}
+             abi.Reason.CT_INVALID, abi.Reason.CT_WINDOW, abi.Reason.ENCAP}
 SWEEP_EVERY_S = 1.0   # conntrack's periodic sweep, besides lazy expiry on lookup
 STOP_WAIT_S = 10.0    # how long a stopping box waits for a request in progress
 
@@ -64,6 +64,7 @@ class Controller:
         self.transmitter: Transmitter | None = None
         self.reader: PuntReader | None = None
         self.port_by_ifindex: dict[int, str] = {}
+        self.tunnel_of_port = {t.port: t for t in cfg.tunnels}
         self.started = clock()
         # Software's own counters, next to the program's.
         self.rx = Tally()          # punts received, per ingress port
@@ -142,11 +143,23 @@ class Controller:
         from the beginning)."""
         resumable = punt.hdr.reason in RESUMABLE
         resume = Resume.from_punt(punt.hdr) if resumable else None
+        # Decapsulated by the program: the tunnel device's packet, with its
+        # metadata, never decapsulated again; the VTEP learned as it was.
+        in_dev, tunnel = in_port, punt.tunnel()
+        if punt.decapsulated:
+            t = self.tunnel_of_port.get(in_port)
+            if t is None:
+                self.drops["decap_no_tunnel"] += 1
+                return None
+            in_dev = t.name
+            addr, mac = punt.vtep()
+            t.neighbors[addr] = mac
         try:
             with self.lock:
                 fkey = None
-                if self.offload is not None and self.offload.soft and pkt is not None and resumable:
-                    fkey = FastPath.key(in_port, punt.hdr, pkt)
+                if (self.offload is not None and self.offload.soft and pkt is not None and resumable
+                        and tunnel is None):    # a shortcut replays no tunnel
+                    fkey = FastPath.key(in_dev, punt.hdr, pkt)
                     if fkey is not None:
                         sc = self.offload.fast_forward(fkey, pkt)
                         if sc is not None:
@@ -154,7 +167,7 @@ class Controller:
                 before = tuple_of(pkt, 0) if fkey is not None else None
                 if self.offload is not None:
                     self.offload.windows.punted_ns = punt.hdr.tstamp_ns
-                v = self.pipeline.process(pkt if pkt is not None else punt.frame, in_port, resume)
+                v = self.pipeline.process(pkt if pkt is not None else punt.frame, in_dev, resume, tunnel)
                 if self.offload is not None and v.cts:
                     last = v.cts[-1].result
                     if last is not None and last.conn is not None:
@@ -323,7 +336,7 @@ class Controller:
             self.pipeline = Pipeline(self.ruleset, self.tracker, self.cfg.ports, tunnels=self.cfg.tunnels)
             records, unreadable = replay(state.journal_path(self.cfg.name))
         self.device = Device(self.dp.maps, self.dp.ifindexes(), self.cfg.hardware, ktime=self.ktime,
-                             software_ports={t.port for t in self.cfg.tunnels})
+                             tunnels=self.cfg.tunnels)
         for t in self.cfg.tunnels:      # the outer source MAC of what it encapsulates
             t.mac = self.dp.mac(t.port)
         if old:

@@ -19,13 +19,14 @@ that the same box can be modelled as different devices.
       flow_cache: true        # finish a hit from the verdict cached in its
                               # entry (only without window and csum checks)
       rewrite: true           # pedit and csum actions (bpf/pedit.h)
+      tunnels: true           # VXLAN decap/encap and enc_key_id (bpf/tunnel.h)
 
     hardware: {profile: minimal, nat: true}   # a named profile, then overrides
 
 Profiles (PROFILES): `full` (the defaults: everything the model has, so it
 validates windows and checksums, counts, ages), `minimal` (the ct lookup
 and counters: no window or checksum validation, no NAT, no ct_label or
-port-range matches, no aging of its own, no header rewrites), `no-counters` (everything but
+port-range matches, no aging of its own, no header rewrites, no tunnels), `no-counters` (everything but
 per-entry counters).
 
 The defaults are a device that supports everything.  ctctl.nic.encode turns
@@ -60,7 +61,7 @@ class CapsError(ValueError):
 PROFILES: dict[str, dict] = {
     "full": {},
     "minimal": {"nat": False, "ct_label_match": False, "port_range_match": False, "hw_aging": False,
-                "window": False, "csum": (), "rewrite": False},
+                "window": False, "csum": (), "rewrite": False, "tunnels": False},
     "no-counters": {"flow_counters": False},
 }
 
@@ -81,6 +82,7 @@ _SPEC: dict[str, tuple[type, int | None, int | None, str]] = {
     "invalid": (str, None, None, "what an invalid packet gets"),
     "flow_cache": (bool, None, None, "verdicts cached in the offload table's entries"),
     "rewrite": (bool, None, None, "header rewrites: pedit and csum actions"),
+    "tunnels": (bool, None, None, "VXLAN: decapsulation, encapsulation, tunnel_key, enc_key_id"),
 }
 CSUM_LAYERS = ("ipv4", "l4")
 INVALID_CHOICES = ("inv", "punt")
@@ -103,6 +105,7 @@ class HwCaps:
     invalid: str = "inv"
     flow_cache: bool = True
     rewrite: bool = True
+    tunnels: bool = True
     profile: str = "full"        # the named profile it started from (PROFILES)
 
     def __post_init__(self):
@@ -156,7 +159,7 @@ class HwCaps:
         bits = {abi.Cap.FLOW_COUNTERS: self.flow_counters, abi.Cap.HW_AGING: self.hw_aging,
                 abi.Cap.TCP_WINDOW: self.window, abi.Cap.CSUM_IPV4: "ipv4" in self.csum,
                 abi.Cap.CSUM_L4: "l4" in self.csum, abi.Cap.INVALID_PUNT: self.invalid == "punt",
-                abi.Cap.FLOW_CACHE: self.flow_cache}
+                abi.Cap.FLOW_CACHE: self.flow_cache, abi.Cap.TUNNELS: self.tunnels}
         return sum(int(bit) for bit, on in bits.items() if on)
 
     @property

@@ -22,8 +22,10 @@ from ctctl.nic.caps import HwCaps
 from ctctl.nic.encode import SCRATCH_ID, encode_chain, entry_record, flow_entry, hardware_filters, key_tuple
 from ctctl.nic.maps import Maps
 from ctctl.nic.progrun import prog_test_run
+from ctctl.kernel.tunnel import Tunnel
+from ctctl.nic.tunnels import device_ifindex, encap_entry, tunnel_entry
 from ctctl.nic.windows import merge_request, take_back, window_context
-from ctctl.rules import Filter, GotoAction, RuleSet
+from ctctl.rules import Filter, GotoAction, RuleSet, TunnelKeyAction
 
 
 
@@ -33,14 +35,23 @@ class Device:
     ifindexes and what it can do."""
 
     def __init__(self, maps: Maps | None, ifindex_by_port: dict[str, int], caps: HwCaps | None = None,
-                 ktime=time.monotonic_ns, software_ports: Iterable[str] = ()):
+                 ktime=time.monotonic_ns, tunnels: Iterable[Tunnel] = ()):
         self.maps = maps
         self.ifindex_by_port = dict(ifindex_by_port)
-        # Ports whose rules stay in software: a tunnel's underlay, whose
-        # VXLAN frames the NIC does not decapsulate yet (they punt
-        # no_offload, and software decapsulates them).
-        self.software_ports = frozenset(software_ports)
         self.caps = caps or HwCaps()
+        # The box's VXLAN devices (ctctl.nic.tunnels).  A NIC with `tunnels`
+        # decapsulates on the underlay port and classifies on the device's
+        # own chains; one without keeps the underlay port's rules in
+        # software (its frames punt no_offload, software decapsulates).
+        self.tunnels = list(tunnels)
+        self.software_ports: frozenset[str] = frozenset()
+        if self.caps.tunnels:
+            for slot, t in enumerate(self.tunnels):
+                self.ifindex_by_port[t.name] = device_ifindex(slot)
+        else:
+            self.software_ports = frozenset(t.port for t in self.tunnels)
+        self._encaps: dict[bytes, int] = {}   # an encaps value -> its slot
+        self._tunnels_written: dict[int, bytes] | None = None
         self.ktime = ktime                   # the NIC's clock (bpf_ktime_get_ns)
         self._keys: dict[int, list] = {}     # conn id -> [original key, reply key] in the table
         self._conn_of: dict[bytes, int] = {}  # an entry's key -> its conn id
@@ -64,7 +75,10 @@ class Device:
         maps = self._maps()
         # The caps under the old generation first, then the new one: a
         # packet that reads the new generation finds the new caps too.
-        maps.write_hw_config(self.caps.program_caps, maps.read_hw_config().gen)
+        caps = self.caps.program_caps
+        if not self.tunnels:    # no map lookup per UDP packet for a box without tunnels
+            caps &= ~abi.Cap.TUNNELS
+        maps.write_hw_config(caps, maps.read_hw_config().gen)
         self.bump_generation()
 
     def bump_generation(self) -> int:
@@ -166,9 +180,9 @@ class Device:
         counted = [f for filters in plan.values() for f in hardware_filters(filters, self.caps)]
         for i in self.assign_ids(counted):
             maps.zero_rule_stats(i)
-        changed = False
+        changed = self._install_tunnels(ruleset)
         for (ifindex, n), filters in plan.items():
-            enc = bytes(encode_chain(filters, self._ids, self.caps, self.ifindex_by_port))
+            enc = bytes(encode_chain(filters, self._ids, self.caps, self.ifindex_by_port, self._encap_slot))
             if self._written.get((ifindex, n)) == enc:
                 continue
             maps.write_chain(ifindex, n, enc)
@@ -181,6 +195,43 @@ class Device:
                 changed = True
         if changed:     # after the chains: no verdict of the old rules survives them
             self.bump_generation()
+
+    def _install_tunnels(self, ruleset: RuleSet) -> bool:
+        """The `tunnels` map, and the `encaps` slots the rules' tunnel_key
+        sets use (slots are kept for as long as some rule gives that
+        metadata; the chains that use a new one are written after it).
+        True when the map changed."""
+        maps = self._maps()
+        want = {}
+        if self.caps.tunnels:
+            for slot, t in enumerate(self.tunnels):
+                port = self.ifindex_by_port.get(t.port)
+                if port is not None:
+                    want[port] = want[device_ifindex(slot)] = tunnel_entry(port, slot, t.local, t.dstport, t.mac)
+        written = {k: bytes(v) for k, v in want.items()}
+        if written != self._tunnels_written:
+            maps.write_tunnels(want)
+            self._tunnels_written = written
+            changed = True
+        else:
+            changed = False
+        used = {bytes(e) for f in ruleset.filters() for a in f.actions
+                if isinstance(a, TunnelKeyAction) and (e := encap_entry(a)) is not None}
+        self._encaps = {k: v for k, v in self._encaps.items() if k in used}
+        return changed
+
+    def _encap_slot(self, e: abi.Encap) -> int | None:
+        """The `encaps` slot holding e, written now if it is new; None when
+        all are taken (the tunnel_key set traps)."""
+        key = bytes(e)
+        slot = self._encaps.get(key)
+        if slot is None:
+            free = sorted(set(range(abi.MAX_ENCAPS)) - set(self._encaps.values()))
+            if not free:
+                return None
+            slot = self._encaps[key] = free[0]
+            self._maps().write_encap(slot, e)
+        return slot
 
     def uninstall(self) -> None:
         """Remove every chain: every port becomes forward-only again."""

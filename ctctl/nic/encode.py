@@ -13,10 +13,9 @@ or half in each.  ctctl.nic.driver writes what is encoded here.
 from __future__ import annotations
 
 import ipaddress
-import sys
 
 from ctctl import abi
-from ctctl.abi import TRAP_AT_ACTION, TRAP_REMATCH, ActionKind, CtFlags, CtState, Nat
+from ctctl.abi import TRAP_AT_ACTION, TRAP_REMATCH, ActionKind, CtFlags, CtState, Nat, be16, from_be16
 from ctctl.kernel.conntrack import Bits, Conn, nat_ct_state, tuple_of
 from ctctl.kernel.conntrack.tuples import Tuple as CtTuple
 from ctctl.kernel.offload.hw import DeviceError
@@ -25,9 +24,10 @@ from ctctl.nic.caps import HwCaps
 from ctctl.protocols import ICMPS, proto_name
 from ctctl.rules import (
     ETH_P_ALL, ETH_P_IP, ETH_P_IPV6, ContinueAction, CsumAction, CtAction, DropAction, Filter, GotoAction,
-    MirredAction, PassAction, PeditAction, PipeAction, ReclassifyAction, TrapAction,
+    MirredAction, PassAction, PeditAction, PipeAction, ReclassifyAction, TrapAction, TunnelKeyAction,
 )
 from ctctl.nic.rewrite import csum_bits, encode_pedit
+from ctctl.nic.tunnels import encap_entry, encode_enc, unevaluable_enc
 
 # Rule id 0 is the scratch slot: rules that stand for no filter's match (the
 # match-all traps of skip_hw and unevaluable filters, the overflow trap of a
@@ -39,24 +39,6 @@ SCRATCH_ID = 0
 _TERMINAL = (GotoAction, MirredAction, DropAction, PassAction, ContinueAction, ReclassifyAction)
 _EST = int(CtState.TRK | CtState.EST)        # an entry's ct_state, as plain ints
 _EST_RPL = int(CtState.TRK | CtState.EST | CtState.RPL)
-
-
-# ---------------------------------------------------------------------------
-# Byte order helpers
-
-# Entries are encoded for every offload (two per connection): the byte
-# swaps are arithmetic, not struct round trips.
-_SWAP = sys.byteorder == "little"
-
-
-def be16(v: int) -> int:
-    """A host-order 16-bit number as the u16 whose memory holds it in network
-    order (the __be16 fields of struct ctctl_tuple / ctctl_flow)."""
-    return ((v & 0xFF) << 8) | ((v >> 8) & 0xFF) if _SWAP else v & 0xFFFF
-
-
-def from_be16(v: int) -> int:
-    return be16(v)       # a swap is its own inverse
 
 
 def _addr16(addr) -> bytes:
@@ -97,9 +79,9 @@ def unevaluable(f: Filter, caps: HwCaps) -> str | None:
     if f.skip_hw:
         return "skip_hw"
     m = f.matches
-    if m.has_enc:
-        # Tunnel metadata: the NIC does not decapsulate (yet), so it has none.
-        return "enc_* match (tunnel metadata)"
+    why = unevaluable_enc(f, caps)
+    if why is not None:
+        return why
     if m.ct_label is not None and not caps.ct_label_match:
         return "ct_label match (hardware: ct_label_match false)"
     for name in ("src_port", "dst_port"):
@@ -162,6 +144,7 @@ def _encode_match(f: Filter, r: abi.Rule) -> None:
     if m.ct_label is not None:
         k.ct_label = _u8_16(m.ct_label[0].to_bytes(16, "big"))
         mk.ct_label = _u8_16(m.ct_label[1].to_bytes(16, "big"))
+    encode_enc(f, k, mk)
 
 
 def _encode_action(a, caps: HwCaps, ifindex_by_port: dict[str, int]) -> abi.Action | None:
@@ -223,18 +206,33 @@ def _encode_action(a, caps: HwCaps, ifindex_by_port: dict[str, int]) -> abi.Acti
     return None
 
 
+def _encode_tunnel_key(a: TunnelKeyAction, caps: HwCaps, encap_slot) -> abi.Action | None:
+    if not caps.tunnels:
+        return None
+    out = abi.Action()
+    if a.unset:
+        out.kind = ActionKind.TUNNEL_UNSET
+        return out
+    e = encap_entry(a)
+    slot = encap_slot(e) if e is not None and encap_slot is not None else None
+    if slot is None:
+        return None
+    out.kind, out.arg = ActionKind.TUNNEL_SET, slot
+    return out
+
+
 def _verb(a):
     """The control verb that ends the list after a (ct, pedit or csum with
     a verb other than pipe), or None."""
     if isinstance(a, CtAction):
         return a.control
-    if isinstance(a, (PeditAction, CsumAction)) and not isinstance(a.control, PipeAction):
+    if isinstance(a, (PeditAction, CsumAction, TunnelKeyAction)) and not isinstance(a.control, PipeAction):
         return a.control
     return None
 
 
 def encode_rule(f: Filter, rule_id: int, caps: HwCaps | None = None,
-                ifindex_by_port: dict[str, int] | None = None) -> abi.Rule:
+                ifindex_by_port: dict[str, int] | None = None, encap_slot=None) -> abi.Rule:
     """One filter as a hardware rule (struct ctctl_rule).
 
     - A filter whose match the hardware cannot evaluate (unevaluable():
@@ -265,6 +263,12 @@ def encode_rule(f: Filter, rule_id: int, caps: HwCaps | None = None,
       pedit actions); a pedit that does not fit, or whose headers the
       filter does not pin (ctctl.nic.rewrite), traps; so does either action on a
       device without `rewrite`.
+    - tunnel_key unset is one slot; tunnel_key set is its metadata's slot
+      in `encaps`, which `encap_slot` (abi.Encap -> slot, the driver's)
+      gives; without it, on a device without `tunnels`, or for metadata
+      the NIC cannot give (ctctl.nic.tunnels), a trap.  Their verb is
+      taken as pedit's.  A mirred to a tunnel device is a MIRRED to the
+      device's own ifindex (abi.TUNNEL_DEV + slot), in `ifindex_by_port`.
     """
     caps = caps or HwCaps()
     ifindex_by_port = ifindex_by_port or {}
@@ -292,6 +296,8 @@ def encode_rule(f: Filter, rule_id: int, caps: HwCaps | None = None,
             if caps.rewrite:
                 enc = abi.Action()
                 enc.kind, enc.arg = ActionKind.CSUM, csum_bits(a)
+        elif isinstance(a, TunnelKeyAction):
+            enc = _encode_tunnel_key(a, caps, encap_slot)
         else:
             enc = _encode_action(a, caps, ifindex_by_port)
         control = None
@@ -314,25 +320,26 @@ def encode_rule(f: Filter, rule_id: int, caps: HwCaps | None = None,
 
 
 def encode_chain(filters: list[Filter], ids: dict[Filter, int], caps: HwCaps | None = None,
-                 ifindex_by_port: dict[str, int] | None = None) -> abi.Chain:
+                 ifindex_by_port: dict[str, int] | None = None, encap_slot=None) -> abi.Chain:
     """A chain's filters, in software's order (RuleSet.chain(): skip_sw
     filters included, because the resume point's rule index counts them),
     as struct ctctl_chain.  Past caps.max_rules_per_chain the hardware holds
     no more rules: the last slot becomes a match-all TRAP arg 1, so a packet
     that matched none of the rules before it goes to software, which
     matches from that same index on.  `ids` gives each encoded filter's
-    rule id (filters without one are counted in the scratch slot)."""
+    rule id (filters without one are counted in the scratch slot);
+    `encap_slot` is encode_rule()'s."""
     caps = caps or HwCaps()
     limit = caps.max_rules_per_chain
     c = abi.Chain()
     if len(filters) <= limit:
         n = len(filters)
         for i, f in enumerate(filters):
-            c.rules[i] = encode_rule(f, ids.get(f, SCRATCH_ID), caps, ifindex_by_port)
+            c.rules[i] = encode_rule(f, ids.get(f, SCRATCH_ID), caps, ifindex_by_port, encap_slot)
     else:
         n = limit
         for i, f in enumerate(filters[:limit - 1]):
-            c.rules[i] = encode_rule(f, ids.get(f, SCRATCH_ID), caps, ifindex_by_port)
+            c.rules[i] = encode_rule(f, ids.get(f, SCRATCH_ID), caps, ifindex_by_port, encap_slot)
         c.rules[limit - 1] = _match_all_trap()
     c.n_rules = n
     return c

@@ -177,6 +177,24 @@ class Maps:
     def chain_keys(self) -> list[tuple[int, int]]:
         return [(k.ifindex, k.chain) for k in self._table("chains").keys()]
 
+    # -- tunnels (bpf/tunnel.h) -----------------------------------------------------
+    def write_tunnels(self, tunnels: dict[int, abi.Tunnel]) -> None:
+        """Make the `tunnels` map hold exactly these (ifindex -> tunnel)."""
+        t = self._table("tunnels")
+        for k in list(t.keys()):
+            if k.value not in tunnels:
+                del t[k]
+        for ifindex, tun in tunnels.items():
+            t[t.Key(ifindex)] = self._cast(t.Leaf, tun)
+
+    def write_encap(self, slot: int, e: abi.Encap) -> None:
+        t = self._table("encaps")
+        t[t.Key(slot)] = self._cast(t.Leaf, e)
+
+    def vteps(self) -> dict[bytes, bytes]:
+        """The VTEP MACs the program learned: outer IPv4 address -> MAC."""
+        return {int(k.value).to_bytes(4, "little"): bytes(v.mac) for k, v in self._table("vteps").items()}
+
     # -- rule_stats --------------------------------------------------------------
     def zero_rule_stats(self, rule_id: int) -> None:
         t = self._table("rule_stats")
@@ -418,6 +436,7 @@ def program_stats(counters: list[int]) -> dict:
         "csum_invalid": counters[c.CSUM_INVALID],
         "rewrites": {"pedit": counters[c.PEDIT], "pedit_short": counters[c.PEDIT_SHORT],
                      "csum": counters[c.CSUM]},
+        "tunnels": {"decapsulated": counters[c.DECAP], "encapsulated": counters[c.ENCAP]},
         "flow_cache": {"hits": counters[c.CACHE_HIT], "misses": counters[c.CACHE_MISS],
                        "stale": counters[c.CACHE_STALE]},
         "punts_by_reason": {r.label: counters[r] for r in abi.Reason if r and counters[r]},

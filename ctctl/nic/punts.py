@@ -13,7 +13,10 @@ import struct
 from dataclasses import dataclass
 from typing import Callable
 
+import ipaddress
+
 from ctctl import abi
+from ctctl.kernel.tunnel import TunnelInfo
 
 HDR_SIZE = ctypes.sizeof(abi.PuntHdr)
 
@@ -27,6 +30,27 @@ class Punt:
     @property
     def reason(self) -> abi.Reason:
         return abi.Reason(self.hdr.reason)
+
+    @property
+    def decapsulated(self) -> bool:
+        """The program decapsulated it: the frame is the inner one, of
+        its port's tunnel device."""
+        return bool(self.hdr.done & abi.Done.DECAP)
+
+    def tunnel(self) -> TunnelInfo | None:
+        """Its tunnel metadata as the program left it."""
+        h = self.hdr
+        if not h.tun_flags & abi.TunFlags.PRESENT:
+            return None
+        return TunnelInfo(h.tun_id, ipaddress.IPv4Address(bytes(h.tun_src)), ipaddress.IPv4Address(bytes(h.tun_dst)),
+                          abi.from_be16(h.tun_dport),
+                          bool(h.tun_flags & abi.TunFlags.CSUM))
+
+    def vtep(self) -> tuple[ipaddress.IPv4Address, bytes] | None:
+        """(outer source address, MAC) of a frame it decapsulated."""
+        if not self.decapsulated:
+            return None
+        return ipaddress.IPv4Address(bytes(self.hdr.vtep)), bytes(self.hdr.vtep_mac)
 
 
 class MalformedSample(Exception):

@@ -11,7 +11,7 @@ import tempfile
 import threading
 
 from scapy.error import Scapy_Exception
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, UDP
 from scapy.utils import PcapReader, rdpcap
 
 from ctctl.lab import traffic
@@ -82,15 +82,16 @@ class Capture:
 
 
 def checksums_ok(p) -> bool:
-    """IPv4 header and TCP checksums as on the wire equal scapy's
+    """IPv4 header and TCP (or UDP) checksums as on the wire equal scapy's
     recomputation over the same bytes."""
     ip = p[IP]
     raw = IP(bytes(ip))
+    l4 = TCP if TCP in raw else UDP
     fresh = raw.copy()
     del fresh.chksum
-    del fresh[TCP].chksum
+    del fresh[l4].chksum
     fresh = IP(bytes(fresh))
-    return raw.chksum == fresh.chksum and raw[TCP].chksum == fresh[TCP].chksum
+    return raw.chksum == fresh.chksum and raw[l4].chksum == fresh[l4].chksum
 
 
 def transfer(b, port: int, size: int, conntrack=lambda: [], snapshot=lambda: None):

@@ -61,9 +61,10 @@ def tc(ns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["tc", "-n", ns, *args], capture_output=True, text=True, check=check)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def kernel_tc():
-    """A namespace with a veth pair and the lines on va's ingress."""
+    """A namespace with a veth pair and the lines on va's ingress (read
+    only by the tests: one for the module)."""
     ns = topology.unique_tag("ctt-show")
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:

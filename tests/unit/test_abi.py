@@ -117,4 +117,5 @@ def test_maps_match_maps_h():
         else:
             assert _c_type(value) is spec.value, name
     assert abi.PINNED_MAPS == ("punts", "counters", "chains", "flows", "rule_stats", "hw_config",
-                               "aging_config", "aging_slots", "windows", "window_merges", "expiries")
+                               "aging_config", "aging_slots", "windows", "window_merges", "tunnels", "encaps", "vteps",
+                               "expiries")

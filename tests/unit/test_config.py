@@ -91,7 +91,7 @@ def test_a_hardware_profile_with_overrides():
     hw = cfg.hardware
     assert hw.profile == "minimal" and hw.nat and not hw.hw_aging and not hw.port_range_match
     assert hw.describe() == ("profile minimal with nat=True; without ct_label_match, port_range_match, "
-                             "hw_aging, window, rewrite, csum")
+                             "hw_aging, window, rewrite, tunnels, csum")
     assert config.parse(RULES).hardware.describe() == "profile full"
 
 

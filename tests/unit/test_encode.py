@@ -25,6 +25,7 @@ from ctctl.abi import (  # noqa: E402
 from ctctl.kernel.conntrack import Conn, ConnTracker, NatSpec, Status, tuple_of  # noqa: E402
 from ctctl.kernel.offload.hw import DeviceError  # noqa: E402
 from ctctl.kernel.packet import parse  # noqa: E402
+from ctctl.kernel.tunnel import Tunnel  # noqa: E402
 from ctctl.nic.caps import CapsError, HwCaps  # noqa: E402
 from ctctl.nic.driver import Device  # noqa: E402
 from ctctl.nic.encode import (  # noqa: E402
@@ -295,11 +296,42 @@ def test_mirred_to_a_device_without_ifindex_traps():
     ("dev eth5 flower ct_label 0x1 action drop", HwCaps(ct_label_match=False)),
     ("dev eth5 protocol ip flower ip_proto tcp dst_port 80-90 action drop", HwCaps(port_range_match=False)),
     ("dev eth5 protocol ip flower ip_proto udp src_port 1-2 action drop", HwCaps(port_range_match=False)),
-    # Tunnel metadata: the NIC does not decapsulate (yet).
-    ("dev eth5 flower enc_key_id 42 action drop", HwCaps()),
+    # Tunnel metadata: the VNI only, and only on a NIC with tunnels.
+    ("dev eth5 flower enc_key_id 42 action drop", HwCaps(tunnels=False)),
+    ("dev eth5 flower enc_key_id 42 enc_dst_port 4789 action drop", HwCaps()),
+    ("dev eth5 flower enc_src_ip 10.9.0.2 action drop", HwCaps()),
+    ("dev eth5 flower enc_dst_ip 10.9.0.1 action drop", HwCaps()),
 ])
 def test_unevaluable_match_is_match_all_trap(line, caps):
     assert is_match_all_trap(rule(line, caps))
+
+
+def test_tunnel_keys_and_actions():
+    """enc_key_id is the VNI with the has-metadata bit; unset is one slot,
+    set its metadata's `encaps` slot (csum or not: the encapsulation
+    decides, at the mirred), a mirred to a tunnel device its own ifindex;
+    a device without tunnels, set without a slot or with IPv6 traps."""
+    r = rule("dev vxlan0 flower enc_key_id 42 action tunnel_key unset action drop")
+    assert (r.key.tun_id, r.mask.tun_id) == (42 | abi.TUN_PRESENT, abi.TUN_ID_MASK | abi.TUN_PRESENT)
+    assert acts(r) == [(ActionKind.TUNNEL_UNSET, 0, 0, 0), (ActionKind.DROP, 0, 0, 0)]
+    assert rule("dev eth5 flower action drop").mask.tun_id == 0
+    given = []
+    set_line = ("dev eth5 flower action tunnel_key set src_ip 10.9.0.1 dst_ip 10.9.0.2 id 7 "
+                "dst_port 4790 nocsum action mirred egress redirect dev vxlan0")
+    r = encode_rule(parse_filter(set_line), 1, HwCaps(), {"vxlan0": abi.TUNNEL_DEV + 3},
+                    lambda e: given.append(e) or 5)
+    assert acts(r) == [(ActionKind.TUNNEL_SET, 0, 0, 5), (ActionKind.MIRRED, 0, 0, abi.TUNNEL_DEV + 3)]
+    e = given[0]
+    assert (e.key_id, bytes(e.src), bytes(e.dst), e.flags) == (7, bytes([10, 9, 0, 1]), bytes([10, 9, 0, 2]),
+                                                                abi.TunFlags.PRESENT)
+    assert e.dport.to_bytes(2, "little") == (4790).to_bytes(2, "big")
+    assert acts(encode_rule(parse_filter(set_line), 1, HwCaps(), {}))[0] == (ActionKind.TRAP, 0, 0, TRAP_AT_ACTION)
+    assert acts(rule("dev vxlan0 flower action tunnel_key unset action drop", HwCaps(tunnels=False))) == [
+        (ActionKind.TRAP, 0, 0, TRAP_AT_ACTION)]
+    six = ("dev eth5 flower action tunnel_key set src_ip 2001:db8::1 dst_ip 2001:db8::2 id 7 "
+           "action mirred egress redirect dev vxlan0")
+    assert acts(encode_rule(parse_filter(six), 1, HwCaps(), {}, lambda e: 0))[0] == (
+        ActionKind.TRAP, 0, 0, TRAP_AT_ACTION)
 
 
 def test_single_port_needs_no_range_capability():
@@ -362,10 +394,16 @@ def test_chain_overflow_ends_in_rematch_trap():
     assert is_match_all_trap(c.rules[3])  # software matches from rule 3 on
 
 
-def test_a_tunnels_port_and_device_stay_in_software():
+def test_a_tunnel_device_has_chains_of_its_own_on_a_nic_with_tunnels():
+    """With `tunnels` the tunnel device's chains are under its own
+    ifindex and its port keeps its own; without, both stay in software
+    (the port's frames punt no_offload, software decapsulates)."""
     rs = RuleSet([parse_filter("dev eth5 flower action drop"), parse_filter("dev eth6 flower action drop"),
                   parse_filter("dev vxlan0 flower action drop")])
-    dev = Device(None, PORTS, software_ports={"eth5"})
+    vx = Tunnel("vxlan0", "eth5", ipaddress.IPv4Address("10.9.0.1"))
+    dev = Device(None, PORTS, tunnels=[vx])
+    assert sorted(dev.plan(rs)) == [(PORTS["eth5"], 0), (PORTS["eth6"], 0), (abi.TUNNEL_DEV, 0)]
+    dev = Device(None, PORTS, HwCaps(tunnels=False), tunnels=[vx])
     assert [k for k in dev.plan(rs)] == [(PORTS["eth6"], 0)]
     assert sorted(dev.not_installed) == ["eth5", "vxlan0"]
 
@@ -657,14 +695,15 @@ def test_caps_defaults_and_flags():
     assert c.max_rules_per_chain == abi.MAX_RULES and c.max_hops == abi.MAX_HOPS
     validating = abi.Cap.TCP_WINDOW | abi.Cap.CSUM_IPV4 | abi.Cap.CSUM_L4
     assert c.table_size == 65536
-    cache = abi.Cap.FLOW_CACHE
+    cache = abi.Cap.FLOW_CACHE | abi.Cap.TUNNELS
     assert c.program_caps == abi.Cap.FLOW_COUNTERS | abi.Cap.HW_AGING | validating | cache
     assert HwCaps(flow_counters=False).program_caps == abi.Cap.HW_AGING | validating | cache
-    assert HwCaps(flow_counters=False, hw_aging=False, window=False, csum=(), flow_cache=False).program_caps == 0
+    assert HwCaps(flow_counters=False, hw_aging=False, window=False, csum=(), flow_cache=False,
+                  tunnels=False).program_caps == 0
     assert HwCaps(csum=("l4",), invalid="punt").program_caps & (abi.Cap.CSUM_IPV4 | abi.Cap.INVALID_PUNT) \
         == abi.Cap.INVALID_PUNT
-    assert HwCaps.from_config({"profile": "minimal"}).program_caps == abi.Cap.FLOW_COUNTERS | cache
-    assert HwCaps.from_config({"flow_cache": False}).program_caps & cache == 0
+    assert HwCaps.from_config({"profile": "minimal"}).program_caps == abi.Cap.FLOW_COUNTERS | abi.Cap.FLOW_CACHE
+    assert HwCaps.from_config({"flow_cache": False}).program_caps & abi.Cap.FLOW_CACHE == 0
     assert HwCaps.from_config({"csum": ["l4"]}).csum == ("l4",)
     assert HwCaps.from_config(None) == c == HwCaps.from_config({})
     # A NIC that ages its own entries has a connection context per

@@ -110,6 +110,9 @@ def test_stats_text_has_the_rewrites_once_there_were_some():
     prog["rewrites"] = {"pedit": 0, "pedit_short": 0, "csum": 0}
     assert not any(x.startswith("rewritten") for x in format_stats({"box": "lab", "program": prog,
                                                                     "ports": {}}).splitlines())
+    prog["tunnels"] = {"decapsulated": 7, "encapsulated": 5}
+    assert "tunnels in hardware: 7 VXLAN frames decapsulated, 5 packets encapsulated" in format_stats(
+        {"box": "lab", "program": prog, "ports": {}}).splitlines()
 
 
 def test_stats_text_says_why_connections_left_the_hardware():

@@ -36,6 +36,10 @@ def format_stats(s: dict) -> str:
     if any(rw.values()):
         out.append(f"rewritten in hardware: {rw['pedit']} pedit actions ({rw['pedit_short']} cut short "
                    f"by a key outside the packet), {rw['csum']} csum actions")
+    tun = prog.get("tunnels") or {}
+    if any(tun.values()):
+        out.append(f"tunnels in hardware: {tun['decapsulated']} VXLAN frames decapsulated, "
+                   f"{tun['encapsulated']} packets encapsulated")
     if prog["punts_by_reason"]:
         out.append("punts by reason:")
         width = max(len(r) for r in prog["punts_by_reason"])
