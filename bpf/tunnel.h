@@ -40,10 +40,10 @@
 #define CTCTL_VXLAN_BUF (CTCTL_VXLAN_HLEN + 14)
 
 /*
- * The headers are built in the scratch state's checksum buffer (no room on
- * the stack next to the parsed packet; the checksum verification is done
- * before the rules, the encapsulation after them).  At 2 + their offsets
- * the IP header's 16-bit words are aligned.
+ * The headers are read and built in the scratch state's checksum buffer
+ * (no room on the stack next to the parsed packet): the decapsulation is
+ * done before the checksum verification uses it, the encapsulation after.
+ * At 2 + their offsets the IP header's 16-bit words are aligned.
  */
 static __always_inline __u8 *tunnel_buf(struct ctctl_state *st)
 {

@@ -120,10 +120,11 @@ def run_one(sc: Scenario, run: Run, out: Path, progress=None) -> RunResult:
             procs.append(server)
             wait_until(lambda: server.stdout.readline().strip() == "listening" or server.poll() is not None,
                        30, "the workload's server to listen")
-            hosts0 = {h.netns: link_counts(h.netns, h.ifname) for h in (client_host, server_host)}
+            # The packets of the run are those after these reads (a host's
+            # own packet, neighbour discovery say, may come at any time).
+            hosts0, first = _settled(box, (client_host, server_host))
             pid = box.proc.pid
             sampler = Sampler(pid)
-            first = box.stats()
             sampler.sample(first)
             client = ns_popen(client_host.netns, sys.executable, "-m", "ctctl.lab.workload", "client",
                               "--addr", server_host.addr4, "--port", str(PORT), "--duration", str(run.duration),
@@ -149,8 +150,7 @@ def run_one(sc: Scenario, run: Run, out: Path, progress=None) -> RunResult:
             cout, cerr = client.communicate(timeout=30)
             lines = [x for x in cout.splitlines() if x.startswith("{")]
             res.summary["workload"] = json.loads(lines[-1]) if lines else {"error": cerr.strip()[-500:]}
-            final = box.stats()
-            hosts1 = _quiet_hosts(box, (client_host, server_host))
+            hosts1, final = _settled(box, (client_host, server_host))
             res.summary.update(summarize(res.samples, first, final, hosts0, hosts1))
         res.summary["values"] = run.values
         (out / "summary.json").write_text(json.dumps(res.summary, indent=1))
@@ -163,23 +163,30 @@ def run_one(sc: Scenario, run: Run, out: Path, progress=None) -> RunResult:
         topo.destroy()
 
 
-def _quiet_hosts(box, hosts) -> dict:
-    """The hosts' counters at a moment nothing moved between two reads (a
-    late retransmission would otherwise fall between them); after 10 s,
-    the last read."""
+def _settled(box, hosts) -> tuple[dict, dict]:
+    """The hosts' link counters and the box's stats, read at one moment as
+    far as packets go: the hosts quiet over two reads 0.2 s apart (nothing
+    of theirs still in flight to the box), then the box read, then the
+    hosts again, unchanged (nothing sent while the box was read, which it
+    might or might not have counted yet).  Retried until so; after 20 s,
+    the last reads."""
     last = None
 
-    def quiet():
+    def read():
         nonlocal last
         a = {h.netns: link_counts(h.netns, h.ifname) for h in hosts}
         time.sleep(0.2)     # two reads apart in time: what "quiet" means
         b = {h.netns: link_counts(h.netns, h.ifname) for h in hosts}
-        last = b
-        return b if a == b else None
+        if a != b:
+            return None
+        stats = box.stats()
+        c = {h.netns: link_counts(h.netns, h.ifname) for h in hosts}
+        last = (c, stats)
+        return last if c == b else None
     try:
-        return wait_until(quiet, 10, "the hosts' links to go quiet", interval=0.1)
+        return wait_until(read, 20, "the hosts' links to go quiet around a read of the box", interval=0.1)
     except Timeout:
-        return last
+        return last or ({h.netns: link_counts(h.netns, h.ifname) for h in hosts}, box.stats())
 
 
 def summarize(samples: list[dict], first: dict, final: dict, hosts0: dict, hosts1: dict) -> dict:
