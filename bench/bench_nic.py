@@ -8,6 +8,8 @@ bounded by.
   lookup   bare plus what any table-driven NIC pays: the Ethernet, IPv4 and
            TCP headers read, and one hash lookup with the offload table's
            key (40 bytes: zone, addresses, ports, protocol)
+  xdp-bare, xdp-lookup
+           the same two at XDP (an XDP program's test run: no skb)
   hit      the box's slide-9 firewall (ctctl.lab.firewall), a TCP packet of
            an offloaded connection: chain 0, a ct hit with flow counters,
            chain 9, a redirect; answered from the flow cache (the verdict
@@ -70,16 +72,27 @@ from ctctl.rules import RuleSet, parse_filter  # noqa: E402
 from bench_conntrack import tcp_frame  # noqa: E402  (frames built without scapy)
 
 TC_ACT_SHOT, TC_ACT_REDIRECT = 2, 7
+XDP_REDIRECT = 4
 CLIENT, SERVER = bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2])
 # A test run's skb arrives on ifindex 1 (loopback): that is eth5 here.
 PORTS = {"eth5": 1, "eth6": 2}
 SINGLES = 1000        # test runs of one packet each, for the cases that must run so
 CAPS = dict(table_size=1024, window=False, csum=())   # flow counters, no window or checksum validation
-BARE = b"""
-#include <uapi/linux/bpf.h>
-int bare(struct __sk_buff *skb) { return bpf_redirect(2, 0); }
+# BARE and LOOKUP are built for TC, or with -DXDP for XDP: the same code.
+HOOK = b"""
+#ifdef XDP
+#define CTX struct xdp_md
+#define DROP XDP_DROP
+#else
+#define CTX struct __sk_buff
+#define DROP TC_ACT_SHOT
+#endif
 """
-LOOKUP = b"""
+BARE = HOOK + b"""
+#include <uapi/linux/bpf.h>
+int bare(CTX *skb) { return bpf_redirect(2, 0); }
+"""
+LOOKUP = HOOK + b"""
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 #include <uapi/linux/if_ether.h>
@@ -87,7 +100,7 @@ LOOKUP = b"""
 #include <uapi/linux/tcp.h>
 struct key { __u8 src[16]; __u8 dst[16]; __be16 sport; __be16 dport; __u8 l3; __u8 proto; __u16 zone; };
 BPF_HASH(table, struct key, __u32, 1024);
-int lookup(struct __sk_buff *skb) {
+int lookup(CTX *skb) {
     void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
     struct ethhdr *eth = data;
     struct iphdr *ip = data + sizeof(*eth);
@@ -95,7 +108,7 @@ int lookup(struct __sk_buff *skb) {
     struct key k = {};
     __u32 *out;
     if ((void *)(tcp + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
-        return TC_ACT_SHOT;
+        return DROP;
     __builtin_memcpy(k.src, &ip->saddr, 4);
     __builtin_memcpy(k.dst, &ip->daddr, 4);
     k.sport = tcp->source;
@@ -103,7 +116,7 @@ int lookup(struct __sk_buff *skb) {
     k.l3 = 4;
     k.proto = ip->protocol;
     out = table.lookup(&k);
-    return out ? bpf_redirect(*out, 0) : TC_ACT_SHOT;
+    return out ? bpf_redirect(*out, 0) : DROP;
 }
 """
 NAT_RULES = [
@@ -201,18 +214,20 @@ class Case:
 
 
 class Bare:
-    """A program of a few lines (BARE, LOOKUP) on the same frame."""
+    """A program of a few lines (BARE, LOOKUP) on the same frame, at TC or
+    at XDP."""
 
-    def __init__(self, name: str, text: bytes):
+    def __init__(self, name: str, text: bytes, xdp: bool = False):
         import ctypes
 
         from bcc import BPF
 
         self.name = name
-        self.bpf = BPF(text=text)
-        self.fd = self.bpf.load_func(name.encode(), BPF.SCHED_CLS).fd
+        self.expect = XDP_REDIRECT if xdp else TC_ACT_REDIRECT
+        self.bpf = BPF(text=text, cflags=["-DXDP"] if xdp else [])
+        self.fd = self.bpf.load_func(name.removeprefix("xdp-").encode(), BPF.XDP if xdp else BPF.SCHED_CLS).fd
         self.frame = bytes(tcp_frame(CLIENT, SERVER, 40000, 80, 0x10, 1001, 5001, b"x" * 64))
-        if name == "lookup":
+        if name.endswith("lookup"):
             t = self.bpf[b"table"]
             k = t.Key()
             ctypes.memmove(k.src, CLIENT, 4)
@@ -223,7 +238,7 @@ class Bare:
 
     def run(self, repeat: int) -> int:
         opts, _ = prog_test_run(self.fd, self.frame, repeat=repeat)
-        if opts.retval != TC_ACT_REDIRECT:
+        if opts.retval != self.expect:
             raise RuntimeError(f"{self.name}: verdict {opts.retval}")
         return opts.duration
 
@@ -236,6 +251,8 @@ FIREWALL = firewall.rules("eth5", "eth6")
 CASES = {
     "bare": lambda: Bare("bare", BARE),
     "lookup": lambda: Bare("lookup", LOOKUP),
+    "xdp-bare": lambda: Bare("xdp-bare", BARE, xdp=True),
+    "xdp-lookup": lambda: Bare("xdp-lookup", LOOKUP, xdp=True),
     "hit": lambda: Case("hit", FIREWALL),
     "walk": lambda: Case("walk", FIREWALL, flow_cache=False),
     "hit1": lambda: Case("hit1", FIREWALL, single=True),
@@ -286,7 +303,7 @@ def main(argv=None) -> int:
           f"alternating; repeat {args.repeat}, miss, worst and late {args.repeat // 10}; hit1 and nat: the "
           f"median of {SINGLES} test runs of one packet):")
     for k in ns:
-        print(f"  {k:6} {med[k]:7.0f}   {ratio[k]:6.2f}x bare   (runs {min(ns[k])}-{max(ns[k])})")
+        print(f"  {k:10} {med[k]:7.0f}   {ratio[k]:6.2f}x bare   (runs {min(ns[k])}-{max(ns[k])})")
     if "cache_hits" in counters.get("hit", {}):
         h = counters["hit"]
         print(f"  hit: {h['cache_hits']:,} answered from the flow cache, {h['cache_misses']:,} walked")

@@ -5,6 +5,12 @@ paths measured in one run on the same machine and the same topology
 
   bare    a minimal TC-ingress program on both box ports that redirects
           every packet to the other port (bpf_redirect): the limit
+  xdp-bare  the same at XDP, in veth's driver mode: the limit of the hook
+          below the stack (no skb is built on the box's ports).  A veth
+          receives a frame redirected at XDP only into its NAPI, which
+          runs when an XDP program is attached to it (or GRO is on, which
+          the offloads-off runs turn off): the hosts' ends get one that
+          passes everything
   kernel  the kernel's own forwarding: the box is a Linux bridge, with
           br_netfilter sending bridged IPv4 through iptables FORWARD:
           -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT,
@@ -59,7 +65,7 @@ from ctctl.lab.traffic import listening  # noqa: E402
 from ctctl.lab.waiting import wait_until  # noqa: E402
 
 CLIENT, SERVER = "eth5", "eth6"
-PATHS = ("bare", "kernel", "ctctl")
+PATHS = ("bare", "xdp-bare", "kernel", "ctctl")
 TESTS = ("udp", "tcp")
 OFFLOAD_FEATURES = ("tx", "tso", "gso", "gro")
 BASE_PORT = 5201
@@ -75,6 +81,19 @@ int bare_redirect(struct __sk_buff *skb)
 }
 """
 BARE_PRIO = 0xBE7C  # our filter on clsact ingress, unmistakable
+XDP_BARE_PROGRAM = r"""
+#include <uapi/linux/bpf.h>
+
+int bare_redirect(struct xdp_md *ctx)
+{
+	return bpf_redirect(ctx->ingress_ifindex == PORT_A ? PORT_B : PORT_A, 0);
+}
+
+int pass_up(struct xdp_md *ctx)
+{
+	return XDP_PASS;
+}
+"""
 
 
 class BenchError(Exception):
@@ -160,6 +179,57 @@ class Bare:
                         if e.code not in (2, 19, 22):
                             raise
             self.created = []
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
+
+
+class XdpBare:
+    """XDP_BARE_PROGRAM at XDP (driver mode) on both box ports, and an
+    XDP_PASS program on the hosts' ends (see the top of this file)."""
+    name = "xdp-bare"
+    describe = ("BPF redirect bridge at XDP: bpf_redirect to the other port in veth's driver-mode XDP on both "
+                "box ports; XDP_PASS on the hosts' ends (veth receives a redirected frame only in its NAPI)")
+
+    def __init__(self, topo: topology.Topology):
+        self.topo = topo
+        self.bpf = None
+        self.attached: list[tuple[str, str]] = []   # (namespace, device) we attached to
+
+    def _in(self, ns: str, fn) -> None:
+        from pyroute2 import netns as pr_netns
+
+        pr_netns.pushns(ns)
+        try:
+            fn()
+        finally:
+            pr_netns.popns()
+
+    def start(self) -> None:
+        from bcc import BPF
+
+        a, b = (self.topo.port(n).ifindex for n in (CLIENT, SERVER))
+        self.bpf = BPF(text=XDP_BARE_PROGRAM, cflags=[f"-DPORT_A={a}", f"-DPORT_B={b}"])
+        bare = self.bpf.load_func(b"bare_redirect", BPF.XDP)
+        up = self.bpf.load_func(b"pass_up", BPF.XDP)
+        where = [(self.topo.box, p, bare) for p in (CLIENT, SERVER)]
+        where += [(self.topo.port(p).host.netns, self.topo.port(p).host.ifname, up) for p in (CLIENT, SERVER)]
+        for ns, dev, fn in where:
+            self._in(ns, lambda: self.bpf.attach_xdp(dev, fn, BPF.XDP_FLAGS_DRV_MODE))
+            self.attached.append((ns, dev))
+
+    def counters(self) -> dict:
+        return {}
+
+    def stop(self) -> None:
+        from bcc import BPF
+
+        for ns, dev in self.attached:
+            try:
+                self._in(ns, lambda: BPF.remove_xdp(dev, BPF.XDP_FLAGS_DRV_MODE))
+            except Exception as e:      # its namespace gone already: nothing left to remove
+                print(f"bench: removing XDP from {ns}/{dev}: {e}", file=sys.stderr)
+        self.attached = []
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
@@ -267,7 +337,7 @@ class CtctlSoftware(Ctctl):
     offload = {"tcp": "never", "udp": "never", "icmp": "never"}
 
 
-PATH_CLASSES = {c.name: c for c in (Bare, Kernel, Ctctl, CtctlSoftware)}
+PATH_CLASSES = {c.name: c for c in (Bare, XdpBare, Kernel, Ctctl, CtctlSoftware)}
 
 
 # -- traffic --------------------------------------------------------------
@@ -491,7 +561,7 @@ def fmt_ratio(x):
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'path':7} {'test':4} {'offloads':8} {'result':>17} {'x bare':>7} {'x kernel':>8} "
+    lines = [f"{'path':8} {'test':4} {'offloads':8} {'result':>17} {'x bare':>7} {'x kernel':>8} "
              f"{'punted':>10}  notes"]
     for r in sorted(rows, key=lambda r: (r["test"] != "udp", r["offloads"], PATHS.index(r["path"]))):
         if r["value"] is None:
@@ -512,7 +582,7 @@ def table(rows: list[dict]) -> str:
             notes.append(f"median of {r['runs']}")
         if r["errors"]:
             notes.append(f"ERRORS: {len(r['errors'])}")
-        lines.append(f"{r['path']:7} {r['test']:4} {r['offloads']:8} {val:>17} {fmt_ratio(r['x_bare']):>7} "
+        lines.append(f"{r['path']:8} {r['test']:4} {r['offloads']:8} {val:>17} {fmt_ratio(r['x_bare']):>7} "
                      f"{fmt_ratio(r['x_kernel']):>8} {punted:>10}  " + "; ".join(notes))
     return "\n".join(lines)
 
@@ -520,7 +590,7 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=5, help="seconds per iperf3 measurement (default 5)")
-    ap.add_argument("--paths", type=csv(PATHS), default=list(PATHS), help="default bare,kernel,ctctl")
+    ap.add_argument("--paths", type=csv(PATHS), default=list(PATHS), help="default bare,xdp-bare,kernel,ctctl")
     ap.add_argument("--udp-offloads", type=csv(("off", "on")), default=["off"],
                     help="offload settings to measure UDP with: off, on or off,on (default off)")
     ap.add_argument("--tcp-offloads", type=csv(("off", "on")), default=["off", "on"],
