@@ -19,6 +19,10 @@ measured in the same run, alternating:
                      test at a mirred; without it: built with
                      -DCTCTL_NO_TUNNEL), on a box without tunnels: what
                      tunnels cost the packets that do not use them
+  --compare tunnel-port  a VXLAN tunnel declared over the packet's port
+                     (the same program; the driver turns the tunnels cap
+                     on): what a box with tunnels pays for a packet that
+                     is not VXLAN, on the underlay port itself
 
 Every variant but the one feature runs with neither window nor checksum
 validation, so the figures compare with earlier runs of --compare path;
@@ -44,6 +48,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import datetime as dt
 import json
 import shlex
@@ -57,6 +62,7 @@ from ctctl.kernel.conntrack import ConnTracker  # noqa: E402
 from ctctl.kernel.offload import OffloadManager, OffloadPolicy  # noqa: E402
 from ctctl.kernel.packet import parse  # noqa: E402
 from ctctl.lab import firewall  # noqa: E402
+from ctctl.kernel.tunnel import Tunnel  # noqa: E402
 from ctctl.nic.caps import HwCaps  # noqa: E402
 from ctctl.nic.driver import Device  # noqa: E402
 from ctctl.nic.loader import compile_program  # noqa: E402
@@ -82,14 +88,15 @@ class Variant:
     """One build of the program with the slide-9 rules and one offloaded
     TCP connection."""
 
-    def __init__(self, name: str, extra: list[str], **caps_kw):
+    def __init__(self, name: str, extra: list[str], tunnel_port: str | None = None, **caps_kw):
         from bcc import BPF
 
         caps = HwCaps(table_size=1024, **{"window": False, "csum": (), "flow_cache": False, **caps_kw})
         self.name = name
         self.bpf = compile_program(caps.cflags() + extra)
         self.fd = self.bpf.load_func(b"ctctl_ingress", BPF.SCHED_CLS).fd
-        self.dev = Device(Maps(self.bpf), PORTS, caps)
+        tunnels = [Tunnel("vxlan0", tunnel_port, ipaddress.IPv4Address("10.9.0.1"))] if tunnel_port else []
+        self.dev = Device(Maps(self.bpf), PORTS, caps, tunnels=tunnels)
         self.dev.set_caps()
         self.dev.install(RuleSet([parse_filter(line) for line in firewall.rules("eth5", "eth6")]))
         tracker = ConnTracker()
@@ -115,13 +122,14 @@ class Variant:
         self.bpf.cleanup()
 
 
-# --compare: (what, caps with it, caps without it, cflags without it)
+# --compare: (what, caps with it, caps without it, cflags without it[, the port a tunnel is over, with it])
 COMPARE = {
     "path": ("path", {}, {}, ["-DCTCTL_NO_PATH"]),
     "window": ("window validation", {"window": True}, {}, []),
     "csum": ("checksum verification", {"csum": ("ipv4", "l4")}, {}, []),
     "rewrite": ("rewrite code", {}, {}, ["-DCTCTL_NO_REWRITE"]),
     "tunnel": ("tunnel code", {}, {}, ["-DCTCTL_NO_TUNNEL"]),
+    "tunnel-port": ("a tunnel over the port", {}, {}, [], "eth5"),
 }
 
 
@@ -136,8 +144,9 @@ def main(argv=None) -> int:
     started = dt.datetime.now(dt.timezone.utc).astimezone()
     command = ".venv/bin/python bench/bench_hitpath.py" + "".join(
         f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
-    what, on_kw, off_kw, off_flags = COMPARE[args.compare]
-    with_path, without = Variant(f"with {what}", [], **on_kw), Variant(f"without {what}", off_flags, **off_kw)
+    what, on_kw, off_kw, off_flags, *port = COMPARE[args.compare]
+    with_path = Variant(f"with {what}", [], *port, **on_kw)
+    without = Variant(f"without {what}", off_flags, **off_kw)
     try:
         ns = {with_path.name: [], without.name: []}
         for _ in range(args.rounds):

@@ -391,9 +391,13 @@ int ctctl_ingress(struct __sk_buff *skb)
 			if (v != CTCTL_PUNT)
 				return v;
 		}
-		state_reset(st);
-		st->gen = gen;
-		st->in_ifindex = skb->ifindex;
+		/* With tunnels the state was reset before the decap, and a
+		 * cache lookup that punts leaves it so. */
+		if (!(caps & CTCTL_CAP_TUNNELS)) {
+			state_reset(st);
+			st->gen = gen;
+			st->in_ifindex = skb->ifindex;
+		}
 	}
 	if (r != CTCTL_R_NONE) {
 		st->reason = r;

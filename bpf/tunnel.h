@@ -66,6 +66,7 @@ static __always_inline __u8 *tunnel_buf(struct ctctl_state *st)
  */
 static __always_inline int tunnel_decap(struct __sk_buff *skb, struct ctctl_state *st)
 {
+	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
 	__u8 *buf = tunnel_buf(st), *h = buf + 2;
 	struct ctctl_tunnel *t;
 	__u32 tot_len;
@@ -76,6 +77,14 @@ static __always_inline int tunnel_decap(struct __sk_buff *skb, struct ctctl_stat
 	t = tunnel_lookup(skb->ifindex);
 	if (!t || t->port != skb->ifindex)
 		return CTCTL_DECAP_NONE;
+	/* Most of the port's own frames are not IPv4/UDP: told without a
+	 * copy when the headers are in the linear area. */
+	if (data + 24 <= end) {
+		const __u8 *p = data;
+
+		if (p[12] != (ETH_P_IP >> 8) || p[13] != (ETH_P_IP & 0xff) || p[23] != IPPROTO_UDP)
+			return CTCTL_DECAP_NONE;
+	}
 	if (bpf_skb_load_bytes(skb, 0, h, CTCTL_VXLAN_BUF) < 0)
 		return CTCTL_DECAP_NONE;
 	/* IPv4 without options, not a fragment, UDP to the tunnel's address
