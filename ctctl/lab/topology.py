@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from pyroute2 import netns
+from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 
 from ctctl import netns as ctns
 
@@ -122,8 +123,10 @@ def _link(box: str, pname: str, hns: str, i: int) -> Port:
     with ctns.ipr(hns) as ipr:
         hidx = ipr.link_lookup(ifname=HOST_IF)[0]
         ipr.addr("add", index=hidx, address=addr4, prefixlen=SUBNET4.prefixlen)
-        ipr.addr("add", index=hidx, address=addr6, prefixlen=SUBNET6.prefixlen,
-                 flags=0x80)  # IFA_F_NODAD: usable at once
+        # No duplicate address detection: usable at once (a tentative
+        # address is not a source; a connection made before DAD ends went
+        # out from ::1 and hung).
+        ipr.addr("add", index=hidx, address=addr6, prefixlen=SUBNET6.prefixlen, flags=IFA_F_NODAD)
         ipr.link("set", index=hidx, state="up")
         lo = ipr.link_lookup(ifname="lo")[0]
         ipr.link("set", index=lo, state="up")
