@@ -64,7 +64,6 @@ class Controller:
         self.transmitter: Transmitter | None = None
         self.reader: PuntReader | None = None
         self.port_by_ifindex: dict[int, str] = {}
-        self.tunnel_of_port = {t.port: t for t in cfg.tunnels}
         self.started = clock()
         # Software's own counters, next to the program's.
         self.rx = Tally()          # punts received, per ingress port
@@ -147,7 +146,7 @@ class Controller:
         # metadata, never decapsulated again; the VTEP learned as it was.
         in_dev, tunnel = in_port, punt.tunnel()
         if punt.decapsulated:
-            t = self.tunnel_of_port.get(in_port)
+            t = self.pipeline.tunnel_of_port.get(in_port)
             if t is None:
                 self.drops["decap_no_tunnel"] += 1
                 return None

@@ -222,7 +222,7 @@ class Pipeline:
         self.ports = frozenset(ports)
         self.max_hops = max_hops
         self.tunnels = {t.name: t for t in tunnels}
-        self._tunnel_of_port = {t.port: t for t in self.tunnels.values()}
+        self.tunnel_of_port = {t.port: t for t in self.tunnels.values()}   # underlay port -> its tunnel
         self.counters: dict[str, int] = {
             "packets": 0, "output": 0, "pass": 0, "drop": 0,
             "no_match": 0, "goto_loop": 0, "drop_action": 0, "unknown_port": 0,
@@ -248,7 +248,7 @@ class Pipeline:
         """Classify a frame received on `in_dev` (a port, or a tunnel device
         with the frame's `tunnel` metadata), from the start or from `resume`."""
         self.counters["packets"] += 1
-        t = self._tunnel_of_port.get(in_dev)
+        t = self.tunnel_of_port.get(in_dev)
         if t is not None and (resume is None or (resume.chain, resume.rule, resume.action, resume.done)
                               == (0, 0, RESUME_MATCH, Done(0))):
             data = pkt.data if isinstance(pkt, Packet) else pkt

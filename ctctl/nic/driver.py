@@ -18,11 +18,11 @@ from typing import Iterable
 from ctctl import abi
 from ctctl.kernel.conntrack import Conn
 from ctctl.kernel.offload.hw import DeviceError, DeviceIO, EntryStats, Expired, TableSnapshot
+from ctctl.kernel.tunnel import Tunnel
 from ctctl.nic.caps import HwCaps
 from ctctl.nic.encode import SCRATCH_ID, encode_chain, entry_record, flow_entry, hardware_filters, key_tuple
 from ctctl.nic.maps import Maps
 from ctctl.nic.progrun import prog_test_run
-from ctctl.kernel.tunnel import Tunnel
 from ctctl.nic.tunnels import device_ifindex, encap_entry, tunnel_entry
 from ctctl.nic.windows import merge_request, take_back, window_context
 from ctctl.rules import Filter, GotoAction, RuleSet, TunnelKeyAction
@@ -209,12 +209,10 @@ class Device:
                 if port is not None:
                     want[port] = want[device_ifindex(slot)] = tunnel_entry(port, slot, t.local, t.dstport, t.mac)
         written = {k: bytes(v) for k, v in want.items()}
-        if written != self._tunnels_written:
+        changed = written != self._tunnels_written
+        if changed:
             maps.write_tunnels(want)
             self._tunnels_written = written
-            changed = True
-        else:
-            changed = False
         used = {bytes(e) for f in ruleset.filters() for a in f.actions
                 if isinstance(a, TunnelKeyAction) and (e := encap_entry(a)) is not None}
         self._encaps = {k: v for k, v in self._encaps.items() if k in used}

@@ -9,11 +9,10 @@ decode perf_submit_skb samples, hence the ctypes header of ctctl.abi.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import struct
 from dataclasses import dataclass
 from typing import Callable
-
-import ipaddress
 
 from ctctl import abi
 from ctctl.kernel.tunnel import TunnelInfo
