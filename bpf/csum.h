@@ -17,12 +17,13 @@
  *  - a UDP checksum of 0 ("none"), over IPv6 too, as conntrack does.
  *
  * The L4 sum reads the segment in CTCTL_CSUM_CHUNK steps into the state's
- * buffer (bpf_skb_load_bytes: paged data too), at most CTCTL_MAX_PUNT bytes.
+ * buffer (ctx_load: an skb's paged data too), at most CTCTL_MAX_PUNT bytes.
  */
 #ifndef CTCTL_CSUM_H
 #define CTCTL_CSUM_H
 
 #include "ctctl_abi.h"
+#include "hook.h"
 #include "key.h"
 
 #define CTCTL_CSUM_STEPS (CTCTL_MAX_PUNT / CTCTL_CSUM_CHUNK + 1)
@@ -36,11 +37,11 @@ static __always_inline __u32 csum_fold16(__u64 s)
 }
 
 /* The IPv4 header (no options reach here: they punt) sums to 0xffff. */
-static __always_inline int csum_ipv4_ok(struct __sk_buff *skb, const struct ctctl_state *st)
+static __always_inline int csum_ipv4_ok(ctctl_ctx *ctx, const struct ctctl_state *st)
 {
 	__u32 hdr[5];
 
-	if (bpf_skb_load_bytes(skb, st->l3_off, hdr, sizeof(hdr)) < 0)
+	if (ctx_load(ctx, st->l3_off, hdr, sizeof(hdr)) < 0)
 		return 0;
 	return csum_fold16((__u32)bpf_csum_diff(0, 0, hdr, sizeof(hdr), 0)) == 0xffff;
 }
@@ -68,26 +69,15 @@ static __always_inline __u64 csum_pseudo(const struct ctctl_state *st, __u32 l4_
 	return (__u32)bpf_csum_diff(0, 0, (__be32 *)&ph, sizeof(ph), 0);
 }
 
-static __always_inline int csum_l4_ok(struct __sk_buff *skb, struct ctctl_state *st)
+/*
+ * The one's-complement sum of the transport segment [off, end) added to
+ * `sum`; 0 and *out set, or -1 when it cannot be read.
+ */
+static __always_inline int csum_segment(ctctl_ctx *ctx, struct ctctl_state *st, __u32 off,
+					__u32 end, __u64 sum, __u64 *out)
 {
-	__u32 off = st->l4_off, l4_len = st->l3_len - (st->l4_off - st->l3_off);
-	__u32 end = off + l4_len, i;
-	__u16 field;
-	__u64 sum = 0;
+	__u32 i;
 
-	if (st->key.ip_proto != IPPROTO_TCP && st->key.ip_proto != IPPROTO_UDP &&
-	    st->key.ip_proto != IPPROTO_ICMP && st->key.ip_proto != IPPROTO_ICMPV6)
-		return 1;
-	if (bpf_skb_load_bytes(skb, st->csum_off, &field, sizeof(field)) < 0)
-		return 0;
-	if (st->key.ip_proto == IPPROTO_UDP && field == 0)
-		return 1;
-	if (st->csum_pseudo) {
-		sum = csum_pseudo(st, l4_len);
-		/* CHECKSUM_PARTIAL: the field is the folded pseudo-header sum. */
-		if (st->key.ip_proto != IPPROTO_ICMPV6 && field == csum_fold16(sum))
-			return 1;
-	}
 #pragma clang loop unroll(disable)
 	for (i = 0; i < CTCTL_CSUM_STEPS; i++) {
 		__u64 n, m;
@@ -105,15 +95,15 @@ static __always_inline int csum_l4_ok(struct __sk_buff *skb, struct ctctl_state 
 		if (n > CTCTL_CSUM_CHUNK)
 			n = CTCTL_CSUM_CHUNK;
 		if (n == 0)
-			return 0;
+			return -1;
 		/* 1..256 as arithmetic: 6.1's verifier learns no lower bound
 		 * from the test above, and a helper's size must be at least 1. */
 		n = ((n - 1) & (CTCTL_CSUM_CHUNK - 1)) + 1;
 		asm volatile("" : "+r"(n));
 		/* A short last step sums as if padded with zeros (RFC 1071). */
 		st->csum_buf[(n >> 2) & (CTCTL_CSUM_CHUNK / 4 - 1)] = 0;
-		if (bpf_skb_load_bytes(skb, off, st->csum_buf, n) < 0)
-			return 0;
+		if (ctx_load(ctx, off, st->csum_buf, n) < 0)
+			return -1;
 		m = (n + 3) & ~3ULL;
 		if (m > CTCTL_CSUM_CHUNK)
 			m = CTCTL_CSUM_CHUNK;
@@ -121,16 +111,77 @@ static __always_inline int csum_l4_ok(struct __sk_buff *skb, struct ctctl_state 
 		sum += (__u32)bpf_csum_diff(0, 0, st->csum_buf, m, 0);
 		off += n;
 	}
+	*out = sum;
+	return 0;
+}
+
+static __always_inline int csum_l4_ok(ctctl_ctx *ctx, struct ctctl_state *st)
+{
+	__u32 off = st->l4_off, l4_len = st->l3_len - (st->l4_off - st->l3_off);
+	__u16 field;
+	__u64 sum = 0;
+
+	if (st->key.ip_proto != IPPROTO_TCP && st->key.ip_proto != IPPROTO_UDP &&
+	    st->key.ip_proto != IPPROTO_ICMP && st->key.ip_proto != IPPROTO_ICMPV6)
+		return 1;
+	if (ctx_load(ctx, st->csum_off, &field, sizeof(field)) < 0)
+		return 0;
+	if (st->key.ip_proto == IPPROTO_UDP && field == 0)
+		return 1;
+	if (st->csum_pseudo) {
+		sum = csum_pseudo(st, l4_len);
+		/* CHECKSUM_PARTIAL: the field is the folded pseudo-header sum. */
+		if (st->key.ip_proto != IPPROTO_ICMPV6 && field == csum_fold16(sum))
+			return 1;
+	}
+	if (csum_segment(ctx, st, off, off + l4_len, sum, &sum) < 0)
+		return 0;
 	return csum_fold16(sum) == 0xffff;
 }
 
-static __always_inline int csum_ok(struct __sk_buff *skb, struct ctctl_state *st, __u32 caps)
+#ifdef CTCTL_XDP
+/*
+ * At XDP (bpf/hook.h): complete a TCP/UDP checksum its sender left partial,
+ * as the kernel's skb_checksum_help would before a device that cannot.
+ * The field of such a packet holds the folded pseudo-header sum, so the
+ * sum of the segment as it is, field included, is the pseudo-header's plus
+ * the data's: the complete checksum is its complement.  A complete
+ * checksum that happens to equal that sum (1 in 65,536) is recomputed
+ * into itself; a corrupt one (as rare among those) would be made right,
+ * the price of not having the skb's flag.  Runs before anything rewrites
+ * the packet, whose incremental updates assume a complete checksum.
+ * Returns 1 when it completed one, 0 when there was none, -1 on error.
+ */
+static __always_inline int csum_complete_partial(ctctl_ctx *ctx, struct ctctl_state *st)
 {
-	if (skb->gso_size || bpf_csum_level(skb, BPF_CSUM_LEVEL_QUERY) >= 0)
-		return 1;
-	if ((caps & CTCTL_CAP_CSUM_IPV4) && st->l3 == 4 && !csum_ipv4_ok(skb, st))
+	__u32 off = st->l4_off, l4_len = st->l3_len - (st->l4_off - st->l3_off);
+	__u16 field;
+	__u64 sum;
+
+	if (st->key.ip_proto != IPPROTO_TCP && st->key.ip_proto != IPPROTO_UDP)
 		return 0;
-	if ((caps & CTCTL_CAP_CSUM_L4) && !csum_l4_ok(skb, st))
+	if (ctx_load(ctx, st->csum_off, &field, sizeof(field)) < 0)
+		return -1;
+	if (st->key.ip_proto == IPPROTO_UDP && field == 0)
+		return 0;
+	if (field != csum_fold16(csum_pseudo(st, l4_len)))
+		return 0;
+	if (csum_segment(ctx, st, off, off + l4_len, 0, &sum) < 0)
+		return -1;
+	field = ~csum_fold16(sum);
+	if (st->key.ip_proto == IPPROTO_UDP && field == 0)
+		field = 0xffff;
+	return ctx_store(ctx, st->csum_off, &field, sizeof(field)) < 0 ? -1 : 1;
+}
+#endif
+
+static __always_inline int csum_ok(ctctl_ctx *ctx, struct ctctl_state *st, __u32 caps)
+{
+	if (ctx_csum_trusted(ctx))
+		return 1;
+	if ((caps & CTCTL_CAP_CSUM_IPV4) && st->l3 == 4 && !csum_ipv4_ok(ctx, st))
+		return 0;
+	if ((caps & CTCTL_CAP_CSUM_L4) && !csum_l4_ok(ctx, st))
 		return 0;
 	return 1;
 }

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * ctctl's "NIC": a TC-ingress program attached to every port of a box.
+ * ctctl's "NIC": a program attached to every port of a box, at TC ingress
+ * or (built with -DCTCTL_XDP) at XDP: bpf/hook.h is what differs.
  *
  * It parses each packet (bpf/parse.h), runs the offloaded tc chains of its
  * ingress port on it (bpf/rules.h) with the offload table as its conntrack,
@@ -107,6 +108,19 @@ static __always_inline void vtep_learn(const __u8 *addr, const __u8 *mac)
 	vteps.update(&key, &v);
 }
 
+/*
+ * Out of a port of the box: CTCTL_REDIRECT, or at XDP XDP_ABORTED (0, the
+ * flags' low bits) when `ifindex` is not in the devmap of its ports.
+ */
+static __always_inline int port_redirect(__u32 ifindex)
+{
+#ifdef CTCTL_XDP
+	return ports.redirect_map(ifindex, 0);
+#else
+	return bpf_redirect(ifindex, 0);
+#endif
+}
+
 #include "nat.h"
 #include "csum.h"
 #include "rules.h"
@@ -118,20 +132,20 @@ static __always_inline void vtep_learn(const __u8 *addr, const __u8 *mac)
 #define CTCTL_PULL_LEN (18 + 60 + 60)
 
 /* The header is built in the scratch state: the stack has no room for it. */
-static __always_inline int punt(struct __sk_buff *skb, struct ctctl_state *st)
+static __always_inline int punt(ctctl_ctx *ctx, struct ctctl_state *st)
 {
 	struct ctctl_punt_hdr *hdr = &st->punt;
-	__u64 len = skb->len;
+	__u64 len = ctx_len(ctx);
 	int err;
 
 	if (len > CTCTL_MAX_PUNT) {
 		count(CTCTL_C_TOO_BIG, 1);
-		return TC_ACT_SHOT;
+		return CTCTL_SHOT;
 	}
 	__builtin_memset(hdr, 0, sizeof(*hdr));
 	hdr->reason = st->reason;
 	hdr->done = st->done;
-	hdr->ifindex = skb->ifindex;
+	hdr->ifindex = ctx_ifindex(ctx);
 	hdr->pkt_len = len;
 	hdr->chain = st->chain;
 	hdr->rule = st->rule;
@@ -142,10 +156,12 @@ static __always_inline int punt(struct __sk_buff *skb, struct ctctl_state *st)
 	hdr->mark = st->key.ct_mark;
 	__builtin_memcpy(hdr->label, st->key.ct_label, 16);
 	hdr->tstamp_ns = bpf_ktime_get_ns();
-	if (skb->vlan_present) {
-		hdr->vlan_proto = bpf_ntohs(skb->vlan_proto);
-		hdr->vlan_tci = skb->vlan_tci;
+#ifndef CTCTL_XDP
+	if (ctx->vlan_present) {
+		hdr->vlan_proto = bpf_ntohs(ctx->vlan_proto);
+		hdr->vlan_tci = ctx->vlan_tci;
 	}
+#endif
 	if (st->tun.flags) {
 		hdr->tun_id = st->tun.key_id;
 		__builtin_memcpy(hdr->tun_src, st->tun.src, 4);
@@ -158,15 +174,15 @@ static __always_inline int punt(struct __sk_buff *skb, struct ctctl_state *st)
 		__builtin_memcpy(hdr->vtep_mac, st->vtep_mac, 6);
 	}
 	/* BCC rewrites perf_submit_skb into a statement: keep it on its own. */
-	err = punts.perf_submit_skb(skb, len, hdr, sizeof(*hdr));
+	err = punts.perf_submit_skb(ctx, len, hdr, sizeof(*hdr));
 	if (err < 0) {
 		/* Buffer full: the packet is lost, and said so. */
 		count(CTCTL_C_PERF_LOST, 1);
-		return TC_ACT_SHOT;
+		return CTCTL_SHOT;
 	}
 	count(st->reason, 1);
 	count(CTCTL_C_PUNT, 1);
-	return TC_ACT_SHOT;
+	return CTCTL_SHOT;
 }
 
 /*
@@ -203,7 +219,7 @@ static __always_inline int walk_cacheable(const struct ctctl_state *st, __u32 ca
  * since (another connection, a new mark).  Built without it
  * (-DCTCTL_NO_PATH) only to measure that cost.
  */
-static __always_inline void record_flow(struct __sk_buff *skb, struct ctctl_state *st, __u32 caps)
+static __always_inline void record_flow(ctctl_ctx *ctx, struct ctctl_state *st, __u32 caps)
 {
 	const __u64 *now = (const __u64 *)st->path, *had = (const __u64 *)st->ct_flow.path;
 	const __u64 *meta = (const __u64 *)&st->ct_flow.conn_id, *cur;
@@ -211,8 +227,8 @@ static __always_inline void record_flow(struct __sk_buff *skb, struct ctctl_stat
 	struct ctctl_flow *f;
 
 	if (walk_cacheable(st, caps)) {
-		tag = (__u64)st->gen << 32 | skb->ifindex;
-		verdict = (__u64)st->fp_arg << 32 | CTCTL_FP_IFINDEX(skb->ifindex) | st->fp_verdict;
+		tag = (__u64)st->gen << 32 | ctx_ifindex(ctx);
+		verdict = (__u64)st->fp_arg << 32 | CTCTL_FP_IFINDEX(ctx_ifindex(ctx)) | st->fp_verdict;
 		if (st->done & (CTCTL_DONE_SNAT | CTCTL_DONE_DNAT))
 			verdict |= CTCTL_FP_NAT;
 	}
@@ -244,7 +260,7 @@ static __always_inline void record_flow(struct __sk_buff *skb, struct ctctl_stat
  * interpreter three times (815,000 instructions against 243,000, when
  * measured).
  */
-static __always_inline int cached_verdict(struct __sk_buff *skb, const struct ctctl_pkt *p,
+static __always_inline int cached_verdict(ctctl_ctx *ctx, const struct ctctl_pkt *p,
 					  __u32 caps, __u32 gen, struct ctctl_state *st)
 {
 	struct ctctl_tuple *tp = &st->tuple;
@@ -269,9 +285,9 @@ static __always_inline int cached_verdict(struct __sk_buff *skb, const struct ct
 	}
 	tag = f->fp_tag;
 	verdict = f->fp_verdict;
-	if (tag != ((__u64)gen << 32 | skb->ifindex) ||
-	    (verdict & CTCTL_FP_IFINDEX(0xffffff)) != CTCTL_FP_IFINDEX(skb->ifindex)) {
-		count(tag && (__u32)tag == skb->ifindex ? CTCTL_C_CACHE_STALE : CTCTL_C_CACHE_MISS, 1);
+	if (tag != ((__u64)gen << 32 | ctx_ifindex(ctx)) ||
+	    (verdict & CTCTL_FP_IFINDEX(0xffffff)) != CTCTL_FP_IFINDEX(ctx_ifindex(ctx))) {
+		count(tag && (__u32)tag == ctx_ifindex(ctx) ? CTCTL_C_CACHE_STALE : CTCTL_C_CACHE_MISS, 1);
 		return CTCTL_PUNT;
 	}
 	count(CTCTL_C_CACHE_HIT, 1);
@@ -286,9 +302,9 @@ static __always_inline int cached_verdict(struct __sk_buff *skb, const struct ct
 		/* The rewrite needs the parsed packet where bpf/nat.h reads it. */
 		state_reset(st);
 		state_load(st, p);
-		if (nat_apply(skb, st, f) < 0) {
+		if (nat_apply(ctx, st, f) < 0) {
 			count(CTCTL_C_DROP, 1);
-			return TC_ACT_SHOT;
+			return CTCTL_SHOT;
 		}
 		count(CTCTL_C_NAT, 1);
 	}
@@ -303,19 +319,20 @@ static __always_inline int cached_verdict(struct __sk_buff *skb, const struct ct
 		s = rule_stats_lookup(f->path[hop]);
 		if (s) {
 			s->packets++;	/* per-CPU slot */
-			s->bytes += skb->len;
+			s->bytes += ctx_len(ctx);
 		}
 	}
 	switch (verdict & CTCTL_FP_KIND) {
 	case CTCTL_FP_REDIRECT:
 		count(CTCTL_C_REDIRECT, 1);
-		return bpf_redirect(verdict >> 32, 0);
+		/* The walk that cached it redirected to this port: it is one. */
+		return port_redirect(verdict >> 32);
 	case CTCTL_FP_DROP:
 		count(CTCTL_C_DROP, 1);
-		return TC_ACT_SHOT;
+		return CTCTL_SHOT;
 	default:
 		count(CTCTL_C_PASS, 1);
-		return TC_ACT_OK;
+		return CTCTL_OK;
 	}
 }
 
@@ -325,7 +342,7 @@ static __always_inline int decapsulated(const struct ctctl_state *st, __u32 caps
 	return (caps & CTCTL_CAP_TUNNELS) && (st->done & CTCTL_DONE_DECAP);
 }
 
-int ctctl_ingress(struct __sk_buff *skb)
+int ctctl_ingress(ctctl_ctx *ctx)
 {
 	struct ctctl_pkt pkt = {};
 	struct ctctl_hw_config *cfg;
@@ -342,7 +359,7 @@ int ctctl_ingress(struct __sk_buff *skb)
 	 */
 	asm volatile("" : : "r"(&pkt) : "memory");
 	count(CTCTL_C_RX, 1);
-	count(CTCTL_C_RX_BYTES, skb->len);
+	count(CTCTL_C_RX_BYTES, ctx_len(ctx));
 
 	/* The generation first: a verdict this packet caches is from rules
 	 * and caps at least as old as it. */
@@ -353,40 +370,54 @@ int ctctl_ingress(struct __sk_buff *skb)
 	}
 	st = scratch.lookup(&zero);
 	if (!st)
-		return TC_ACT_SHOT;	/* cannot happen: index 0 of a 1-slot array */
+		return CTCTL_SHOT;	/* cannot happen: index 0 of a 1-slot array */
 #ifndef CTCTL_NO_TUNNEL
 	/* A tunnel's frame: decapsulated once, here, before it is parsed. */
 	if (caps & CTCTL_CAP_TUNNELS) {
 		state_reset(st);
 		st->gen = gen;
-		st->in_ifindex = skb->ifindex;
-		r = tunnel_decap(skb, st);
+		st->in_ifindex = ctx_ifindex(ctx);
+		r = tunnel_decap(ctx, st);
 		if (r == CTCTL_DECAP_FAILED) {
 			count(CTCTL_C_DROP, 1);
-			return TC_ACT_SHOT;
+			return CTCTL_SHOT;
 		}
 		if (r > CTCTL_DECAP_DONE) {
 			st->tun.flags = 0;	/* the frame goes whole: software decapsulates */
 			st->reason = r;
-			return punt(skb, st);
+			return punt(ctx, st);
 		}
 	}
 #endif
 
-	/* Non-linear skbs (veth with GRO, for one) may hold headers in frags. */
-	pull = skb->len < CTCTL_PULL_LEN ? skb->len : CTCTL_PULL_LEN;
-	if (skb->data_end - skb->data < pull)
-		bpf_skb_pull_data(skb, pull);
-	c.start = (void *)(long)skb->data;
+	pull = ctx_len(ctx) < CTCTL_PULL_LEN ? ctx_len(ctx) : CTCTL_PULL_LEN;
+	ctx_pull(ctx, pull);
+	c.start = ctx_data(ctx);
 	c.pos = c.start;
-	c.end = (void *)(long)skb->data_end;
-	c.len = skb->len;
-	c.l3_end = skb->len;
+	c.end = ctx_data_end(ctx);
+	c.len = ctx_len(ctx);
+	c.l3_end = ctx_len(ctx);
 	r = parse_packet(&c, &pkt);
+#ifdef CTCTL_XDP
+	/* A checksum left partial, completed before anything reads or
+	 * rewrites the packet, the flow cache included (bpf/hook.h). */
+	if (r == CTCTL_R_NONE && (pkt.proto == IPPROTO_TCP || pkt.proto == IPPROTO_UDP)) {
+		int done;
+
+		state_load(st, &pkt);
+		done = csum_complete_partial(ctx, st);
+		if (done > 0)
+			count(CTCTL_C_CSUM_COMPLETED, 1);
+		if (done < 0) {
+			count(CTCTL_C_DROP, 1);
+			return CTCTL_SHOT;
+		}
+	}
+#endif
 
 	if (!decapsulated(st, caps)) {
 		if (r == CTCTL_R_NONE && (caps & CTCTL_CAP_FLOW_CACHE) && !(caps & CTCTL_CACHE_CAPS)) {
-			int v = cached_verdict(skb, &pkt, caps, gen, st);
+			int v = cached_verdict(ctx, &pkt, caps, gen, st);
 
 			if (v != CTCTL_PUNT)
 				return v;
@@ -396,12 +427,12 @@ int ctctl_ingress(struct __sk_buff *skb)
 		if (!(caps & CTCTL_CAP_TUNNELS)) {
 			state_reset(st);
 			st->gen = gen;
-			st->in_ifindex = skb->ifindex;
+			st->in_ifindex = ctx_ifindex(ctx);
 		}
 	}
 	if (r != CTCTL_R_NONE) {
 		st->reason = r;
-		return punt(skb, st);
+		return punt(ctx, st);
 	}
 	state_load(st, &pkt);
 	/*
@@ -410,21 +441,21 @@ int ctctl_ingress(struct __sk_buff *skb)
 	 * a loop inside the interpreter's loops would be verified once per
 	 * hop and action, far beyond the verifier's budget.
 	 */
-	if ((caps & (CTCTL_CAP_CSUM_IPV4 | CTCTL_CAP_CSUM_L4)) && !csum_ok(skb, st, caps))
+	if ((caps & (CTCTL_CAP_CSUM_IPV4 | CTCTL_CAP_CSUM_L4)) && !csum_ok(ctx, st, caps))
 		st->csum_bad = 1;
 	/* The same for a TCP segment's SACK blocks, which window tracking reads. */
 	if ((caps & CTCTL_CAP_TCP_WINDOW) && pkt.proto == IPPROTO_TCP)
-		tcp_sack_scan(skb, st);
-	r = interpret(skb, st);
+		tcp_sack_scan(ctx, st);
+	r = interpret(ctx, st);
 #ifndef CTCTL_NO_TUNNEL
 	if (r == CTCTL_ENCAP)
-		r = tunnel_encap(skb, st);
+		r = tunnel_encap(ctx, st);
 #endif
 	if (r == CTCTL_PUNT)
-		return punt(skb, st);
+		return punt(ctx, st);
 #ifndef CTCTL_NO_PATH
 	if (st->ct_hit)
-		record_flow(skb, st, caps);
+		record_flow(ctx, st, caps);
 #endif
 	return r;
 }
@@ -529,3 +560,15 @@ int ctctl_window_merge(struct __sk_buff *skb)
 	bpf_spin_unlock(&w->lock);
 	return 1;
 }
+
+#ifdef CTCTL_XDP
+/*
+ * On the peer of each port (ctctl/nic/wire.py): veth hands a frame
+ * redirected at XDP only to a peer that runs NAPI, which it does while
+ * an XDP program is attached there.  This one passes everything up.
+ */
+int ctctl_peer_pass(struct xdp_md *ctx)
+{
+	return XDP_PASS;
+}
+#endif

@@ -49,7 +49,9 @@ enum ctctl_reason {
 	CTCTL_R_ENCAP = 19,		/* mirred to a tunnel device the hardware cannot encapsulate
 					 * for (no metadata, the outer UDP checksum asked for, no MAC
 					 * for the VTEP, GSO, a VLAN tag): software runs that mirred */
-	CTCTL_R_MAX = 20,
+	CTCTL_R_XDP_TARGET = 20,	/* at XDP: mirred to a device that is not a port of the box
+					 * (not in its devmap): software runs that mirred */
+	CTCTL_R_MAX = 21,
 };
 
 /*
@@ -58,7 +60,7 @@ enum ctctl_reason {
  */
 enum ctctl_counter {
 	CTCTL_C_RX = CTCTL_R_MAX,	/* packets seen by the program */
-	CTCTL_C_RX_BYTES,		/* their bytes (skb->len) */
+	CTCTL_C_RX_BYTES,		/* their bytes (the frame's length) */
 	CTCTL_C_PUNT,			/* packets handed to software */
 	CTCTL_C_PERF_LOST,		/* perf_event_output failed: buffer full, packet dropped */
 	CTCTL_C_TOO_BIG,		/* longer than CTCTL_MAX_PUNT: dropped, never truncated */
@@ -81,6 +83,8 @@ enum ctctl_counter {
 	CTCTL_C_CSUM,			/* csum actions the program ran (checksums fixed incrementally) */
 	CTCTL_C_DECAP,			/* VXLAN frames the program decapsulated for a tunnel device */
 	CTCTL_C_ENCAP,			/* packets it encapsulated (mirred to a tunnel device) */
+	CTCTL_C_CSUM_COMPLETED,		/* at XDP: TCP/UDP checksums a local sender left partial,
+					 * completed by the program (bpf/hook.h) */
 	CTCTL_C_MAX,
 };
 

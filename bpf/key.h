@@ -25,6 +25,7 @@
 #include <uapi/linux/bpf.h>
 
 #include "ctctl_abi.h"
+#include "hook.h"
 #include "parse.h"
 
 /* What the data path's steps return for a packet that goes to software

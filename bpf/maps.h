@@ -59,6 +59,17 @@ struct _name##_table_t { \
 __attribute__((section("maps/ringbuf" CTCTL_PIN(_name)))) \
 struct _name##_table_t _name = { .max_entries = ((_pages) * PAGE_SIZE) }
 
+/* BCC's BPF_DEVMAP (its value an ifindex), with the pin in the section. */
+#define CTCTL_DEVMAP(_name, _leaf, _size) \
+struct _name##_table_t { \
+  __u32 key; \
+  _leaf leaf; \
+  __u64 (*redirect_map) (int, int); \
+  __u32 max_entries; \
+}; \
+__attribute__((section("maps/devmap" CTCTL_PIN(_name)))) \
+struct _name##_table_t _name = { .max_entries = (_size) }
+
 /* The offload table's size, declared by the controller (-D at compile time). */
 #ifndef CTCTL_FLOW_TABLE_SIZE
 #define CTCTL_FLOW_TABLE_SIZE 65536
@@ -120,6 +131,18 @@ CTCTL_HASH(tunnels, __u32, struct ctctl_tunnel, 64);
 CTCTL_ARRAY(encaps, struct ctctl_encap, CTCTL_MAX_ENCAPS);
 CTCTL_LRU_HASH(vteps, __u32, struct ctctl_vtep, 4096);
 
+/*
+ * At XDP, the ports a mirred may redirect to (bpf_redirect_map), by
+ * ifindex: the loader writes each port's ifindex at its own slot, from
+ * inside the box's namespace, where the kernel resolves it.
+ */
+#ifdef CTCTL_XDP
+#ifndef CTCTL_PORT_SLOTS
+#define CTCTL_PORT_SLOTS 256
+#endif
+CTCTL_DEVMAP(ports, __u32, CTCTL_PORT_SLOTS);
+#endif
+
 /* The interpreter's per-packet state (bpf/key.h says why it is not on the stack). */
 BPF_PERCPU_ARRAY(scratch, struct ctctl_state, 1);
 
@@ -139,5 +162,6 @@ static __always_inline struct ctctl_tunnel *tunnel_lookup(__u32 ifindex);
 static __always_inline struct ctctl_encap *encap_lookup(__u32 slot);
 static __always_inline struct ctctl_vtep *vtep_lookup(const __u8 *addr);
 static __always_inline void vtep_learn(const __u8 *addr, const __u8 *mac);
+static __always_inline int port_redirect(__u32 ifindex);
 
 #endif /* CTCTL_MAPS_H */

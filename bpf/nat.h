@@ -34,7 +34,7 @@
 #include "key.h"
 
 /* Rewrite one address: `cur` is the key's copy, updated to `to`. */
-static __always_inline int nat_addr(struct __sk_buff *skb, const struct ctctl_state *st,
+static __always_inline int nat_addr(ctctl_ctx *ctx, const struct ctctl_state *st,
 				    __u8 *cur, const __u8 *to, __u32 v4_off, __u32 v6_off)
 {
 	__u64 l4flags = BPF_F_PSEUDO_HDR | st->csum_flags;
@@ -43,57 +43,57 @@ static __always_inline int nat_addr(struct __sk_buff *skb, const struct ctctl_st
 	if (st->l3 == 4) {
 		__u32 from = *(__u32 *)cur, new = *(const __u32 *)to;
 
-		err = bpf_l3_csum_replace(skb, st->l3_off + 10, from, new, 4);
+		err = ctx_l3_csum_replace(ctx, st->l3_off + 10, from, new, 4);
 		if (!err && st->csum_pseudo)
-			err = bpf_l4_csum_replace(skb, st->csum_off, from, new, l4flags | 4);
+			err = ctx_l4_csum_replace(ctx, st->csum_off, from, new, l4flags | 4);
 		if (!err)
-			err = bpf_skb_store_bytes(skb, st->l3_off + v4_off, &new, 4, 0);
+			err = ctx_store(ctx, st->l3_off + v4_off, &new, 4);
 		*(__u32 *)cur = new;
 		return err;
 	}
 	/* IPv6 has no header checksum; its addresses are in every pseudo-header. */
-	err = bpf_l4_csum_replace(skb, st->csum_off, 0,
+	err = ctx_l4_csum_replace(ctx, st->csum_off, 0,
 				  bpf_csum_diff((__be32 *)cur, 16, (__be32 *)to, 16, 0),
 				  l4flags);
 	if (!err)
-		err = bpf_skb_store_bytes(skb, st->l3_off + v6_off, (void *)to, 16, 0);
+		err = ctx_store(ctx, st->l3_off + v6_off, (void *)to, 16);
 	__builtin_memcpy(cur, to, 16);
 	return err;
 }
 
 /* Rewrite the 16-bit transport field at l4_off + off (a port, or the echo id). */
-static __always_inline int nat_port(struct __sk_buff *skb, const struct ctctl_state *st,
+static __always_inline int nat_port(ctctl_ctx *ctx, const struct ctctl_state *st,
 				    __be16 *cur, const __be16 *to, __u32 off)
 {
-	int err = bpf_l4_csum_replace(skb, st->csum_off, *cur, *to, st->csum_flags | 2);
+	int err = ctx_l4_csum_replace(ctx, st->csum_off, *cur, *to, st->csum_flags | 2);
 
 	if (!err)
-		err = bpf_skb_store_bytes(skb, st->l4_off + off, (void *)to, 2, 0);
+		err = ctx_store(ctx, st->l4_off + off, (void *)to, 2);
 	*cur = *to;
 	return err;
 }
 
-static __always_inline int nat_apply(struct __sk_buff *skb, struct ctctl_state *st,
+static __always_inline int nat_apply(ctctl_ctx *ctx, struct ctctl_state *st,
 				     const struct ctctl_flow *f)
 {
 	int err = 0;
 
 	if (f->nat & CTCTL_NAT_SRC) {
-		err = nat_addr(skb, st, st->key.src, f->nat_src, 12, 8);
+		err = nat_addr(ctx, st, st->key.src, f->nat_src, 12, 8);
 		if (!err && st->l4_kind == CTCTL_L4_PORTS)
-			err = nat_port(skb, st, &st->sport, &f->nat_sport, 0);
+			err = nat_port(ctx, st, &st->sport, &f->nat_sport, 0);
 		st->done |= CTCTL_DONE_SNAT;
 	}
 	if (err)
 		return err;
 	if (f->nat & CTCTL_NAT_DST) {
-		err = nat_addr(skb, st, st->key.dst, f->nat_dst, 16, 24);
+		err = nat_addr(ctx, st, st->key.dst, f->nat_dst, 16, 24);
 		if (!err && st->l4_kind == CTCTL_L4_PORTS)
-			err = nat_port(skb, st, &st->dport, &f->nat_dport, 2);
+			err = nat_port(ctx, st, &st->dport, &f->nat_dport, 2);
 		st->done |= CTCTL_DONE_DNAT;
 	}
 	if (!err && st->l4_kind == CTCTL_L4_ECHO && st->sport != f->nat_sport)
-		err = nat_port(skb, st, &st->sport, &f->nat_sport, 4);
+		err = nat_port(ctx, st, &st->sport, &f->nat_sport, 4);
 	return err;
 }
 

@@ -40,23 +40,23 @@
 #include "key.h"
 
 /* Read the rewritten addresses and ports back into the key. */
-static __always_inline int pedit_reload(struct __sk_buff *skb, struct ctctl_state *st)
+static __always_inline int pedit_reload(ctctl_ctx *ctx, struct ctctl_state *st)
 {
 	int err;
 
 	if (st->l3 == 4) {
-		err = bpf_skb_load_bytes(skb, st->l3_off + 12, st->key.src, 4);
+		err = ctx_load(ctx, st->l3_off + 12, st->key.src, 4);
 		if (!err)
-			err = bpf_skb_load_bytes(skb, st->l3_off + 16, st->key.dst, 4);
+			err = ctx_load(ctx, st->l3_off + 16, st->key.dst, 4);
 	} else {
-		err = bpf_skb_load_bytes(skb, st->l3_off + 8, st->key.src, 16);
+		err = ctx_load(ctx, st->l3_off + 8, st->key.src, 16);
 		if (!err)
-			err = bpf_skb_load_bytes(skb, st->l3_off + 24, st->key.dst, 16);
+			err = ctx_load(ctx, st->l3_off + 24, st->key.dst, 16);
 	}
 	if (!err && st->l4_kind == CTCTL_L4_PORTS)
-		err = bpf_skb_load_bytes(skb, st->l4_off, &st->sport, 4);
+		err = ctx_load(ctx, st->l4_off, &st->sport, 4);
 	else if (!err && st->l4_kind == CTCTL_L4_ECHO)
-		err = bpf_skb_load_bytes(skb, st->l4_off + 4, &st->sport, 2);
+		err = ctx_load(ctx, st->l4_off + 4, &st->sport, 2);
 	return err;
 }
 
@@ -107,7 +107,7 @@ static __always_inline __u64 within(__u64 at, __u64 lo, __u64 len)
  * time without a branch (a slot of another action masked into a no-op)
  * 483,445 on 6.18.  docs/offload.md "The verifier".
  */
-static __always_inline int pedit_apply(struct __sk_buff *skb, struct ctctl_state *st,
+static __always_inline int pedit_apply(ctctl_ctx *ctx, struct ctctl_state *st,
 				       const struct ctctl_rule *r, __u32 arg)
 {
 	__u32 first = arg & 0xff, n = (arg >> 8) & 0xff, k;
@@ -128,7 +128,7 @@ static __always_inline int pedit_apply(struct __sk_buff *skb, struct ctctl_state
 			break;
 		key = &r->pedit[i];
 		at = st->hdr_base[key->htype & 3] + key->offset;
-		if (at + 4 > skb->len || bpf_skb_load_bytes(skb, at, &old, 4) < 0) {
+		if (at + 4 > ctx_len(ctx) || ctx_load(ctx, at, &old, 4) < 0) {
 			count(CTCTL_C_PEDIT_SHORT, 1);
 			break;
 		}
@@ -136,7 +136,7 @@ static __always_inline int pedit_apply(struct __sk_buff *skb, struct ctctl_state
 		sel = 0 - (__u32)(key->cmd & 1);
 		v = key->val + (old & sel);
 		new = (old & key->mask) ^ (v & ~key->mask);
-		if (bpf_skb_store_bytes(skb, at, &new, 4, 0) < 0)
+		if (ctx_store(ctx, at, &new, 4) < 0)
 			return -1;
 		d = (__u32)bpf_csum_diff(&old, 4, &new, 4, 0);
 		st->pend_iph += d & (0 - within(at, st->iph_lo, st->iph_len));
@@ -145,7 +145,7 @@ static __always_inline int pedit_apply(struct __sk_buff *skb, struct ctctl_state
 	}
 	st->done |= CTCTL_DONE_PEDIT;
 	count(CTCTL_C_PEDIT, 1);
-	return pedit_reload(skb, st);
+	return pedit_reload(ctx, st);
 }
 
 /* A 64-bit sum of 32-bit partial sums, as the 32-bit one the helpers take. */
@@ -158,7 +158,7 @@ static __always_inline __u32 fold32(__u64 s)
 /* act_csum for the targets in `targets` (enum ctctl_csum_target): the
  * transport's checksum if its protocol is named, the IPv4 header's if
  * CTCTL_CSUMT_IPH is. */
-static __always_inline int csum_apply(struct __sk_buff *skb, struct ctctl_state *st, __u32 targets)
+static __always_inline int csum_apply(ctctl_ctx *ctx, struct ctctl_state *st, __u32 targets)
 {
 	__u32 want;
 	int err = 0;
@@ -176,15 +176,15 @@ static __always_inline int csum_apply(struct __sk_buff *skb, struct ctctl_state 
 	}
 	if (targets & want) {
 		if (st->pend_pseudo && st->csum_pseudo)
-			err = bpf_l4_csum_replace(skb, st->csum_off, 0, fold32(st->pend_pseudo),
+			err = ctx_l4_csum_replace(ctx, st->csum_off, 0, fold32(st->pend_pseudo),
 						  BPF_F_PSEUDO_HDR | st->csum_flags);
 		if (!err && st->pend_l4)
-			err = bpf_l4_csum_replace(skb, st->csum_off, 0, fold32(st->pend_l4), st->csum_flags);
+			err = ctx_l4_csum_replace(ctx, st->csum_off, 0, fold32(st->pend_l4), st->csum_flags);
 		st->pend_pseudo = 0;
 		st->pend_l4 = 0;
 	}
 	if (!err && (targets & CTCTL_CSUMT_IPH) && st->l3 == 4 && st->pend_iph) {
-		err = bpf_l3_csum_replace(skb, st->l3_off + 10, 0, fold32(st->pend_iph), 0);
+		err = ctx_l3_csum_replace(ctx, st->l3_off + 10, 0, fold32(st->pend_iph), 0);
 		st->pend_iph = 0;
 	}
 	count(CTCTL_C_CSUM, 1);

@@ -4,7 +4,7 @@
  * port, run on a parsed packet.
  *
  * Contract: interpret() returns the TC verdict of a packet it finished
- * (TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_OK, with its counter moved), or
+ * (CTCTL_REDIRECT, CTCTL_SHOT, CTCTL_OK: bpf/hook.h's, with its counter moved), or
  * CTCTL_PUNT with st->reason and the resume point (st->chain, st->rule,
  * st->action) set, the ct metadata and st->done as they are at that point,
  * or CTCTL_ENCAP: a mirred to a tunnel device, which the caller
@@ -97,7 +97,7 @@ static __always_inline int ct_invalid(struct ctctl_state *st, const struct ctctl
  * and starts a new one in the other direction.  That is conntrack's, so
  * the program punts (ct_miss) at this action, hit or cached.
  */
-static __always_inline int do_ct(struct __sk_buff *skb, struct ctctl_state *st,
+static __always_inline int do_ct(ctctl_ctx *ctx, struct ctctl_state *st,
 				 const struct ctctl_action *act, __u32 rule, __u32 a)
 {
 	struct ctctl_flow *f;
@@ -189,16 +189,16 @@ static __always_inline int do_ct(struct __sk_buff *skb, struct ctctl_state *st,
 		return CTCTL_CONTINUE;
 nat:
 	/* One place for the rewrite, from the saved copy: verified once. */
-	if (nat_apply(skb, st, &st->ct_flow) < 0) {
+	if (nat_apply(ctx, st, &st->ct_flow) < 0) {
 		count(CTCTL_C_DROP, 1);
-		return TC_ACT_SHOT;
+		return CTCTL_SHOT;
 	}
 	count(CTCTL_C_NAT, 1);
 	st->ct_nat_done = 1;
 	return CTCTL_CONTINUE;
 }
 
-static __always_inline int interpret(struct __sk_buff *skb, struct ctctl_state *st)
+static __always_inline int interpret(ctctl_ctx *ctx, struct ctctl_state *st)
 {
 	__u32 hop;
 
@@ -243,7 +243,7 @@ static __always_inline int interpret(struct __sk_buff *skb, struct ctctl_state *
 			return stop(st, CTCTL_R_NO_MATCH,
 				    n < CTCTL_MAX_RULES ? n : CTCTL_MAX_RULES, CTCTL_RESUME_MATCH);
 		r = &ch->rules[i];
-		count_rule(r, skb->len);
+		count_rule(r, ctx_len(ctx));
 #ifndef CTCTL_NO_PATH
 		st->path[hop] = r->id;	/* hop <= CTCTL_MAX_HOPS < CTCTL_PATH_LEN */
 #endif
@@ -258,9 +258,9 @@ static __always_inline int interpret(struct __sk_buff *skb, struct ctctl_state *
 				/* Off the end of the actions: tc's PIPE, OK at ingress. */
 				count(CTCTL_C_PASS, 1);
 				st->fp_verdict = CTCTL_FP_PASS;
-				return TC_ACT_OK;
+				return CTCTL_OK;
 			case CTCTL_A_CT:
-				ret = do_ct(skb, st, act, i, a);
+				ret = do_ct(ctx, st, act, i, a);
 				if (ret != CTCTL_CONTINUE)
 					return ret;
 				continue;
@@ -273,7 +273,7 @@ static __always_inline int interpret(struct __sk_buff *skb, struct ctctl_state *
 			case CTCTL_A_GOTO:
 				if (st->hops >= CTCTL_MAX_HOPS) {
 					count(CTCTL_C_GOTO_LOOP, 1);
-					return TC_ACT_SHOT;
+					return CTCTL_SHOT;
 				}
 				st->hops++;
 				st->chain = act->arg;
@@ -287,29 +287,32 @@ static __always_inline int interpret(struct __sk_buff *skb, struct ctctl_state *
 					return CTCTL_ENCAP;
 				}
 #endif
+				ret = port_redirect(act->arg);
+				if (ret != CTCTL_REDIRECT)
+					return stop(st, CTCTL_R_XDP_TARGET, i, a);
 				count(CTCTL_C_REDIRECT, 1);
 				st->fp_verdict = CTCTL_FP_REDIRECT;
 				st->fp_arg = act->arg;
-				return bpf_redirect(act->arg, 0);
+				return ret;
 			case CTCTL_A_DROP:
 				count(CTCTL_C_DROP, 1);
 				st->fp_verdict = CTCTL_FP_DROP;
-				return TC_ACT_SHOT;
+				return CTCTL_SHOT;
 			case CTCTL_A_PASS:
 				count(CTCTL_C_PASS, 1);
 				st->fp_verdict = CTCTL_FP_PASS;
-				return TC_ACT_OK;
+				return CTCTL_OK;
 #ifndef CTCTL_NO_REWRITE	/* built without only to measure what they cost */
 			case CTCTL_A_PEDIT:
-				if (pedit_apply(skb, st, r, act->arg) < 0) {
+				if (pedit_apply(ctx, st, r, act->arg) < 0) {
 					count(CTCTL_C_DROP, 1);
-					return TC_ACT_SHOT;
+					return CTCTL_SHOT;
 				}
 				continue;
 			case CTCTL_A_CSUM:
-				if (csum_apply(skb, st, act->arg) < 0) {
+				if (csum_apply(ctx, st, act->arg) < 0) {
 					count(CTCTL_C_DROP, 1);
-					return TC_ACT_SHOT;
+					return CTCTL_SHOT;
 				}
 				continue;
 #endif
@@ -334,13 +337,13 @@ static __always_inline int interpret(struct __sk_buff *skb, struct ctctl_state *
 		}
 		count(CTCTL_C_PASS, 1);
 		st->fp_verdict = CTCTL_FP_PASS;
-		return TC_ACT_OK;
+		return CTCTL_OK;
 next_chain:
 		;
 	}
 	/* Not reached: the hop check above drops first. */
 	count(CTCTL_C_GOTO_LOOP, 1);
-	return TC_ACT_SHOT;
+	return CTCTL_SHOT;
 }
 
 #endif /* CTCTL_RULES_H */

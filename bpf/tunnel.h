@@ -64,18 +64,18 @@ static __always_inline __u8 *tunnel_buf(struct ctctl_state *st)
  * device's ifindex in in_ifindex.  A punt reason when the frame is the
  * tunnel's but stays whole for software.
  */
-static __always_inline int tunnel_decap(struct __sk_buff *skb, struct ctctl_state *st)
+static __always_inline int tunnel_decap(ctctl_ctx *ctx, struct ctctl_state *st)
 {
-	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+	void *data = ctx_data(ctx), *end = ctx_data_end(ctx);
 	__u8 *buf = tunnel_buf(st), *h = buf + 2;
 	struct ctctl_tunnel *t;
 	__u32 tot_len;
 	__u16 inner_eth;
 
-	if (skb->vlan_present || skb->len < CTCTL_VXLAN_BUF)
+	if (ctx_vlan_offloaded(ctx) || ctx_len(ctx) < CTCTL_VXLAN_BUF)
 		return CTCTL_DECAP_NONE;
-	t = tunnel_lookup(skb->ifindex);
-	if (!t || t->port != skb->ifindex)
+	t = tunnel_lookup(ctx_ifindex(ctx));
+	if (!t || t->port != ctx_ifindex(ctx))
 		return CTCTL_DECAP_NONE;
 	/* Most of the port's own frames are not IPv4/UDP: told without a
 	 * copy when the headers are in the linear area. */
@@ -85,7 +85,7 @@ static __always_inline int tunnel_decap(struct __sk_buff *skb, struct ctctl_stat
 		if (p[12] != (ETH_P_IP >> 8) || p[13] != (ETH_P_IP & 0xff) || p[23] != IPPROTO_UDP)
 			return CTCTL_DECAP_NONE;
 	}
-	if (bpf_skb_load_bytes(skb, 0, h, CTCTL_VXLAN_BUF) < 0)
+	if (ctx_load(ctx, 0, h, CTCTL_VXLAN_BUF) < 0)
 		return CTCTL_DECAP_NONE;
 	/* IPv4 without options, not a fragment, UDP to the tunnel's address
 	 * and port, the I flag: anything else is the port's own frame. */
@@ -93,7 +93,7 @@ static __always_inline int tunnel_decap(struct __sk_buff *skb, struct ctctl_stat
 	if (h[12] != (ETH_P_IP >> 8) || h[13] != (ETH_P_IP & 0xff) || h[14] != 0x45 ||
 	    h[23] != IPPROTO_UDP || ((h[20] << 8 | h[21]) & 0x3fff) ||
 	    *(__u32 *)(h + 30) != *(__u32 *)t->local || *(__be16 *)(h + 36) != t->dstport ||
-	    tot_len < CTCTL_VXLAN_BUF - 14 || 14 + tot_len > skb->len || !(h[42] & CTCTL_VXLAN_FLAG_I))
+	    tot_len < CTCTL_VXLAN_BUF - 14 || 14 + tot_len > ctx_len(ctx) || !(h[42] & CTCTL_VXLAN_FLAG_I))
 		return CTCTL_DECAP_NONE;
 	/*
 	 * The tunnel's frame from here.  Software's whole: a GSO packet (the
@@ -103,7 +103,7 @@ static __always_inline int tunnel_decap(struct __sk_buff *skb, struct ctctl_stat
 	 * front would keep).
 	 */
 	inner_eth = (__u16)h[62] << 8 | h[63];
-	if (skb->gso_size || (inner_eth != ETH_P_IP && inner_eth != ETH_P_IPV6) || 14 + tot_len != skb->len)
+	if (ctx_gso(ctx) || (inner_eth != ETH_P_IP && inner_eth != ETH_P_IPV6) || 14 + tot_len != ctx_len(ctx))
 		return CTCTL_R_TUNNEL;
 	st->tun.key_id = (__u32)h[46] << 16 | (__u32)h[47] << 8 | h[48];
 	__builtin_memcpy(st->tun.src, h + 26, 4);
@@ -116,9 +116,9 @@ static __always_inline int tunnel_decap(struct __sk_buff *skb, struct ctctl_stat
 	st->in_ifindex = t->dev;
 	/* The MAC header stays where it is: the 50 bytes after it go, and
 	 * the inner Ethernet header is written over the outer one. */
-	if (bpf_skb_adjust_room(skb, -CTCTL_VXLAN_HLEN, BPF_ADJ_ROOM_MAC, 0) < 0)
+	if (ctx_adjust_mac(ctx, -CTCTL_VXLAN_HLEN) < 0)
 		return CTCTL_R_TUNNEL;
-	if (bpf_skb_store_bytes(skb, 0, h + CTCTL_VXLAN_HLEN, 14, 0) < 0)
+	if (ctx_store(ctx, 0, h + CTCTL_VXLAN_HLEN, 14) < 0)
 		return CTCTL_DECAP_FAILED;
 	st->done = CTCTL_DONE_DECAP;
 	vtep_learn(st->vtep, st->vtep_mac);
@@ -148,12 +148,12 @@ static __always_inline int tunnel_set(struct ctctl_state *st, __u32 slot)
  * first transport word, xor-folded into 49152-65535.  The words are xored
  * as loaded and swapped once: a byte swap commutes with xor.
  */
-static __always_inline __u16 tunnel_sport(struct __sk_buff *skb, const struct ctctl_state *st)
+static __always_inline __u16 tunnel_sport(ctctl_ctx *ctx, const struct ctctl_state *st)
 {
 	const __u32 *s = (const __u32 *)st->key.src, *d = (const __u32 *)st->key.dst;
 	__u32 raw = 0, l4 = 0, h;
 
-	bpf_skb_load_bytes(skb, st->l4_off, &l4, 4);
+	ctx_load(ctx, st->l4_off, &l4, 4);
 	if (st->l3 == 4)
 		raw = s[0] ^ d[0];
 	else
@@ -165,31 +165,31 @@ static __always_inline __u16 tunnel_sport(struct __sk_buff *skb, const struct ct
 
 /*
  * Encapsulate for the tunnel device st->encap_dev and redirect to its
- * port: TC_ACT_REDIRECT, TC_ACT_SHOT when the skb was left half built
+ * port: CTCTL_REDIRECT, CTCTL_SHOT when the packet was left half built
  * (counted), or CTCTL_PUNT with CTCTL_R_ENCAP and the packet untouched.
  * The outer headers are encap()'s: the VTEP's learned MAC, the port's,
  * IPv4 with DF, ID 0, TTL 64, UDP from tunnel_sport() with no checksum.
  * A UDP checksum over the whole inner frame is more than this NIC does:
  * `csum` metadata (tunnel_key's default) goes to software.
  */
-static __always_inline int tunnel_encap(struct __sk_buff *skb, struct ctctl_state *st)
+static __always_inline int tunnel_encap(ctctl_ctx *ctx, struct ctctl_state *st)
 {
 	__u8 *buf = tunnel_buf(st), *h = buf + 2;
 	__u16 *ip = (__u16 *)(buf + 2 + 14);
 	struct ctctl_tunnel *t;
 	struct ctctl_vtep *v;
-	__u32 len = skb->len, sum = 0;
+	__u32 len = ctx_len(ctx), sum = 0;
 	__be16 dport;
 
 	st->reason = CTCTL_R_ENCAP;
 	t = tunnel_lookup(st->encap_dev);
 	if (!t || t->dev != st->encap_dev || (st->tun.flags & (CTCTL_TF_PRESENT | CTCTL_TF_CSUM)) != CTCTL_TF_PRESENT ||
-	    skb->gso_size || skb->vlan_present || st->l3_off != 14)
+	    ctx_gso(ctx) || ctx_vlan_offloaded(ctx) || st->l3_off != 14)
 		return CTCTL_PUNT;
 	v = vtep_lookup(st->tun.dst);
 	if (!v)
 		return CTCTL_PUNT;
-	if (bpf_skb_load_bytes(skb, 0, h + CTCTL_VXLAN_HLEN, 14) < 0)
+	if (ctx_load(ctx, 0, h + CTCTL_VXLAN_HLEN, 14) < 0)
 		return CTCTL_PUNT;
 	__builtin_memcpy(h, v->mac, 6);
 	__builtin_memcpy(h + 6, t->mac, 6);
@@ -209,22 +209,22 @@ static __always_inline int tunnel_encap(struct __sk_buff *skb, struct ctctl_stat
 	sum = (sum & 0xffff) + (sum >> 16);
 	*(__u16 *)(h + 24) = ~sum & 0xffff;
 	dport = st->tun.dport ? st->tun.dport : t->dstport;
-	*(__be16 *)(h + 34) = bpf_htons(tunnel_sport(skb, st));
+	*(__be16 *)(h + 34) = bpf_htons(tunnel_sport(ctx, st));
 	*(__be16 *)(h + 36) = dport;
 	*(__be16 *)(h + 38) = bpf_htons(8 + 8 + len);
 	h[42] = CTCTL_VXLAN_FLAG_I;
 	h[46] = st->tun.key_id >> 16;
 	h[47] = st->tun.key_id >> 8;
 	h[48] = st->tun.key_id;
-	if (bpf_skb_adjust_room(skb, CTCTL_VXLAN_HLEN, BPF_ADJ_ROOM_MAC, 0) < 0)
+	if (ctx_adjust_mac(ctx, CTCTL_VXLAN_HLEN) < 0)
 		return CTCTL_PUNT;	/* longer than the port takes, say: untouched */
-	if (bpf_skb_store_bytes(skb, 0, h, CTCTL_VXLAN_BUF, 0) < 0) {
+	if (ctx_store(ctx, 0, h, CTCTL_VXLAN_BUF) < 0) {
 		count(CTCTL_C_DROP, 1);
-		return TC_ACT_SHOT;
+		return CTCTL_SHOT;
 	}
 	count(CTCTL_C_ENCAP, 1);
 	count(CTCTL_C_REDIRECT, 1);
-	return bpf_redirect(t->port, 0);
+	return port_redirect(t->port);
 }
 
 #endif /* CTCTL_TUNNEL_H */

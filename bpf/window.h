@@ -157,7 +157,7 @@ static __always_inline int window_judge(struct ctctl_tcp_window *w, __u32 dir,
 #define CTCTL_TCPOPT_MAX 40
 #define CTCTL_TCPOPT_SACK 5
 
-static __always_inline void tcp_sack_scan(struct __sk_buff *skb, struct ctctl_state *st)
+static __always_inline void tcp_sack_scan(ctctl_ctx *ctx, struct ctctl_state *st)
 {
 	const __u8 *opt = (const __u8 *)st->csum_buf;
 	__u32 len = st->tcp_hlen - 20, k;
@@ -169,7 +169,7 @@ static __always_inline void tcp_sack_scan(struct __sk_buff *skb, struct ctctl_st
 	 * bound from `len == 0`, and a helper's size must be at least 1. */
 	len = ((len - 1) & 63) + 1;
 	asm volatile("" : "+r"(len));
-	if (bpf_skb_load_bytes(skb, st->l4_off + 20, st->csum_buf, len) < 0)
+	if (ctx_load(ctx, st->l4_off + 20, st->csum_buf, len) < 0)
 		return;
 	st->csum_left = 0;	/* the option's offset, kept in the map between steps */
 #pragma clang loop unroll(disable)

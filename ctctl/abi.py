@@ -45,13 +45,14 @@ class Reason(enum.IntEnum):
     CT_WINDOW = 17
     TUNNEL = 18         # a tunnel's VXLAN frame left whole to software (it decapsulates)
     ENCAP = 19          # mirred to a tunnel device the NIC cannot encapsulate for: resume there
+    XDP_TARGET = 20     # at XDP: mirred to a device that is not one of the box's ports
 
     @property
     def label(self) -> str:
         return self.name.lower()
 
 
-REASON_MAX = 20
+REASON_MAX = 21
 
 
 class Counter(enum.IntEnum):
@@ -82,9 +83,10 @@ class Counter(enum.IntEnum):
     CSUM = REASON_MAX + 21
     DECAP = REASON_MAX + 22
     ENCAP = REASON_MAX + 23
+    CSUM_COMPLETED = REASON_MAX + 24
 
 
-COUNTER_MAX = REASON_MAX + 24
+COUNTER_MAX = REASON_MAX + 25
 
 
 class CtState(enum.IntFlag):
@@ -585,6 +587,7 @@ class MapSpec:
     key: type | None   # None for the perf buffer
     value: type | None
     pinned: bool
+    hook: str | None = None    # only in the program built for this hook (bpf/hook.h)
 
 
 # Every map of the program, by name.  tests/unit/test_abi.py reads
@@ -605,7 +608,14 @@ MAPS = {
     "vteps": MapSpec("CTCTL_LRU_HASH", ctypes.c_uint32, Vtep, True),
     # The hardware's expiry events (ctctl_expiry), read by the driver.
     "expiries": MapSpec("CTCTL_RINGBUF_OUTPUT", None, None, True),
+    # At XDP, the ports a mirred redirects to (a devmap: ifindex -> ifindex).
+    "ports": MapSpec("CTCTL_DEVMAP", ctypes.c_uint32, ctypes.c_uint32, True, hook="xdp"),
     # The interpreter's per-packet state: internal to the program.
     "scratch": MapSpec("BPF_PERCPU_ARRAY", ctypes.c_uint32, None, False),
 }
-PINNED_MAPS = tuple(name for name, m in MAPS.items() if m.pinned)
+PINNED_MAPS = tuple(name for name, m in MAPS.items() if m.pinned and m.hook is None)
+
+
+def pinned_maps(hook: str = "tc") -> tuple[str, ...]:
+    """The maps a box's program pins when built for `hook`."""
+    return PINNED_MAPS + tuple(name for name, m in MAPS.items() if m.pinned and m.hook == hook)

@@ -65,11 +65,18 @@ def box_config(t: topology.Topology, **extra) -> dict:
     return cfg
 
 
-def firewall_config(t: topology.Topology) -> dict:
+@pytest.fixture
+def hook() -> str:
+    """The hook a test's box runs its program at.  A module that runs its
+    tests at both imports helpers.both_hooks, which overrides this."""
+    return "tc"
+
+
+def firewall_config(t: topology.Topology, hook: str = "tc") -> dict:
     """A box running the seed's slide-9 firewall (eth5 client side, eth6 server side)."""
     from ctctl.lab import firewall
 
-    cfg = box_config(t, rules=firewall.rules("eth5", "eth6"))
+    cfg = box_config(t, rules=firewall.rules("eth5", "eth6"), attach=hook)
     del cfg["forward"]
     return cfg
 
@@ -83,9 +90,9 @@ def running(cfg: dict, t: topology.Topology):
 
 
 @pytest.fixture
-def fwbox(topo):
+def fwbox(topo, hook):
     """A running box with the slide-9 firewall, offloading as configured by default."""
-    with running(firewall_config(topo), topo) as b:
+    with running(firewall_config(topo, hook), topo) as b:
         yield b
 
 

@@ -6,8 +6,16 @@ table for the flowtable's tests without root."""
 
 from __future__ import annotations
 
+import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
+
+
+@pytest.fixture(name="hook", params=["tc", "xdp"])
+def both_hooks(request) -> str:
+    """The `hook` fixture of a module whose boxes run at TC ingress and at
+    XDP: `from helpers import both_hooks  # noqa: F401` there."""
+    return request.param
 
 
 class FakeClock:

@@ -116,9 +116,12 @@ def check(old: dict, name: str, netns: str, ports: list[str], program: str,
     else:
         try:
             running = loader.programs_on(netns, ports)
+            on_xdp = loader.xdp_programs_on(netns, ports)
         except FileNotFoundError as e:
             raise LoadError(f"cannot adopt box {name!r}: {e}") from None
-        lost = [a.ifname for a in attached if a.handle not in running.get(a.ifname, [])]
+        lost = [a.ifname for a in attached
+                if (on_xdp.get(a.ifname) != a.prog_id if a.hook == "xdp"
+                    else a.handle not in running.get(a.ifname, []))]
         if lost:
             why = f"its program is no longer attached to {', '.join(lost)}"
     if why:

@@ -3,6 +3,7 @@
     name: demo                 # box name: pins, socket and state file use it
     netns: ctctl-demo-box      # the box's network namespace (must exist)
     ports: [eth5, eth6]        # interfaces in that namespace
+    attach: tc                 # the program's hook: tc (ingress, default) | xdp (driver mode, veth)
     forward: {eth5: eth6, eth6: eth5}   # static port map (software switch)
     perf_pages: 2048            # perf buffer pages per CPU
     aging: {mode: full}         # how offloaded connections die: full | sample | hardware
@@ -31,6 +32,7 @@ KEYS = {
     "name": "box name",
     "netns": "namespace of the box",
     "ports": "list of interfaces",
+    "attach": "the program's hook: tc or xdp",
     "forward": "static port map",
     "rules": "tc filter lines",
     "hardware": "hardware capabilities",
@@ -64,6 +66,7 @@ class BoxConfig:
     eviction: object = None            # ctctl.kernel.offload.eviction.EvictionConfig
     metrics: object = None             # ctctl.box.metrics.MetricsConfig
     port_lost: str = "keep"            # keep | stop
+    attach: str = "tc"                 # tc | xdp (ctctl.nic.loader.HOOKS)
     tunnels: list = field(default_factory=list)   # list[ctctl.kernel.tunnel.Tunnel]
     perf_pages: int = 2048
     # key -> (key node, value node): positions for check_system's errors
@@ -173,6 +176,11 @@ def _settings(path: str, seen: dict, cfg: BoxConfig) -> BoxConfig:
         cfg.port_lost = _scalar(path, n, str, "port_lost")
         if cfg.port_lost not in ("keep", "stop"):
             raise ConfigError(_where(path, n), f"port_lost must be keep or stop, not {cfg.port_lost!r}")
+    if "attach" in seen:
+        n = seen["attach"][1]
+        cfg.attach = _scalar(path, n, str, "attach")
+        if cfg.attach not in ("tc", "xdp"):
+            raise ConfigError(_where(path, n), f"attach must be tc or xdp, not {cfg.attach!r}")
     if "perf_pages" in seen:
         n = seen["perf_pages"][1]
         pages = _scalar(path, n, int, "perf_pages")

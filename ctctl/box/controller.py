@@ -242,7 +242,7 @@ class Controller:
         old = state.read_state(name)
         if old and state.pid_alive(old.get("pid")):
             raise LoadError(f"box {name!r} is already loaded by pid {old['pid']}")
-        cflags = self.cfg.hardware.cflags()
+        cflags = self.cfg.hardware.cflags() + loader.hook_cflags(self.cfg.attach)
         if old and fresh:
             raise LoadError(f"box {name!r} left state behind (pid {old.get('pid')} is gone): "
                             f"run `ctctl unload --name {name}` first (without --fresh, "
@@ -252,7 +252,7 @@ class Controller:
                                    has_rules=self.ruleset is not None)
             dp = Datapath.adopting(name, self.cfg.netns, self.cfg.ports, cflags, attached)
         else:
-            check_ports_free(name, self.cfg.netns, self.cfg.ports)
+            check_ports_free(name, self.cfg.netns, self.cfg.ports, self.cfg.attach)
             dp = Datapath(name, self.cfg.netns, self.cfg.ports, cflags)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         server = watch = None
@@ -360,14 +360,18 @@ class Controller:
                                        self.offload, self.device.rule_id)
 
 
-def check_ports_free(name: str, netns_name: str, ports: list[str]) -> None:
+def check_ports_free(name: str, netns_name: str, ports: list[str], hook: str = "tc") -> None:
     """Refuse, before anything is compiled or attached, to load a box on a
-    port that already runs a ctctl program: a port runs one box, and the
-    clean-up of a refused load must not touch the running one."""
+    port that already runs a ctctl program (or, at XDP, any XDP program):
+    a port runs one box, and the clean-up of a refused load must not touch
+    the running one."""
     try:
         busy = loader.programs_on(netns_name, ports)
+        on_xdp = loader.xdp_programs_on(netns_name, ports)
     except FileNotFoundError as e:    # netns.NoSuchNetns
         raise LoadError(str(e)) from None
+    for port in on_xdp:
+        busy.setdefault(port, [])
     for port, handles in busy.items():
         owner = state.port_owner(netns_name, port)
         if owner is not None:
@@ -378,6 +382,13 @@ def check_ports_free(name: str, netns_name: str, ports: list[str]) -> None:
             raise LoadError(f"port {port!r} of netns {netns_name!r} already runs box {other!r} "
                             f"({how}): a port runs one box; `ctctl unload --name {other}` first, "
                             f"or give box {name!r} other ports")
+        if not handles:
+            if hook != "xdp":
+                continue    # someone's XDP program: a TC box runs after it
+            raise LoadError(f"port {port!r} of netns {netns_name!r} already has an XDP program "
+                            f"(id {on_xdp[port]}) that no loaded box claims: a port runs one at XDP; "
+                            f"`ip netns exec {netns_name} ip link set dev {port} xdp off` removes it, "
+                            "or load the box with attach: tc")
         hs = ", ".join(f"{h:#x}" for h in handles)
         raise LoadError(f"port {port!r} of netns {netns_name!r} already has a ctctl program "
                         f"(tc filter prio {loader.FILTER_PRIO} handle {hs}) that no loaded box claims; "

@@ -32,6 +32,7 @@ def stats(ctl, req: dict) -> dict:
     prog = ctl.dp.maps.counters() if ctl.dp and ctl.dp.maps else [0] * abi.COUNTER_MAX
     return {"stats": {
         "box": ctl.cfg.name,
+        "hook": ctl.cfg.attach,       # where the program runs: tc (ingress) or xdp
         "uptime_s": round(ctl.clock() - ctl.started, 3),
         "program": program_stats(prog),
         "software": {

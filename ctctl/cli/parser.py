@@ -31,6 +31,8 @@ config (YAML; every key but name, netns and ports optional):
   name: lab                       # box name: pins, socket and state file use it
   netns: lab-box                  # the box's namespace (must exist: ctctl topo create)
   ports: [eth5, eth6]             # interfaces in that namespace
+  attach: tc                      # the program's hook: tc (ingress) or xdp (veth's driver mode;
+                                  # each port's peer gets a pass program and VLAN insertion off)
   rules:                          # tc lines, as typed on the command line
     - filter add dev eth5 protocol ip parent ffff: chain 0 flower ct_state -trk action ct action goto chain 9
     - filter add dev eth5 protocol ip parent ffff: chain 9 flower ct_state +trk+est action mirred egress redirect dev eth6

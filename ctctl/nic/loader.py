@@ -1,6 +1,11 @@
-"""Compile the TC-ingress program with BCC, attach it to the ports of a box,
-pin its maps, and take back exactly what was attached (and nothing else:
-a filter is ours by its priority and handle).
+"""Compile the program with BCC, attach it to the ports of a box, pin its
+maps, and take back exactly what was attached (and nothing else: a filter
+is ours by its priority and handle, an XDP program by its id).
+
+A box runs at TC ingress (`attach: tc`, the default: cls_bpf on clsact)
+or at XDP (`attach: xdp`: the same source built with -DCTCTL_XDP, in each
+port's driver-mode XDP, redirecting through the `ports` devmap, with each
+port's veth peer prepared by ctctl.nic.xdp).
 
 A `Datapath` is a context manager: whatever fails half-way, leaving it
 detaches the filters it added, deletes the clsact qdiscs it created (never
@@ -21,16 +26,21 @@ import errno
 import hashlib
 import shutil
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ctctl import abi, netns
+from ctctl.nic import xdp
 from ctctl.nic.maps import Maps
 
 PROGRAM = abi.BPF_DIR / "ctctl.c"
 FUNCTION = b"ctctl_ingress"
+PEER_FUNCTION = b"ctctl_peer_pass"
+HOOKS = ("tc", "xdp")
+# The `ports` devmap's slots (bpf/maps.h): a port's ifindex is its slot.
+PORT_SLOTS = 65536
 PIN_ROOT = Path("/sys/fs/bpf/ctctl")
 
 INGRESS = "ffff:fff2"
@@ -55,6 +65,9 @@ class Attachment:
     ifindex: int
     created_qdisc: bool
     handle: int = LEGACY_HANDLE
+    hook: str = "tc"
+    prog_id: int = 0            # xdp: the program attached to the port (0: not yet)
+    peer: dict | None = None    # xdp: the veth peer as prepared (ctctl.nic.xdp.Peer)
 
 
 def filter_handle(box: str) -> int:
@@ -85,6 +98,29 @@ def programs_on(netns_name: str, ports: list[str]) -> dict[str, list[int]]:
                               and m.get_attr("TCA_KIND") == "bpf"})
             if handles:
                 out[port] = handles
+    return out
+
+
+def hook_cflags(hook: str) -> list[str]:
+    """The -D that builds the program for `hook` (part of its id)."""
+    if hook not in HOOKS:
+        raise LoadError(f"attach must be one of {', '.join(HOOKS)}, not {hook!r}")
+    return ["-DCTCTL_XDP", f"-DCTCTL_PORT_SLOTS={PORT_SLOTS}"] if hook == "xdp" else []
+
+
+def hook_of(cflags: list[str] | None) -> str:
+    return "xdp" if "-DCTCTL_XDP" in (cflags or []) else "tc"
+
+
+def xdp_programs_on(netns_name: str, ports: list[str]) -> dict[str, int]:
+    """The id of the XDP program on each port that has one."""
+    out = {}
+    with netns.ipr(netns_name) as ipr:
+        for port in ports:
+            idx = ipr.link_lookup(ifname=port)
+            pid = xdp.prog_id(ipr, idx[0]) if idx else 0
+            if pid:
+                out[port] = pid
     return out
 
 
@@ -125,17 +161,20 @@ def program_id(extra_cflags: list[str] | None = None) -> str:
 def source_text() -> str:
     """The C source as BCC sees it, for `ctctl load --ebpf`."""
     parts = []
-    for name in ("ctctl_abi.h", "parse.h", "key.h", "maps.h", "nat.h", "rules.h", "ctctl.c"):
+    for name in ("ctctl_abi.h", "hook.h", "parse.h", "key.h", "maps.h", "csum.h", "nat.h", "pedit.h",
+                 "tunnel.h", "window.h", "rules.h", "ctctl.c"):
         parts.append(f"/* ---- bpf/{name} ---- */\n" + (abi.BPF_DIR / name).read_text())
     return "\n".join(parts)
 
 
 class Datapath:
-    """The program attached to clsact ingress of `ports` inside `netns`."""
+    """The program attached to `ports` inside `netns`, at the hook its
+    cflags build it for (hook_cflags())."""
 
     def __init__(self, name: str, netns_name: str, ports: list[str], cflags: list[str] | None = None):
         self.name = name
-        self.cflags = list(cflags or [])     # the sizes of the maps (HwCaps.cflags())
+        self.cflags = list(cflags or [])     # the maps' sizes (HwCaps.cflags()) and the hook
+        self.hook = hook_of(self.cflags)
         self.netns = netns_name
         self.handle = filter_handle(name)
         self.ports = list(ports)
@@ -172,7 +211,7 @@ class Datapath:
         adopting); attaching is a separate step so that the caller can open
         the perf buffer first and lose no packet."""
         if self._adopt is not None:
-            missing = Maps.missing_pins(self.pin_dir)
+            missing = Maps.missing_pins(self.pin_dir, self.hook)
             if missing:
                 raise LoadError(f"cannot adopt box {self.name!r}: its pinned maps {', '.join(missing)} "
                                 f"are gone from {self.pin_dir}")
@@ -217,10 +256,45 @@ class Datapath:
             return bytes.fromhex(ipr.get_links(idx[0])[0].get_attr("IFLA_ADDRESS").replace(":", ""))
 
     def attach(self) -> None:
+        if self.hook == "xdp":
+            self._attach_xdp()
+            return
         fn = self.bpf.load_func(FUNCTION, self.bpf.SCHED_CLS)
         with netns.ipr(self.netns) as ipr:
             for port in self.ports:
                 self._attach(ipr, port, fn)
+
+    def _attach_xdp(self) -> None:
+        """Every port in the devmap first (a frame may go to any of them as
+        soon as one port runs the program), then port by port: its peer
+        prepared, the program attached.  Each step is recorded before it is
+        taken, so that a failure takes back exactly what was done."""
+        import ctypes
+
+        fn = self.bpf.load_func(FUNCTION, self.bpf.XDP)
+        peer_fn = self.bpf.load_func(PEER_FUNCTION, self.bpf.XDP)
+        idx = self.ifindexes()
+        for port, i in idx.items():
+            if i >= PORT_SLOTS:
+                raise LoadError(f"port {port!r}: ifindex {i} is beyond the {PORT_SLOTS} slots of the "
+                                "ports devmap")
+        # The kernel resolves a devmap's ifindex in the writer's namespace:
+        # written from outside the box's, it would name another device.
+        with netns.inside(self.netns):
+            for i in idx.values():
+                self.bpf[b"ports"][ctypes.c_int(i)] = ctypes.c_int(i)
+        with netns.ipr(self.netns) as ipr:
+            for port in self.ports:
+                att = Attachment(port, idx[port], False, handle=0, hook="xdp")
+                try:
+                    peer = xdp.find_peer(ipr, self.netns, idx[port])
+                    att.peer = asdict(peer)
+                    self.attached.append(att)
+                    xdp.prepare_peer(peer, peer_fn.fd)
+                    att.peer = asdict(peer)
+                    att.prog_id = xdp.attach(ipr, idx[port], fn.fd)
+                except xdp.XdpError as e:
+                    raise LoadError(f"port {port!r}: cannot attach at XDP: {e}") from None
 
     def _attach(self, ipr, port: str, fn) -> None:
         idx = ipr.link_lookup(ifname=port)
@@ -271,9 +345,10 @@ def unpin(pin_dir: Path) -> None:
 
 def detach(netns_name: str, attached: list[Attachment]) -> list[str]:
     """Remove our filter (prio and handle: ours, nobody else's) from each
-    port, and the clsact qdisc where we created it.  Returns the problems
-    met; a port or namespace that vanished meanwhile is not one, and a
-    namespace that is gone is never created again by looking into it."""
+    port, and the clsact qdisc where we created it; at XDP, our program
+    (by its id) and what we changed on the port's peer.  Returns the
+    problems met; a port or namespace that vanished meanwhile is not one,
+    and a namespace that is gone is never created again by looking into it."""
     problems = []
     try:
         ipr = netns.ipr(netns_name)
@@ -284,6 +359,12 @@ def detach(netns_name: str, attached: list[Attachment]) -> list[str]:
     with ipr:
         for att in attached:
             if not ipr.link_lookup(index=att.ifindex):
+                continue
+            if att.hook == "xdp":
+                try:
+                    xdp.detach(ipr, att.ifindex, att.prog_id)
+                except NetlinkError as e:
+                    problems.append(f"{att.ifname}: remove the XDP program: {e}")
                 continue
             if att.handle:
                 try:
@@ -305,6 +386,11 @@ def detach(netns_name: str, attached: list[Attachment]) -> list[str]:
                 except NetlinkError as e:
                     if e.code not in (2, 22):
                         problems.append(f"{att.ifname}: del clsact: {e}")
+    # The peers once no port redirects to them (a veth pair goes with
+    # its namespace: a peer that is gone is not a problem).
+    for att in attached:
+        if att.hook == "xdp" and att.peer:
+            problems += xdp.restore_peer(xdp.Peer(**att.peer))
     return problems
 
 

@@ -87,10 +87,10 @@ class Maps:
 
     # -- the program as a whole -------------------------------------------------
     @staticmethod
-    def missing_pins(pin_dir: Path) -> list[str]:
-        """The pinned maps (abi.PINNED_MAPS) absent from pin_dir.  BCC pins
-        them when it compiles the program with CTCTL_PIN_DIR (bpf/maps.h)."""
-        return [name for name in abi.PINNED_MAPS if not (pin_dir / name).exists()]
+    def missing_pins(pin_dir: Path, hook: str = "tc") -> list[str]:
+        """The pinned maps (abi.pinned_maps(hook)) absent from pin_dir.  BCC
+        pins them when it compiles the program with CTCTL_PIN_DIR (bpf/maps.h)."""
+        return [name for name in abi.pinned_maps(hook) if not (pin_dir / name).exists()]
 
     def counters(self) -> list[int]:
         """The program's counter slots, summed over CPUs."""
@@ -434,6 +434,7 @@ def program_stats(counters: list[int]) -> dict:
         "window_invalid": counters[c.WINDOW_INVALID],
         "window_ignored": counters[c.WINDOW_IGNORED],
         "csum_invalid": counters[c.CSUM_INVALID],
+        "csum_completed": counters[c.CSUM_COMPLETED],    # at XDP: partial checksums completed
         "rewrites": {"pedit": counters[c.PEDIT], "pedit_short": counters[c.PEDIT_SHORT],
                      "csum": counters[c.CSUM]},
         "tunnels": {"decapsulated": counters[c.DECAP], "encapsulated": counters[c.ENCAP]},

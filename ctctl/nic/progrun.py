@@ -81,6 +81,21 @@ class SkBuff(ctypes.Structure):
     ]
 
 
+class XdpMd(ctypes.Structure):
+    """struct xdp_md, the context an XDP test run may take: data 0,
+    data_end the frame's length, and an ingress device whose receive
+    queue is registered for XDP (one with an XDP program attached)."""
+
+    _fields_ = [
+        ("data", ctypes.c_uint32),
+        ("data_end", ctypes.c_uint32),
+        ("data_meta", ctypes.c_uint32),
+        ("ingress_ifindex", ctypes.c_uint32),
+        ("rx_queue_index", ctypes.c_uint32),
+        ("egress_ifindex", ctypes.c_uint32),
+    ]
+
+
 class Refused(OSError):
     """The kernel refused the test run (the program never ran)."""
 
@@ -95,11 +110,12 @@ def _test_run_fn():
 
 
 def prog_test_run(prog_fd: int, frame: bytes, repeat: int = 1, ifindex: int | None = None,
-             out_size: int = 0) -> tuple[BpfTestRunOpts, bytes]:
+                  out_size: int = 0, xdp: bool = False) -> tuple[BpfTestRunOpts, bytes]:
     """One BPF_PROG_TEST_RUN: the filled-in opts (retval of the last run,
     average duration) and, with `out_size`, the packet the program left
     (data_out).  With `ifindex` (a device of the calling thread's
-    namespace) the skb comes from that device.  Raises Refused when the
+    namespace) the packet comes from that device.  `xdp`: the program is
+    an XDP one (its context is struct xdp_md).  Raises Refused when the
     kernel does not run it."""
     data = ctypes.create_string_buffer(bytes(frame), len(frame))
     opts = BpfTestRunOpts(sz=ctypes.sizeof(BpfTestRunOpts), data_in=ctypes.cast(data, ctypes.c_void_p),
@@ -109,7 +125,7 @@ def prog_test_run(prog_fd: int, frame: bytes, repeat: int = 1, ifindex: int | No
         opts.data_out = ctypes.cast(out, ctypes.c_void_p)
         opts.data_size_out = out_size
     if ifindex is not None:
-        ctx = SkBuff(ifindex=ifindex)
+        ctx = XdpMd(data_end=len(frame), ingress_ifindex=ifindex) if xdp else SkBuff(ifindex=ifindex)
         opts.ctx_in = ctypes.cast(ctypes.pointer(ctx), ctypes.c_void_p)
         opts.ctx_size_in = ctypes.sizeof(ctx)
     rc = _test_run_fn()(prog_fd, ctypes.byref(opts))

@@ -8,7 +8,8 @@ connections established in a real ConnTracker, some with SNAT or DNAT,
 and offloaded with Device.add_flow(conn, direction)), every packet is run
 
 - through the compiled program (BPF_PROG_TEST_RUN, on the real ingress
-  ifindex of a port of a real namespace), and
+  ifindex of a port of a real namespace), built for TC ingress and for
+  XDP (the module runs once per hook: the hook must not matter), and
 - through the software pipeline from the start (the reference),
 
 and the two must agree:
@@ -70,9 +71,8 @@ from ctctl.nic.maps import Maps
 from ctctl.rules import RuleSet, RuleSyntaxError, parse_filter
 
 from helpers import FakeClock  # noqa: E402
-from testrun import TC_ACT_OK, TC_ACT_SHOT, Harness, in_a_box
+from testrun import Harness, in_a_box
 
-TC_ACT_REDIRECT = 7
 SEED = int(os.environ.get("CTCTL_EQ_SEED", "5"))
 RULESETS = int(os.environ.get("CTCTL_EQ_RULESETS", "12"))
 PACKETS = int(os.environ.get("CTCTL_EQ_PACKETS", "120"))
@@ -115,9 +115,9 @@ class Env:
     ifindex: dict[str, int]
 
 
-@pytest.fixture(scope="module")
-def env():
-    with in_a_box("ctctl-eq", OutHarness) as (topo, bpf, h, ifindex):
+@pytest.fixture(scope="module", params=["tc", "xdp"])
+def env(request):
+    with in_a_box("ctctl-eq", OutHarness, request.param) as (topo, bpf, h, ifindex):
         yield Env(topo, bpf, h, ifindex)
 
 
@@ -473,7 +473,6 @@ def tunnel_packet(rng: random.Random, conns: list[ConnSpec]) -> tuple[bytes, str
 # ---------------------------------------------------------------------------
 # One world: rules, tracker, flows; each packet checked
 
-FINAL = {TC_ACT_REDIRECT: "output", TC_ACT_SHOT: "drop", TC_ACT_OK: "pass"}
 
 
 def _stopper(r: abi.Rule) -> int:
@@ -570,7 +569,7 @@ class World:
                 self._count("punt_after_pedit")
             if p.decapsulated:
                 self._count("punt_after_decap")
-            if len(punts) != 1 or retval != TC_ACT_SHOT:
+            if len(punts) != 1 or retval != self.env.h.shot:
                 problem = f"{len(punts)} punts, retval {retval}"
             else:
                 # As the controller resumes it: a decapsulated packet is the
@@ -586,7 +585,7 @@ class World:
                                f"done {h.done} hops {h.hops}): resumed -> {res} "
                                f"{_diff(got[2], want[2])}; from the start -> {full}")
         else:
-            kind = FINAL.get(retval)
+            kind = self.env.h.verdict(retval)
             self._count(f"hw_{kind}")
             output = None
             if kind == "output":
@@ -833,7 +832,7 @@ def test_install_ids_counters_and_stale_chains(env):
             [(env.ifindex["eth5"], 0, 2), (env.ifindex["eth5"], 4, 0)]  # goto target: empty chain
         udp = bytes(eth(IP(src=A4[0], dst=A4[1]) / UDP(sport=1, dport=2)))
         tcp = bytes(eth(IP(src=A4[0], dst=A4[1]) / TCP(sport=1, dport=2)))
-        assert env.h.run_out(udp, env.ifindex["eth5"])[0] == TC_ACT_SHOT
+        assert env.h.run_out(udp, env.ifindex["eth5"])[0] == env.h.shot
         ra, rb = dev.rule_id(rs.chain("eth5", 0)[0]), dev.rule_id(rs.chain("eth5", 0)[1])
         _, _, punts = env.h.run_out(tcp, env.ifindex["eth5"])  # b, then no rule in chain 4
         assert [p.reason for p in punts] == [abi.Reason.NO_MATCH]
@@ -871,7 +870,7 @@ def test_flows_add_remove_read(env):
     try:
         frame = c.frame(0)
         for _ in range(3):
-            assert env.h.run_out(frame, env.ifindex["eth5"])[0] == TC_ACT_REDIRECT
+            assert env.h.verdict(env.h.run_out(frame, env.ifindex["eth5"])[0]) == "output"
         flows = dev.read_flows()
         assert len(flows) == 2 and flows[keys[0]].packets == 3 and flows[keys[1]].packets == 0
         gone = dev.remove_flow(keys[0])

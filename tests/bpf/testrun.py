@@ -31,6 +31,10 @@ from ctctl.nic.punts import Punt, PuntReader
 
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2
+# A finished packet's verdict, by hook (bpf/hook.h's CTCTL_REDIRECT, _SHOT, _OK).
+VERDICTS = {"tc": {7: "output", TC_ACT_SHOT: "drop", TC_ACT_OK: "pass"},
+            "xdp": {4: "output", 1: "drop", 2: "pass"}}
+SHOT = {"tc": TC_ACT_SHOT, "xdp": 1}
 
 # Frame sizes BPF_PROG_TEST_RUN accepts for a SCHED_CLS program (see above).
 MIN_FRAME = 14
@@ -79,15 +83,22 @@ def expected_counters(frame_len: int, reason: abi.Reason | None) -> dict[str, in
 
 
 class Harness:
-    """The compiled program `bpf`, its loaded SCHED_CLS function `fn`, and
-    its perf buffer, open for as long as this object lives."""
+    """The compiled program `bpf`, its loaded function `fn` (SCHED_CLS, or
+    XDP for `hook` xdp), and its perf buffer, open for as long as this
+    object lives."""
 
-    def __init__(self, bpf, fn):
+    def __init__(self, bpf, fn, hook: str = "tc"):
         self.bpf = bpf
         self.fn = fn
+        self.hook = hook
+        self.shot = SHOT[hook]
         self._got: list[Punt] = []
         self.reader = PuntReader(bpf, self._got.append, page_cnt=64)
         self._table = bpf[b"counters"]
+
+    def verdict(self, retval: int) -> str | None:
+        """output, drop or pass: what a finished packet's retval means."""
+        return VERDICTS[self.hook].get(retval)
 
     def counters(self) -> list[int]:
         """Every counter slot, summed over CPUs."""
@@ -126,7 +137,8 @@ class Harness:
         (retval, duration) and, with `out_size`, the packet the program
         left (data_out).  Raises Refused when the kernel does not run it."""
         try:
-            return prog_test_run(self.fn.fd, frame, repeat=repeat, ifindex=ifindex, out_size=out_size)
+            return prog_test_run(self.fn.fd, frame, repeat=repeat, ifindex=ifindex, out_size=out_size,
+                                 xdp=self.hook == "xdp")
         except Refused:
             # The kernel may still have run the program: what it counted
             # and sent is not this caller's to leave for the next run.
@@ -148,25 +160,42 @@ def compiled(caps):
 
 
 @contextmanager
-def in_a_box(tag: str, harness=Harness):
+def in_a_box(tag: str, harness=Harness, hook: str = "tc"):
     """The program on real ports, for a module's fixture: a topology
-    (box namespace with eth5 and eth6), the program compiled with default
-    caps and a `harness` on it, this thread inside the box (test runs name
-    a port by its ifindex there).  Gives (topology, bpf, harness,
-    {port: ifindex}); everything is removed after."""
+    (box namespace with eth5 and eth6), the program compiled for `hook`
+    with default caps and a `harness` on it, this thread inside the box
+    (test runs name a port by its ifindex there).  At XDP the ports carry
+    the peers' pass program (an XDP test run's ingress device must have
+    its receive queue registered for XDP, which an attached program does)
+    and are in the devmap.  Gives (topology, bpf, harness, {port:
+    ifindex}); everything is removed after."""
+    import ctypes
+
     from pyroute2 import netns as pr_netns
 
+    from ctctl import netns
     from ctctl.lab import topology
-    from ctctl.nic.loader import FUNCTION, compile_program
+    from ctctl.nic import xdp
+    from ctctl.nic.loader import FUNCTION, PEER_FUNCTION, compile_program, hook_cflags
 
     topo = topology.build(topology.unique_tag(tag), ["eth5", "eth6"], ["client", "server"])
     bpf = None
     try:
-        bpf = compile_program()
-        h = harness(bpf, bpf.load_func(FUNCTION, bpf.SCHED_CLS))
+        bpf = compile_program(hook_cflags(hook))
+        kind = bpf.XDP if hook == "xdp" else bpf.SCHED_CLS
+        h = harness(bpf, bpf.load_func(FUNCTION, kind), hook)
+        ifindex = {p.name: p.ifindex for p in topo.ports}
+        if hook == "xdp":
+            up = bpf.load_func(PEER_FUNCTION, bpf.XDP)
+            with netns.ipr(topo.box) as ipr:
+                for i in ifindex.values():
+                    xdp.attach(ipr, i, up.fd)
         pr_netns.pushns(topo.box)
         try:
-            yield topo, bpf, h, {p.name: p.ifindex for p in topo.ports}
+            if hook == "xdp":
+                for i in ifindex.values():
+                    bpf[b"ports"][ctypes.c_int(i)] = ctypes.c_int(i)
+            yield topo, bpf, h, ifindex
         finally:
             pr_netns.popns()
     finally:

@@ -15,6 +15,7 @@ import pytest
 from ctctl.lab import firewall, traffic
 
 from tcct import TcBox, Unavailable
+from helpers import both_hooks  # noqa: F401  (the ctctl boxes run at TC and at XDP)
 
 CTCTL = [sys.executable, "-m", "ctctl"]
 
@@ -68,10 +69,14 @@ def ping_and_udp_pass(b, hits):
     assert h[("ip", "+trk+new")] >= 1 and h[("ipv6", "+trk+est")] >= 2, h
 
 
-def test_client_may_open_server_may_not_replies_pass(fwbox):
+def test_client_may_open_server_may_not_replies_pass(fwbox, hook):
     b = fwbox
     client_may_open_server_may_not(b, lambda dev: chain9_hits(b, dev))
     assert b.stats()["pipeline"]["no_match"] >= 1
+    # Where the program runs, as `ctctl stats` says it.
+    assert b.stats()["hook"] == hook
+    where = {"tc": "program at TC ingress", "xdp": "program at XDP (driver mode)"}[hook]
+    assert where in ctctl(b, "stats").stdout.splitlines()[0]
     # The connection went through the tracker and was committed.
     conns = b.request("conntrack")["lines"]
     assert any(l.startswith("tcp") and "dport=5001" in l and "[ASSURED]" in l for l in conns), conns
@@ -83,6 +88,7 @@ def test_act_ct_reference_client_may_open_server_may_not(tcfw):
     assert any(l.startswith("tcp") and "dport=5001" in l and "[ASSURED]" in l for l in b.conntrack())
 
 
+@pytest.mark.vm
 def test_ping_v4_v6_and_udp_through_the_firewall(fwbox):
     b = fwbox
     ping_and_udp_pass(b, lambda dev: chain9_hits(b, dev))

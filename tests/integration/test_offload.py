@@ -8,6 +8,7 @@ import subprocess
 from ctctl.lab import traffic
 
 from accounting import assert_software_saw_only_setup_and_teardown, conn_line_and_id, directions, ignored
+from helpers import both_hooks  # noqa: F401  (every box here runs at TC and at XDP)
 
 
 def count_rule(ns: str, spec: list[str]) -> None:

@@ -17,10 +17,11 @@ import pytest
 import yaml
 
 from conftest import firewall_config, running, tc_filters
+from ctctl import netns
 from ctctl.box import state as boxstate
 from ctctl.lab.topology import ns_exec, ns_popen
 from ctctl.lab.waiting import wait_until
-from ctctl.nic import loader
+from ctctl.nic import loader, xdp
 from ctctl.nic.maps import program_stats, read_pinned_counters
 
 from accounting import conn_line_and_id, directions
@@ -53,12 +54,29 @@ def pinned_program(name: str) -> dict:
     return program_stats(read_pinned_counters(loader.PIN_ROOT / name))
 
 
+def attached(topo, hook: str) -> dict:
+    """What is attached where, as the kernel shows it: the ports' tc
+    filters, or at XDP the program ids on the ports and on their peers and
+    the peers' VLAN insertion (which the loader turns off)."""
+    if hook == "tc":
+        return {p: tc_filters(topo.box, p) for p in ("eth5", "eth6")}
+    out = loader.xdp_programs_on(topo.box, ["eth5", "eth6"])
+    for h in (p.host for p in topo.ports):
+        with netns.ipr(h.netns) as ipr:
+            out[h.netns] = xdp.prog_id(ipr, ipr.link_lookup(ifname=h.ifname)[0])
+        r = ns_exec(h.netns, "ethtool", "-k", h.ifname, capture_output=True, text=True, check=True)
+        out[h.netns, "vlan"] = [l for l in r.stdout.splitlines() if "vlan-hw-insert" in l]
+    return out
+
+
 # The NIC's own aging (a timer in the controller, as a NIC's firmware) starts
-# again in the new controller, over the adopted connections.
-@pytest.mark.parametrize("aging", ["full", "hardware"])
-def test_kill_9_mid_transfer_then_load_adopts_the_running_box(topo, tmp_path, aging):
+# again in the new controller, over the adopted connections; and a box at
+# XDP is adopted as one at TC.
+@pytest.mark.parametrize("aging, hook", [("full", "tc"), ("hardware", "tc"), ("full", "xdp")])
+def test_kill_9_mid_transfer_then_load_adopts_the_running_box(topo, tmp_path, aging, hook):
     quiet_hosts(topo)
-    cfg = firewall_config(topo)
+    before = attached(topo, hook)
+    cfg = firewall_config(topo, hook)
     if aging == "hardware":
         cfg.update(hardware={"hw_aging": True}, aging={"mode": "hardware", "hw_interval": 0.2})
     c, s = topo.port("eth5").host, topo.port("eth6").host
@@ -95,12 +113,14 @@ def test_kill_9_mid_transfer_then_load_adopts_the_running_box(topo, tmp_path, ag
                 "a packet of the offloaded stream was punted while no controller ran"
 
             # `ctctl load` again: adopted, nothing detached or re-attached.
-            filters = {p: tc_filters(topo.box, p) for p in ("eth5", "eth6")}
+            filters = attached(topo, hook)
+            assert filters != before
             with running(cfg, topo) as second:
                 assert f"adopted the running program of pid {dead}" in second.log(), second.log()
                 st = second.stats()
                 assert st["adopted"]["adopted"] == 1 and st["adopted"]["pid"] == dead, st["adopted"]
-                assert {p: tc_filters(topo.box, p) for p in filters} == filters
+                assert st["hook"] == hook
+                assert attached(topo, hook) == filters
                 assert (st["program"]["punted"], st["program"]["perf_lost"]) == (prog0["punted"], prog0["perf_lost"])
                 again = _hw_line(second)
                 assert again is not None and conn_line_and_id(second, "tcp", PORT)[1] == conn_id, (line, again)
@@ -130,6 +150,8 @@ def test_kill_9_mid_transfer_then_load_adopts_the_running_box(topo, tmp_path, ag
                 assert [p for p, _ in directions(ct_line)] == sent, (ct_line, sent)
                 assert [host1[h.netns]["rx"] - host0[h.netns]["rx"] for h in (s, c)] == sent
             assert boxstate.read_state(cfg["name"]) is None
+            # Unloaded: the ports and their peers as they were before.
+            assert attached(topo, hook) == before
         finally:
             for p in (sender, sink):
                 if p is not None and p.poll() is None:

@@ -33,6 +33,7 @@ from ctctl.lab.topology import ns_exec
 from capture import checksums_ok, transfer
 from conftest import box_config
 from tcct import TcBox, Unavailable
+from helpers import both_hooks  # noqa: F401  (the ctctl box runs at TC and at XDP)
 
 NAT_ADDR = "192.0.2.100"
 PORT = 5001
@@ -73,8 +74,8 @@ def _server_answers_the_nat_address(topo):
 
 
 @pytest.fixture
-def natbox(topo):
-    cfg = box_config(topo, rules=slide20_rules(), hardware={"ct_label_match": False})
+def natbox(topo, hook):
+    cfg = box_config(topo, rules=slide20_rules(), hardware={"ct_label_match": False}, attach=hook)
     del cfg["forward"]
     client, server = _server_answers_the_nat_address(topo)
     with BoxProcess(cfg) as b:

@@ -109,13 +109,14 @@ def test_maps_match_maps_h():
         if macro in ("CTCTL_PERF_OUTPUT", "CTCTL_RINGBUF_OUTPUT"):
             assert spec.key is None and spec.value is None, name
             continue
-        # *_HASH(name, key, value, size); the arrays' keys are u32 indexes.
+        # *_HASH(name, key, value, size); the arrays' (and the devmap's) keys are u32 indexes.
         key, value = (args[0], args[1]) if macro.endswith("_HASH") else ("__u32", args[0])
         assert _c_type(key) is spec.key, name
         if spec.value is None:
             assert name == "scratch" and not spec.pinned   # program-internal state
         else:
             assert _c_type(value) is spec.value, name
+    assert abi.pinned_maps("xdp") == abi.PINNED_MAPS + ("ports",)
     assert abi.PINNED_MAPS == ("punts", "counters", "chains", "flows", "rule_stats", "hw_config",
                                "aging_config", "aging_slots", "windows", "window_merges", "tunnels", "encaps", "vteps",
                                "expiries")

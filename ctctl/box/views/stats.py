@@ -19,6 +19,8 @@ def format_stats(s: dict) -> str:
     prog = s["program"]
     head = f"box {s['box']}, up {s['uptime_s']:.1f} s" if "uptime_s" in s else \
         f"box {s['box']}, controller not running (pinned counters)"
+    if s.get("hook"):
+        head += f", program at {'XDP (driver mode)' if s['hook'] == 'xdp' else 'TC ingress'}"
     out = [head,
            f"program:  rx {prog['rx_packets']} packets ({human_bytes(prog['rx_bytes'])}), "
            f"punted {prog['punted']}, perf_lost {prog['perf_lost']}, too_big {prog['too_big']}"]
@@ -27,6 +29,9 @@ def format_stats(s: dict) -> str:
         looked = sum(fc.values())
         out.append(f"flow cache: {fc['hits']} hits, {fc['misses']} misses, {fc['stale']} stale "
                    f"(walked again after a rule or caps change); {fc['hits'] / looked:.1%} of lookups hit")
+    if prog.get("csum_completed"):
+        out.append(f"at XDP: {prog['csum_completed']} partial checksums completed (a local sender's, "
+                   "which no receiver completes after a redirect)")
     judged = {k: prog.get(k, 0) for k in ("window_invalid", "window_ignored", "csum_invalid")}
     if any(judged.values()):
         out.append(f"judged in hardware: {judged['window_invalid']} outside the TCP window, "
