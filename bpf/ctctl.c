@@ -402,10 +402,8 @@ int ctctl_ingress(ctctl_ctx *ctx)
 	/* A checksum left partial, completed before anything reads or
 	 * rewrites the packet, the flow cache included (bpf/hook.h). */
 	if (r == CTCTL_R_NONE && (pkt.proto == IPPROTO_TCP || pkt.proto == IPPROTO_UDP)) {
-		int done;
+		int done = csum_complete_partial(ctx, &pkt, st);
 
-		state_load(st, &pkt);
-		done = csum_complete_partial(ctx, st);
 		if (done > 0)
 			count(CTCTL_C_CSUM_COMPLETED, 1);
 		if (done < 0) {
