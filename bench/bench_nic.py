@@ -32,18 +32,34 @@ bounded by.
   late     the same shape, every rule that does not match differing from
            the packet only in the last word compared: the worst case of a
            matcher that stops at the first differing word
+  xdp-hit, xdp-walk, xdp-hit1, xdp-nat, xdp-miss, xdp-worst, xdp-late
+           the same seven with the program built for XDP (`attach: xdp`,
+           ctctl.nic.loader.hook_cflags("xdp")): an XDP test run (no skb),
+           redirecting through the `ports` devmap (the XDP_REDIRECT
+           verdict; a test run sends nothing), and checking each TCP/UDP
+           packet for a partial checksum to complete, as the XDP build does
 
 Each case is one build of the program on the same frame; the rounds
 alternate the cases, and the figure is each case's median over the rounds,
-with its ratio to bare's.  Connections are set up through the tracker and
-offloaded by the flowtable through the driver, as in a box.
+with its ratio to bare's; an XDP case also with its ratio to xdp-bare's
+(its own hook's floor) and to the same case at TC.  The printout puts each
+case's TC and XDP builds side by side.  Connections are set up through the
+tracker and offloaded by the flowtable through the driver, as in a box.
 
-Needs root and BCC.  About a minute.
+A test run without a context takes its packet from the loopback device:
+ifindex 1, which is eth5 here, at either hook.  At XDP a redirect looks
+its port up in the devmap, whose entries the kernel resolves to devices
+when they are written: eth6 is a veth port of a box namespace the bench
+makes (ctctl.lab.topology) and removes at the end.
+
+Needs root and BCC.  One to two minutes, most of it the 14 compiles of the
+program (7 with --cases of one hook).
 
 examples:
   sudo .venv/bin/python bench/bench_nic.py
   sudo .venv/bin/python bench/bench_nic.py --rounds 30 --repeat 200000
   sudo .venv/bin/python bench/bench_nic.py --cases bare,hit,walk
+  sudo .venv/bin/python bench/bench_nic.py --cases hit,xdp-hit,miss,xdp-miss
 """
 
 from __future__ import annotations
@@ -54,7 +70,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from common import ROOT, machine, start_run, write_results  # noqa: E402  (bench/ is the script's own directory)
+from common import ROOT, machine, start_run, unwind_on_signals, write_results  # noqa: E402  (bench/ is the script's own directory)
 sys.path.insert(0, str(ROOT))
 
 from ctctl import abi  # noqa: E402
@@ -72,7 +88,10 @@ from ctctl.rules import RuleSet, parse_filter  # noqa: E402
 from bench_conntrack import tcp_frame  # noqa: E402  (frames built without scapy)
 
 TC_ACT_SHOT, TC_ACT_REDIRECT = 2, 7
-XDP_REDIRECT = 4
+XDP_DROP, XDP_REDIRECT = 1, 4
+# A case's verdicts by hook: the packet out of a port, the packet punted.
+REDIRECT = {"tc": TC_ACT_REDIRECT, "xdp": XDP_REDIRECT}
+SHOT = {"tc": TC_ACT_SHOT, "xdp": XDP_DROP}
 CLIENT, SERVER = bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2])
 # A test run's skb arrives on ifindex 1 (loopback): that is eth5 here.
 PORTS = {"eth5": 1, "eth6": 2}
@@ -155,18 +174,56 @@ def worst_late_rules() -> list[str]:
     return _nine_chains(lambda i: f"ip_proto udp src_ip {src} dst_ip {dst} ct_mark 0 ct_label 0/0x{'f' * 32}")
 
 
+class Wire:
+    """At XDP, a device for the devmap to hold as eth6: the port of a box
+    namespace (ctctl.lab.topology), made once for every XDP case and
+    removed at the end.  eth5 is the loopback, as for the test run."""
+
+    def __init__(self):
+        from ctctl.lab import topology
+
+        self.topo = topology.build(topology.unique_tag("ctnic"), ["eth6"], ["server"])
+        self.ports = {"eth5": 1, "eth6": self.topo.port("eth6").ifindex}
+
+    def fill(self, bpf) -> None:
+        """The program's `ports` devmap: each port its own slot, written
+        from inside the box namespace (where the ifindexes are)."""
+        import ctypes
+
+        from ctctl import netns
+
+        with netns.inside(self.topo.box):
+            for i in self.ports.values():
+                bpf[b"ports"][ctypes.c_int(i)] = ctypes.c_int(i)
+
+    def close(self) -> None:
+        self.topo.destroy()
+
+
 class Case:
-    """One build of the program, its rules and maps, and the frame it runs."""
+    """One build of the program, its rules and maps, and the frame it runs;
+    `hook` xdp: built for XDP, its devmap filled by `wire`."""
 
     def __init__(self, name: str, rules: list[str], offload: bool = True, nat: NatSpec | None = None,
-                 expect: int = TC_ACT_REDIRECT, single: bool = False, **caps_over):
+                 punt: bool = False, single: bool = False, hook: str = "tc", wire: Wire | None = None,
+                 **caps_over):
         from bcc import BPF
 
-        self.name, self.expect, self.single = name, expect, single
+        self.name, self.single, self.hook = name, single, hook
+        self.expect = (SHOT if punt else REDIRECT)[hook]
         caps = HwCaps(**CAPS, **caps_over)
-        self.bpf = compile_program(caps.cflags())
-        self.fd = self.bpf.load_func(b"ctctl_ingress", BPF.SCHED_CLS).fd
-        self.dev = Device(Maps(self.bpf), PORTS, caps)
+        cflags = caps.cflags()
+        if hook == "xdp":   # imported here: a checkout without XDP still runs the TC cases
+            from ctctl.nic.loader import hook_cflags
+
+            cflags += hook_cflags(hook)
+        self.bpf = compile_program(cflags)
+        self.fd = self.bpf.load_func(b"ctctl_ingress", BPF.XDP if hook == "xdp" else BPF.SCHED_CLS).fd
+        ports = PORTS
+        if hook == "xdp":
+            wire.fill(self.bpf)
+            ports = wire.ports
+        self.dev = Device(Maps(self.bpf), ports, caps)
         self.dev.set_caps()
         self.dev.install(RuleSet([parse_filter(line) for line in rules]))
         self.lost = 0
@@ -194,17 +251,20 @@ class Case:
         return self._run(repeat)
 
     def _run(self, repeat: int) -> int:
+        # No context (no ifindex): the packet comes from the loopback at
+        # either hook, and prog_test_run's xdp= (which shapes a context)
+        # is not needed.
         opts, _ = prog_test_run(self.fd, self.frame, repeat=repeat)
         if opts.retval != self.expect:
             raise RuntimeError(f"{self.name}: verdict {opts.retval}, not {self.expect}")
-        if self.expect == TC_ACT_SHOT:
+        if self.expect == SHOT[self.hook]:
             self.bpf.perf_buffer_poll(timeout=0)
         return opts.duration
 
     def counters(self) -> dict:
         c = self.dev.maps.counters()
         slots = {"rx": "RX", "punted": "PUNT", "perf_lost": "PERF_LOST",
-                 "cache_hits": "CACHE_HIT", "cache_misses": "CACHE_MISS"}
+                 "cache_hits": "CACHE_HIT", "cache_misses": "CACHE_MISS", "csum_completed": "CSUM_COMPLETED"}
         # By name, skipping what the tree has not: this file also measures
         # a checkout from before the flow cache (before/after runs).
         return {k: c[abi.Counter[n]] for k, n in slots.items() if n in abi.Counter.__members__}
@@ -247,20 +307,50 @@ class Bare:
 
 
 FIREWALL = firewall.rules("eth5", "eth6")
-# Each case, built when asked for (the order is the rounds' order).
-CASES = {
-    "bare": lambda: Bare("bare", BARE),
-    "lookup": lambda: Bare("lookup", LOOKUP),
-    "xdp-bare": lambda: Bare("xdp-bare", BARE, xdp=True),
-    "xdp-lookup": lambda: Bare("xdp-lookup", LOOKUP, xdp=True),
-    "hit": lambda: Case("hit", FIREWALL),
-    "walk": lambda: Case("walk", FIREWALL, flow_cache=False),
-    "hit1": lambda: Case("hit1", FIREWALL, single=True),
-    "nat": lambda: Case("nat", NAT_RULES, nat=NatSpec("src", "192.0.2.100"), single=True),
-    "miss": lambda: Case("miss", FIREWALL, offload=False, expect=TC_ACT_SHOT),
-    "worst": lambda: Case("worst", worst_rules(), offload=False),
-    "late": lambda: Case("late", worst_late_rules(), offload=False),
+# The program's cases: (name, its arguments to Case); each is built for TC
+# as `name` and for XDP as `xdp-name`.
+PROGRAM_CASES = {
+    "hit": lambda: dict(rules=FIREWALL),
+    "walk": lambda: dict(rules=FIREWALL, flow_cache=False),
+    "hit1": lambda: dict(rules=FIREWALL, single=True),
+    "nat": lambda: dict(rules=NAT_RULES, nat=NatSpec("src", "192.0.2.100"), single=True),
+    "miss": lambda: dict(rules=FIREWALL, offload=False, punt=True),
+    "worst": lambda: dict(rules=worst_rules(), offload=False),
+    "late": lambda: dict(rules=worst_late_rules(), offload=False),
 }
+# Each case, built when asked for (the order is the rounds' order); a
+# program case at XDP gets the run's Wire.
+CASES = {
+    "bare": lambda wire: Bare("bare", BARE),
+    "lookup": lambda wire: Bare("lookup", LOOKUP),
+    "xdp-bare": lambda wire: Bare("xdp-bare", BARE, xdp=True),
+    "xdp-lookup": lambda wire: Bare("xdp-lookup", LOOKUP, xdp=True),
+    **{n: (lambda wire, n=n, kw=kw: Case(n, **kw())) for n, kw in PROGRAM_CASES.items()},
+    **{f"xdp-{n}": (lambda wire, n=n, kw=kw: Case(f"xdp-{n}", hook="xdp", wire=wire, **kw()))
+       for n, kw in PROGRAM_CASES.items()},
+}
+
+
+def base(name: str) -> str:
+    """A case's name at TC (xdp-hit -> hit)."""
+    return name.removeprefix("xdp-")
+
+
+def side_by_side(names: list[str], ns: dict, med: dict, out=print) -> None:
+    """One line per case: TC ns/packet and its ratio to bare, XDP ns/packet
+    and its ratio to xdp-bare, and XDP/TC, where measured."""
+    def cell(k, floor):
+        if k not in med:
+            return f"{'-':>7} {'':>10} {'':>13}"
+        x = f"{med[k] / med[floor]:.2f}x" if floor in med else "-"
+        return f"{med[k]:7.0f} {x:>10} {f'({min(ns[k])}-{max(ns[k])})':>13}"
+    out(f"  {'':10} {'TC ingress':^32} {'XDP':^32}".rstrip())
+    out(f"  {'case':10} {'ns':>7} {'x bare':>10} {'(runs)':>13} {'ns':>7} {'x xdp-bare':>10} {'(runs)':>13} "
+        f"{'XDP/TC':>7}")
+    for b in dict.fromkeys(base(n) for n in names):
+        x = f"xdp-{b}"
+        both = f"{med[x] / med[b]:7.2f}" if b in med and x in med else f"{'-':>7}"
+        out(f"  {b:10} {cell(b, 'bare')} {cell(x, 'xdp-bare')} {both}")
 
 
 def main(argv=None) -> int:
@@ -269,47 +359,66 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=100_000, help="packets per measurement (default 100000; "
                     "the miss and the worst case run a tenth of it)")
     ap.add_argument("--cases", default=",".join(CASES),
-                    help=f"comma-separated, bare always included (default: all of {', '.join(CASES)})")
+                    help=f"comma-separated, bare always included, and xdp-bare with any xdp- case "
+                         f"(default: all of {', '.join(CASES)})")
     ap.add_argument("--output", help="JSON file (default bench/results/nic-<date>-<time>.json)")
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.repeat < 10:
         ap.error("--rounds >= 1 and --repeat >= 10")
     names = ["bare"] + [n for n in args.cases.split(",") if n and n != "bare"]
+    if any(n.startswith("xdp-") for n in names) and "xdp-bare" not in names:
+        names.insert(1, "xdp-bare")
     unknown = [n for n in names if n not in CASES]
     if unknown:
         ap.error(f"unknown case {', '.join(unknown)} (expected {', '.join(CASES)})")
+    unwind_on_signals()     # the XDP cases' namespaces go also on SIGTERM
     started, _load0, command = start_run("bench_nic.py", argv)
     cases = []
-    repeat = {"miss": args.repeat // 10, "worst": args.repeat // 10, "late": args.repeat // 10,
-              "hit1": SINGLES, "nat": SINGLES}
+    wire = None
+    repeat = {n: r for b, r in {"miss": args.repeat // 10, "worst": args.repeat // 10, "late": args.repeat // 10,
+                                "hit1": SINGLES, "nat": SINGLES}.items() for n in (b, f"xdp-{b}")}
     try:
+        if any(base(n) in PROGRAM_CASES and n.startswith("xdp-") for n in names):
+            wire = Wire()
         for n in names:
-            cases.append(CASES[n]())
+            cases.append(CASES[n](wire))
         ns = {c.name: [] for c in cases}
         for _ in range(args.rounds):
             for c in cases:
                 ns[c.name].append(c.run(repeat.get(c.name, args.repeat)))
-        counters = {c.name: c.counters() for c in cases if c.name in ("hit", "miss")}
+        counters = {c.name: c.counters() for c in cases if base(c.name) in ("hit", "miss")}
     finally:
         for c in cases:
             c.close()
+        if wire is not None:
+            wire.close()
     med = {k: statistics.median(v) for k, v in ns.items()}
     ratio = {k: round(v / med["bare"], 2) for k, v in med.items()}
+    # An XDP case against its own hook's floor, and against the same case at TC.
+    ratio_hook = {k: round(v / med["xdp-bare"], 2) for k, v in med.items() if k.startswith("xdp-")}
+    xdp_over_tc = {base(k): round(v / med[base(k)], 2) for k, v in med.items()
+                   if k.startswith("xdp-") and base(k) in med}
     doc = {"benchmark": "nic", "date": started.isoformat(timespec="seconds"), "command": command,
            "machine": machine(), "repeat": args.repeat, "repeat_by_case": repeat, "rounds": args.rounds,
            "caps": {k: list(v) if isinstance(v, tuple) else v for k, v in CAPS.items()},
-           "ns_per_packet": ns, "median_ns": med, "ratio_to_bare": ratio, "counters": counters}
+           "ns_per_packet": ns, "median_ns": med, "ratio_to_bare": ratio,
+           "ratio_to_xdp_bare": ratio_hook, "xdp_over_tc": xdp_over_tc, "counters": counters}
     print(f"the NIC program, ns/packet (BPF_PROG_TEST_RUN, medians of {args.rounds} rounds, the cases "
           f"alternating; repeat {args.repeat}, miss, worst and late {args.repeat // 10}; hit1 and nat: the "
-          f"median of {SINGLES} test runs of one packet):")
-    for k in ns:
-        print(f"  {k:10} {med[k]:7.0f}   {ratio[k]:6.2f}x bare   (runs {min(ns[k])}-{max(ns[k])})")
-    if "cache_hits" in counters.get("hit", {}):
-        h = counters["hit"]
-        print(f"  hit: {h['cache_hits']:,} answered from the flow cache, {h['cache_misses']:,} walked")
-    if "miss" in counters:
-        m = counters["miss"]
-        print(f"  miss: {m['punted']:,} punted, {m['perf_lost']:,} lost to a full perf buffer")
+          f"median of {SINGLES} test runs of one packet), each case at TC ingress and at XDP:")
+    side_by_side(names, ns, med)
+    for k in ("hit", "xdp-hit"):
+        if "cache_hits" in counters.get(k, {}):
+            h = counters[k]
+            print(f"  {k}: {h['cache_hits']:,} answered from the flow cache, {h['cache_misses']:,} walked")
+    for k in ("miss", "xdp-miss"):
+        if k in counters:
+            m = counters[k]
+            print(f"  {k}: {m['punted']:,} punted, {m['perf_lost']:,} lost to a full perf buffer")
+    done = {k: c["csum_completed"] for k, c in counters.items() if k.startswith("xdp-") and "csum_completed" in c}
+    if done:
+        print("  partial checksums completed at XDP (none expected: the frames' checksums are whole): "
+              + ", ".join(f"{k} {v:,}" for k, v in done.items()))
     write_results(doc, Path(args.output) if args.output else None, "nic", started, command)
     return 0
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Throughput of a box between a client and a server namespace, three data
+"""Throughput of a box between a client and a server namespace, five data
 paths measured in one run on the same machine and the same topology
 (ctctl.lab.topology: client [eth0] -- eth5 [box] eth6 -- [eth0] server):
 
@@ -20,6 +20,13 @@ paths measured in one run on the same machine and the same topology
           connections are offloaded to the program once offload exists.
           The program's punt count during each measurement is reported, so
           a reader sees whether the packets went through software.
+  ctctl-xdp  the same with `attach: xdp` in the box's config: the same
+          program built for XDP (-DCTCTL_XDP), in veth's driver mode on both
+          box ports.  The loader gives the hosts' ends their XDP_PASS
+          program itself (xdp-bare's reason), so the bench adds none.
+          Besides the punts, the partial checksums the program completed
+          (csum_completed) are reported: with offloads on the hosts send
+          CHECKSUM_PARTIAL, which nothing completes after an XDP redirect.
 
 Traffic is made by iperf3, client to server, one sender:
   udp  64-byte UDP payloads (106-byte frames) at -b 0 (as fast as the
@@ -32,13 +39,17 @@ on).  "on" turns tx/tso/gso/gro back on on all four ends for
 every path alike (64 KB GSO packets then cross the box).  By default UDP is
 measured with offloads off and TCP with both.
 
-Results: a table (ratios to bare, and ctctl/kernel) and a JSON file under
-bench/results/.  Needs root, BCC, iperf3, iptables, ethtool.
+Results: a table (ratios to bare, to xdp-bare and to kernel; an XDP path's
+ratio to the same path at TC: xdp-bare/bare, ctctl-xdp/ctctl), the ratios
+ctctl/kernel, xdp-bare/bare, ctctl-xdp/xdp-bare and ctctl-xdp/ctctl once
+more under it, and a JSON file under bench/results/.  Needs root, BCC,
+iperf3, iptables, ethtool.
 
 examples:
-  .venv/bin/python bench/bench_offload.py                      # about a minute
+  .venv/bin/python bench/bench_offload.py                      # about two and a half minutes
   .venv/bin/python bench/bench_offload.py --duration 10 --udp-offloads off,on
   .venv/bin/python bench/bench_offload.py --paths bare,kernel --tcp-offloads on
+  .venv/bin/python bench/bench_offload.py --paths bare,xdp-bare,ctctl,ctctl-xdp
 """
 
 from __future__ import annotations
@@ -65,7 +76,11 @@ from ctctl.lab.traffic import listening  # noqa: E402
 from ctctl.lab.waiting import wait_until  # noqa: E402
 
 CLIENT, SERVER = "eth5", "eth6"
-PATHS = ("bare", "xdp-bare", "kernel", "ctctl")
+PATHS = ("bare", "xdp-bare", "kernel", "ctctl", "ctctl-xdp")
+# An XDP path and the same path at TC ingress (the table's "x tc").
+TC_OF = {"xdp-bare": "bare", "ctctl-xdp": "ctctl"}
+# The ratios printed under the table, (numerator, denominator).
+RATIOS = (("ctctl", "kernel"), ("xdp-bare", "bare"), ("ctctl-xdp", "xdp-bare"), ("ctctl-xdp", "ctctl"))
 TESTS = ("udp", "tcp")
 OFFLOAD_FEATURES = ("tx", "tso", "gso", "gro")
 BASE_PORT = 5201
@@ -141,7 +156,7 @@ def link_stats(ns: str, dev: str) -> dict:
         return {k: s[k] for k in ("rx_packets", "tx_packets", "rx_dropped", "tx_dropped")}
 
 
-# -- the three data paths -------------------------------------------------
+# -- the data paths -------------------------------------------------------
 
 class Bare:
     """BARE_PROGRAM on clsact ingress of both box ports."""
@@ -284,6 +299,7 @@ class Ctctl:
     describe = "ctctl load with the slide-9 firewall (ctctl.lab.firewall.rules): program + controller"
 
     offload: dict | None = None     # the box's `offload:` (None: the default policy)
+    attach: str | None = None       # the box's `attach:` (None: the default, tc)
 
     def __init__(self, topo: topology.Topology):
         self.topo = topo
@@ -296,6 +312,8 @@ class Ctctl:
                "ports": [CLIENT, SERVER], "rules": firewall.rules(CLIENT, SERVER)}
         if self.offload is not None:
             cfg["offload"] = self.offload
+        if self.attach is not None:
+            cfg["attach"] = self.attach
         self.box = BoxProcess(cfg)
         self.box.start()
 
@@ -304,6 +322,8 @@ class Ctctl:
         p, sw = s["program"], s["software"]
         return {"program_rx": p["rx_packets"], "punted": p["punted"], "perf_lost": p["perf_lost"],
                 "too_big": p["too_big"], "punts_by_reason": p["punts_by_reason"],
+                # At XDP: partial checksums the program completed (0 at TC).
+                "csum_completed": p.get("csum_completed", 0),
                 "software_received": sw["received"], "ring_lost": sw["ring_lost"],
                 "software_drops": sw["drops"], "conntrack_entries": s["conntrack"]["entries"],
                 # Eligible packet punted -> both entries in, over the box's life so far.
@@ -337,7 +357,18 @@ class CtctlSoftware(Ctctl):
     offload = {"tcp": "never", "udp": "never", "icmp": "never"}
 
 
-PATH_CLASSES = {c.name: c for c in (Bare, XdpBare, Kernel, Ctctl, CtctlSoftware)}
+class CtctlXdp(Ctctl):
+    """ctctl at XDP: `attach: xdp`.  The loader prepares the hosts' ends
+    (an XDP_PASS program where there is none, ctctl.nic.xdp) and takes it
+    back at unload: the bench attaches nothing of its own there."""
+    name = "ctctl-xdp"
+    describe = ("ctctl load with the slide-9 firewall and attach: xdp: the program (built with -DCTCTL_XDP) "
+                "in veth's driver-mode XDP on both box ports, redirecting through its ports devmap; the "
+                "loader's XDP_PASS program on the hosts' ends")
+    attach = "xdp"
+
+
+PATH_CLASSES = {c.name: c for c in (Bare, XdpBare, Kernel, Ctctl, CtctlXdp, CtctlSoftware)}
 
 
 # -- traffic --------------------------------------------------------------
@@ -495,10 +526,10 @@ def measure_path(name: str, args, procs: Procs, log) -> list[dict]:
                 c1 = {**path.counters(), "punted_right_after": c1["punted"]}
             r.update(path=name, offloads=off, offload_state=feats, counters_before=c0, counters_after=c1)
             if isinstance(path, Ctctl):
-                for k in ("program_rx", "punted", "perf_lost", "too_big"):
+                for k in ("program_rx", "punted", "perf_lost", "too_big", "csum_completed"):
                     r[k] = c1[k] - c0[k]
             out.append(r)
-            log(f"  {name:6} offloads {off:3} {test}: " + summary_line(r))
+            log(f"  {name:9} offloads {off:3} {test}: " + summary_line(r))
     return out
 
 
@@ -514,6 +545,8 @@ def summary_line(r: dict) -> str:
         s += f"; program saw {r['program_rx']:,}, punted {r['punted']:,}"
         if r["perf_lost"]:
             s += f", {r['perf_lost']:,} lost (punt ring full)"
+        if getattr(PATH_CLASSES[r["path"]], "attach", None) == "xdp":
+            s += f", completed {r['csum_completed']:,} partial checksums"
     if r.get("error"):
         s += f"  [error: {r['error']}]"
     return s
@@ -528,7 +561,8 @@ def ratio(a, b):
 def summarize(results: list[dict]) -> list[dict]:
     """One row per (path, offloads, test): the median over repeats of
     the metric (UDP: pps delivered to the server; TCP: Gbit/s), ratios of
-    medians."""
+    medians: to bare, to xdp-bare, to kernel, and for an XDP path to the
+    same path at TC (x_tc: xdp-bare/bare, ctctl-xdp/ctctl)."""
     groups: dict = {}
     for r in results:
         groups.setdefault((r["path"], r["offloads"], r["test"]), []).append(r)
@@ -542,10 +576,13 @@ def summarize(results: list[dict]) -> list[dict]:
         row = {"path": path, "offloads": off, "test": test, "runs": len(rs),
                "metric": "pps delivered to the server" if test == "udp" else "Gbit/s",
                "value": v, "x_bare": ratio(v, med.get(("bare", off, test))),
+               "x_xdp_bare": ratio(v, med.get(("xdp-bare", off, test))),
                "x_kernel": ratio(v, med.get(("kernel", off, test))),
+               "x_tc": ratio(v, med.get((TC_OF[path], off, test))) if path in TC_OF else None,
                "punted": median(r.get("punted") for r in rs),
                "program_rx": median(r.get("program_rx") for r in rs),
                "perf_lost": median(r.get("perf_lost") for r in rs),
+               "csum_completed": median(r.get("csum_completed") for r in rs),
                "errors": [r["error"] for r in rs if r.get("error")]}
         if test == "udp":
             row.update(iperf3_received_pps=median(r.get("received_pps") for r in rs),
@@ -561,9 +598,10 @@ def fmt_ratio(x):
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'path':8} {'test':4} {'offloads':8} {'result':>17} {'x bare':>7} {'x kernel':>8} "
-             f"{'punted':>10}  notes"]
-    for r in sorted(rows, key=lambda r: (r["test"] != "udp", r["offloads"], PATHS.index(r["path"]))):
+    lines = [f"{'path':9} {'test':4} {'offloads':8} {'result':>17} {'x bare':>7} {'x xdp-bare':>10} "
+             f"{'x kernel':>8} {'x tc':>6} {'punted':>10}  notes"]
+    order = list(PATH_CLASSES)
+    for r in sorted(rows, key=lambda r: (r["test"] != "udp", r["offloads"], order.index(r["path"]))):
         if r["value"] is None:
             val = "-"
         elif r["test"] == "udp":
@@ -578,19 +616,33 @@ def table(rows: list[dict]) -> str:
         if r["program_rx"] is not None:
             notes.append(f"program saw {round(r['program_rx']):,}"
                          + (f", {round(r['perf_lost']):,} lost (ring full)" if r["perf_lost"] else ""))
+        if r["csum_completed"] is not None and getattr(PATH_CLASSES[r["path"]], "attach", None) == "xdp":
+            notes.append(f"completed {round(r['csum_completed']):,} partial checksums")
         if r["runs"] > 1:
             notes.append(f"median of {r['runs']}")
         if r["errors"]:
             notes.append(f"ERRORS: {len(r['errors'])}")
-        lines.append(f"{r['path']:8} {r['test']:4} {r['offloads']:8} {val:>17} {fmt_ratio(r['x_bare']):>7} "
-                     f"{fmt_ratio(r['x_kernel']):>8} {punted:>10}  " + "; ".join(notes))
+        lines.append(f"{r['path']:9} {r['test']:4} {r['offloads']:8} {val:>17} {fmt_ratio(r['x_bare']):>7} "
+                     f"{fmt_ratio(r['x_xdp_bare']):>10} {fmt_ratio(r['x_kernel']):>8} {fmt_ratio(r['x_tc']):>6} "
+                     f"{punted:>10}  " + "; ".join(notes))
     return "\n".join(lines)
+
+
+def print_ratios(rows: list[dict]) -> None:
+    """RATIOS, each where both of its paths measured."""
+    value = {(r["path"], r["offloads"], r["test"]): r["value"] for r in rows}
+    for a, b in RATIOS:
+        for off in ("off", "on"):
+            for test in TESTS:
+                x = ratio(value.get((a, off, test)), value.get((b, off, test)))
+                if x is not None:
+                    print(f"{a}/{b} {test} offloads {off}: {x:.3f}")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=5, help="seconds per iperf3 measurement (default 5)")
-    ap.add_argument("--paths", type=csv(PATHS), default=list(PATHS), help="default bare,xdp-bare,kernel,ctctl")
+    ap.add_argument("--paths", type=csv(PATHS), default=list(PATHS), help="default bare,xdp-bare,kernel,ctctl,ctctl-xdp")
     ap.add_argument("--udp-offloads", type=csv(("off", "on")), default=["off"],
                     help="offload settings to measure UDP with: off, on or off,on (default off)")
     ap.add_argument("--tcp-offloads", type=csv(("off", "on")), default=["off", "on"],
@@ -626,11 +678,7 @@ def main(argv=None) -> int:
     rows = summarize(results)
     print()
     print(table(rows))
-    for off in ("off", "on"):
-        for test in TESTS:
-            c = next((r for r in rows if (r["path"], r["offloads"], r["test"]) == ("ctctl", off, test)), None)
-            if c and c["x_kernel"] is not None:
-                print(f"ctctl/kernel {test} offloads {off}: {c['x_kernel']:.3f}")
+    print_ratios(rows)
     doc = {
         "benchmark": "offload",
         "date": started.isoformat(timespec="seconds"),
