@@ -50,6 +50,7 @@ examples:
   .venv/bin/python bench/bench_offload.py --duration 10 --udp-offloads off,on
   .venv/bin/python bench/bench_offload.py --paths bare,kernel --tcp-offloads on
   .venv/bin/python bench/bench_offload.py --paths bare,xdp-bare,ctctl,ctctl-xdp
+  .venv/bin/python bench/bench_offload.py --ctctl-udp replied   # UDP offloaded at the first reply
 """
 
 from __future__ import annotations
@@ -300,6 +301,7 @@ class Ctctl:
 
     offload: dict | None = None     # the box's `offload:` (None: the default policy)
     attach: str | None = None       # the box's `attach:` (None: the default, tc)
+    udp_policy = "assured"          # --ctctl-udp: when a UDP flow goes into hardware
 
     def __init__(self, topo: topology.Topology):
         self.topo = topo
@@ -312,6 +314,8 @@ class Ctctl:
                "ports": [CLIENT, SERVER], "rules": firewall.rules(CLIENT, SERVER)}
         if self.offload is not None:
             cfg["offload"] = self.offload
+        elif self.udp_policy != "assured":
+            cfg["offload"] = {"udp": self.udp_policy}
         if self.attach is not None:
             cfg["attach"] = self.attach
         self.box = BoxProcess(cfg)
@@ -650,6 +654,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="runs of each measurement; the table shows "
                     "the median (default 1)")
     ap.add_argument("--udp-len", type=int, default=64, help="UDP payload bytes (default 64)")
+    ap.add_argument("--ctctl-udp", choices=("assured", "replied"), default="assured",
+                    help="the ctctl paths' offload policy for UDP: assured (the default policy: a flow "
+                         "goes into hardware after 2 s of two-way traffic, its datagrams punted until "
+                         "then) or replied (at iperf3's first reply: the offloaded rate from the start)")
     ap.add_argument("--note", default="", help="free text stored in the JSON (e.g. what ctctl version ran)")
     ap.add_argument("--output", type=Path, help="JSON file (default bench/results/offload-<date>.json)")
     args = ap.parse_args(argv)
@@ -661,6 +669,7 @@ def main(argv=None) -> int:
         ap.error("--repeat must be at least 1")
 
     unwind_on_signals()
+    Ctctl.udp_policy = args.ctctl_udp
 
     started, load0, command = start_run("bench_offload.py", argv)
     print(f"bench_offload: client -- {CLIENT} [box] {SERVER} -- server, iperf3 client -> server, "
@@ -694,6 +703,7 @@ def main(argv=None) -> int:
         "offloads": {"off": "tx/tso/gso/gro off on all four veth ends (as ctctl.lab.topology builds)",
                      "on": "tx/tso/gso/gro on on all four veth ends"},
         "note": args.note,
+        "ctctl_udp_policy": args.ctctl_udp,
         "duration_s": args.duration,
         "repeat": args.repeat,
         "summary": rows,
