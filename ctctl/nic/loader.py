@@ -286,15 +286,18 @@ class Datapath:
         with netns.ipr(self.netns) as ipr:
             for port in self.ports:
                 att = Attachment(port, idx[port], False, handle=0, hook="xdp")
+                self.attached.append(att)
+                peer = None
                 try:
                     peer = xdp.find_peer(ipr, self.netns, idx[port])
-                    att.peer = asdict(peer)
-                    self.attached.append(att)
                     xdp.prepare_peer(peer, peer_fn.fd)
-                    att.peer = asdict(peer)
                     att.prog_id = xdp.attach(ipr, idx[port], fn.fd)
-                except xdp.XdpError as e:
+                except (xdp.XdpError, NetlinkError, OSError) as e:
                     raise LoadError(f"port {port!r}: cannot attach at XDP: {e}") from None
+                finally:
+                    # What was done to the peer, also half-way: detach() undoes it.
+                    if peer is not None:
+                        att.peer = asdict(peer)
 
     def _attach(self, ipr, port: str, fn) -> None:
         idx = ipr.link_lookup(ifname=port)

@@ -1,0 +1,83 @@
+"""`attach: xdp` refuses what it cannot take, and leaves no trace of a
+load that failed: not on the ports, not on their peers, not in the pins.
+
+- a port with someone else's XDP program: refused before anything is
+  compiled, the program left where it is;
+- a port that is not a veth (a bridge here): refused with that reason once
+  the ports before it were attached, and those taken back, their peers'
+  pass programs and VLAN insertion included.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import yaml
+
+from ctctl import netns
+from ctctl.lab.topology import ns_exec
+from ctctl.nic import loader, xdp
+
+from conftest import firewall_config
+
+CTCTL = [sys.executable, "-m", "ctctl"]
+PASS = r"""
+int someone_elses(struct xdp_md *ctx)
+{
+	return XDP_PASS;
+}
+"""
+
+
+def load(tmp_path, cfg: dict) -> subprocess.CompletedProcess:
+    path = tmp_path / "box.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return subprocess.run(CTCTL + ["load", "--config", str(path)], capture_output=True, text=True, timeout=300)
+
+
+def peers(topo) -> dict:
+    """Each host end's XDP program id and VLAN insertion."""
+    out = {}
+    for h in (p.host for p in topo.ports):
+        with netns.ipr(h.netns) as ipr:
+            out[h.netns] = xdp.prog_id(ipr, ipr.link_lookup(ifname=h.ifname)[0])
+        shown = ns_exec(h.netns, "ethtool", "-k", h.ifname, capture_output=True, text=True, check=True).stdout
+        out[h.netns, "vlan"] = [line for line in shown.splitlines() if "vlan-hw-insert" in line or
+                                line.startswith("tx-vlan-offload")]
+    return out
+
+
+def test_a_port_with_someone_elses_xdp_program_is_refused_and_keeps_it(topo, tmp_path):
+    from bcc import BPF
+
+    bpf = BPF(text=PASS.encode())
+    try:
+        fn = bpf.load_func(b"someone_elses", BPF.XDP)
+        with netns.ipr(topo.box) as ipr:
+            theirs = xdp.attach(ipr, topo.port("eth5").ifindex, fn.fd)
+        before = peers(topo)
+        r = load(tmp_path, firewall_config(topo, "xdp"))
+        assert r.returncode == 1, r.stderr
+        assert f"port 'eth5' of netns '{topo.box}' already has an XDP program (id {theirs})" in r.stderr, r.stderr
+        assert loader.xdp_programs_on(topo.box, ["eth5", "eth6"]) == {"eth5": theirs}
+        assert peers(topo) == before
+    finally:
+        with netns.ipr(topo.box) as ipr:
+            xdp.detach(ipr, topo.port("eth5").ifindex, theirs)
+        bpf.cleanup()
+
+
+def test_a_port_that_is_not_a_veth_is_refused_and_nothing_is_left(topo, tmp_path):
+    ns_exec(topo.box, "ip", "link", "add", "br0", "type", "bridge", check=True)
+    ns_exec(topo.box, "ip", "link", "set", "br0", "up", check=True)
+    before = peers(topo)
+    cfg = firewall_config(topo, "xdp")
+    cfg["ports"] = ["eth5", "eth6", "br0"]
+    r = load(tmp_path, cfg)
+    assert r.returncode == 1, r.stderr
+    assert "port 'br0': cannot attach at XDP: port 'br0' is a bridge, not a veth" in r.stderr, r.stderr
+    # eth5 and eth6 were attached, their peers prepared: all taken back.
+    assert loader.xdp_programs_on(topo.box, ["eth5", "eth6", "br0"]) == {}
+    assert peers(topo) == before
+    assert not (loader.PIN_ROOT / cfg["name"]).exists()
