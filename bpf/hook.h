@@ -17,7 +17,7 @@
  *  - no GSO super-packets: veth turns its peer's GSO off while an XDP
  *    program is attached, and the peer's MTU must fit a page;
  *  - no VLAN tag outside the frame: the loader turns the peer's VLAN
- *    offload off (ctctl/nic/wire.py), so the tag is in the frame, where
+ *    offload off (ctctl/nic/xdp.py), so the tag is in the frame, where
  *    the parser reads it;
  *  - no skb->mark: the program never reads it at either hook;
  *  - a redirect only to a port of the box (the `ports` devmap): a mirred
@@ -47,13 +47,20 @@ static __always_inline __u32 ctx_ifindex(const ctctl_ctx *ctx)
 	return ctx->ingress_ifindex;
 }
 
+static __always_inline void *ctx_data(const ctctl_ctx *ctx)
+{
+	return (void *)(long)ctx->data;
+}
+
+static __always_inline void *ctx_data_end(const ctctl_ctx *ctx)
+{
+	return (void *)(long)ctx->data_end;
+}
+
 static __always_inline int ctx_load(ctctl_ctx *ctx, __u32 off, void *to, __u32 len)
 {
 	return bpf_xdp_load_bytes(ctx, off, to, len);
 }
-
-static __always_inline void *ctx_data(const ctctl_ctx *ctx);
-static __always_inline void *ctx_data_end(const ctctl_ctx *ctx);
 
 /* A few bytes of a length known at the call (NAT's addresses and ports)
  * are written in place; the rest through the helper. */
@@ -94,16 +101,6 @@ static __always_inline int ctx_csum_trusted(ctctl_ctx *ctx)
 static __always_inline int ctx_adjust_mac(ctctl_ctx *ctx, int delta)
 {
 	return bpf_xdp_adjust_head(ctx, -delta);
-}
-
-static __always_inline void *ctx_data(const ctctl_ctx *ctx)
-{
-	return (void *)(long)ctx->data;
-}
-
-static __always_inline void *ctx_data_end(const ctctl_ctx *ctx)
-{
-	return (void *)(long)ctx->data_end;
 }
 
 /* The frame is linear (the program does not take multi-buffer frames). */
