@@ -14,8 +14,10 @@
  *    csum_completed), before anything rewrites the packet; the helpers'
  *    incremental checksum updates are done by hand (ctx_csum_replace()),
  *    always into the field, as for an skb whose checksum is complete;
- *  - no GSO super-packets: veth turns its peer's GSO off while an XDP
- *    program is attached, and the peer's MTU must fit a page;
+ *  - no GSO super-packets: veth takes segmentation offload (TSO and the
+ *    rest of NETIF_F_GSO_SOFTWARE) from its peer while an XDP program is
+ *    attached, so the sender's stack segments first, and the peer's MTU
+ *    must fit a page;
  *  - no VLAN tag outside the frame: the loader turns the peer's VLAN
  *    offload off (ctctl/nic/xdp.py), so the tag is in the frame, where
  *    the parser reads it;

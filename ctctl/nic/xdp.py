@@ -14,8 +14,10 @@ what the program does for the rest):
   its tag beside it, in the skb, where XDP cannot see it and a redirect
   loses it.  The loader turns tx-vlan-hw-insert and tx-vlan-stag-hw-insert
   off on the peer, so that the tag is in the frame, as on a wire.
-- veth itself turns the peer's GSO off while a port has an XDP program and
-  refuses one when the peer's MTU does not fit a page.
+- veth itself takes segmentation offload (TSO and the rest of
+  NETIF_F_GSO_SOFTWARE) from the peer while a port has an XDP program, so
+  the peer's stack segments before veth, and refuses a program when the
+  peer's MTU does not fit a page.
 
 Everything is put back at detach, and only what the loader changed: the
 peer's pass program by its id, the features it turned off.  The peer is

@@ -55,3 +55,33 @@ def test_connections_through_the_firewall_with_senders_checksum_offload(topo, ho
             assert b.stats()["program"]["csum_completed"] > 2 * 600, b.stats()["program"]
         assert not any(k.startswith("invalid") or "csum" in k for k in sw["drops"]), sw
         assert csum_errors(b.client.netns) == csum_errors(b.server.netns) == 0
+
+
+def features(ns: str, dev: str) -> dict[str, str]:
+    shown = subprocess.run(["ip", "netns", "exec", ns, "ethtool", "-k", dev],
+                           check=True, capture_output=True, text=True).stdout
+    return dict(line.strip().split(": ")[:2] for line in shown.splitlines()[1:] if ": " in line)
+
+
+def test_no_gso_packet_reaches_the_program_at_xdp(topo):
+    """Senders that segment late (TSO/GSO on, as veth's defaults): at XDP
+    veth takes segmentation offload (TSO, NETIF_F_GSO_SOFTWARE) from the
+    peer while the port has a program, so the sender's stack segments
+    before veth (GSO proper) and no super-packet reaches the program,
+    whose frames must fit a page; a 4 MB transfer crosses as wire-sized
+    segments, none too big, and TSO is the hosts' again once the box is
+    gone."""
+    for port in topo.ports:
+        subprocess.run(["ip", "netns", "exec", port.host.netns, "ethtool", "-K", port.host.ifname,
+                        "tx", "on", "tso", "on", "gso", "on"], check=True, capture_output=True)
+    hosts = [p.host for p in topo.ports]
+    assert all(features(h.netns, h.ifname)["tcp-segmentation-offload"] == "on" for h in hosts)
+    with running(firewall_config(topo, "xdp"), topo) as b:
+        for h in hosts:
+            f = features(h.netns, h.ifname)
+            assert f["tcp-segmentation-offload"] == "off", f
+        assert traffic.tcp_transfer(b.client.netns, b.server.netns, b.server.addr4, 4_000_000).ok
+        prog = b.stats()["program"]
+        # Every segment on its own: at least 4 MB / 1,448 bytes of them.
+        assert prog["too_big"] == 0 and prog["rx_packets"] > 4_000_000 // 1448, prog
+    assert all(features(h.netns, h.ifname)["tcp-segmentation-offload"] == "on" for h in hosts)
