@@ -88,7 +88,6 @@ def test_act_ct_reference_client_may_open_server_may_not(tcfw):
     assert any(l.startswith("tcp") and "dport=5001" in l and "[ASSURED]" in l for l in b.conntrack())
 
 
-@pytest.mark.vm
 def test_ping_v4_v6_and_udp_through_the_firewall(fwbox):
     b = fwbox
     ping_and_udp_pass(b, lambda dev: chain9_hits(b, dev))
