@@ -5,7 +5,9 @@ load that failed: not on the ports, not on their peers, not in the pins.
   compiled, the program left where it is;
 - a port that is not a veth (a bridge here): refused with that reason once
   the ports before it were attached, and those taken back, their peers'
-  pass programs and VLAN insertion included.
+  pass programs and VLAN insertion included;
+- a controller that died: `ctctl unload` takes its XDP box back from the
+  state file, peers included.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import sys
 import yaml
 
 from ctctl import netns
+from ctctl.lab import traffic
 from ctctl.lab.topology import ns_exec
 from ctctl.nic import loader, xdp
 
-from conftest import firewall_config
+from conftest import firewall_config, running
 
 CTCTL = [sys.executable, "-m", "ctctl"]
 PASS = r"""
@@ -81,3 +84,22 @@ def test_a_port_that_is_not_a_veth_is_refused_and_nothing_is_left(topo, tmp_path
     assert loader.xdp_programs_on(topo.box, ["eth5", "eth6", "br0"]) == {}
     assert peers(topo) == before
     assert not (loader.PIN_ROOT / cfg["name"]).exists()
+
+
+def test_unload_after_a_controller_died_takes_the_xdp_box_back(topo):
+    """kill -9 leaves the program forwarding at XDP (its pins, the peers'
+    pass programs); `ctctl unload` then takes all of it back from the state
+    file, as it does at TC."""
+    before = peers(topo)
+    with running(firewall_config(topo, "xdp"), topo) as b:
+        assert traffic.ping(b.client.netns, b.server.addr4, count=2, interval=0.05).ok
+        pid = b.kill()
+        # Still forwarding: the established ping flow is the program's.
+        assert set(loader.xdp_programs_on(topo.box, ["eth5", "eth6"])) == {"eth5", "eth6"}
+        assert peers(topo) != before
+        r = subprocess.run(CTCTL + ["unload", "--name", b.name], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert f"box {b.name}: controller pid {pid} was gone; detached 2 port(s), removed pins" in r.stdout
+    assert loader.xdp_programs_on(topo.box, ["eth5", "eth6"]) == {}
+    assert peers(topo) == before
+    assert not (loader.PIN_ROOT / b.name).exists()
