@@ -152,7 +152,8 @@ struct ctctl_punt_hdr {
 	/*
 	 * The VLAN tag the receiving kernel moved out of the packet into the
 	 * skb (veth does this), host order; vlan_proto 0 when there was none.
-	 * Software puts it back before it forwards the frame.
+	 * Software puts it back before it forwards the frame.  At XDP always
+	 * 0: there the tag is still in the frame (bpf/hook.h).
 	 */
 	__u16 vlan_proto;
 	__u16 vlan_tci;
