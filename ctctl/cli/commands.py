@@ -144,10 +144,17 @@ def cmd_stats(args) -> int:
 def _stats_from_pins(name: str | None) -> dict | None:
     from ctctl.nic import loader, maps
 
+    from ctctl.box import state
+
     if not name or not (loader.PIN_ROOT / name / "counters").exists():
         return None
-    return {"box": name, "controller": None,
-            "program": maps.program_stats(maps.read_pinned_counters(loader.PIN_ROOT / name))}
+    out = {"box": name, "controller": None,
+           "program": maps.program_stats(maps.read_pinned_counters(loader.PIN_ROOT / name))}
+    # Where the program runs, from what the dead controller attached.
+    attached = (state.read_state(name) or {}).get("attached") or []
+    if attached:
+        out["hook"] = attached[0].get("hook", "tc")
+    return out
 
 
 STAT_FLAGS = ("-s", "-stats", "-statistics")

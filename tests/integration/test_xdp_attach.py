@@ -97,6 +97,10 @@ def test_unload_after_a_controller_died_takes_the_xdp_box_back(topo):
         # Still forwarding: the established ping flow is the program's.
         assert set(loader.xdp_programs_on(topo.box, ["eth5", "eth6"])) == {"eth5", "eth6"}
         assert peers(topo) != before
+        r = subprocess.run(CTCTL + ["stats", "--name", b.name], capture_output=True, text=True, timeout=60)
+        assert "showing the data path's pinned counters" in r.stderr, r.stderr
+        assert r.stdout.splitlines()[0] == (f"box {b.name}, controller not running (pinned counters), "
+                                            "program at XDP (driver mode)"), r.stdout
         r = subprocess.run(CTCTL + ["unload", "--name", b.name], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         assert f"box {b.name}: controller pid {pid} was gone; detached 2 port(s), removed pins" in r.stdout
