@@ -142,19 +142,14 @@ def cmd_stats(args) -> int:
 
 
 def _stats_from_pins(name: str | None) -> dict | None:
-    from ctctl.nic import loader, maps
-
     from ctctl.box import state
+    from ctctl.nic import loader, maps
 
     if not name or not (loader.PIN_ROOT / name / "counters").exists():
         return None
-    out = {"box": name, "controller": None,
-           "program": maps.program_stats(maps.read_pinned_counters(loader.PIN_ROOT / name))}
-    # Where the program runs, from what the dead controller attached.
-    attached = (state.read_state(name) or {}).get("attached") or []
-    if attached:
-        out["hook"] = attached[0].get("hook", "tc")
-    return out
+    attached = (state.read_state(name) or {}).get("attached") or [{}]
+    return {"box": name, "controller": None, "hook": attached[0].get("hook"),
+            "program": maps.program_stats(maps.read_pinned_counters(loader.PIN_ROOT / name))}
 
 
 STAT_FLAGS = ("-s", "-stats", "-statistics")
