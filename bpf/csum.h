@@ -161,16 +161,10 @@ static __always_inline int csum_complete_partial(ctctl_ctx *ctx, const struct ct
 						 struct ctctl_state *st)
 {
 	__u32 l4_len = p->l3_len - (p->l4_off - p->l3_off);
-	__u32 at = p->l4_off + (p->proto == IPPROTO_TCP ? 16 : 6);
-	void *data = ctx_data(ctx), *end = ctx_data_end(ctx);
-	__u16 *fp, field;
+	__u16 *fp = ctx_ptr(ctx, p->l4_off + (p->proto == IPPROTO_TCP ? 16 : 6), 2), field;
 	__u64 sum;
 
-	/* The bound for the verifier (an XDP frame fits a page; the
-	 * parser's l4_off is a little past the headers). */
-	at &= 0xfff;
-	fp = data + at;
-	if ((void *)(fp + 1) > end)
+	if (!fp)
 		return -1;
 	field = *fp;
 	if (p->proto == IPPROTO_UDP && field == 0)

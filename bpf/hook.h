@@ -59,6 +59,18 @@ static __always_inline void *ctx_data_end(const ctctl_ctx *ctx)
 	return (void *)(long)ctx->data_end;
 }
 
+/*
+ * `len` bytes of the frame at `off`, to read or write in place, or NULL
+ * past its end: cheaper than the byte helpers for a few bytes.  The mask
+ * is the verifier's bound on the offset (a frame fits a page).
+ */
+static __always_inline void *ctx_ptr(const ctctl_ctx *ctx, __u32 off, __u32 len)
+{
+	void *at = ctx_data(ctx) + (off & 0xfff);
+
+	return at + len > ctx_data_end(ctx) ? NULL : at;
+}
+
 static __always_inline int ctx_load(ctctl_ctx *ctx, __u32 off, void *to, __u32 len)
 {
 	return bpf_xdp_load_bytes(ctx, off, to, len);
@@ -69,11 +81,9 @@ static __always_inline int ctx_load(ctctl_ctx *ctx, __u32 off, void *to, __u32 l
 static __always_inline int ctx_store(ctctl_ctx *ctx, __u32 off, const void *from, __u32 len)
 {
 	if (__builtin_constant_p(len) && len <= 16) {
-		void *data = ctx_data(ctx), *end = ctx_data_end(ctx), *at;
+		void *at = ctx_ptr(ctx, off, len);
 
-		off &= 0xfff;	/* the verifier's bound: a frame fits a page */
-		at = data + off;
-		if (at + len > end)
+		if (!at)
 			return -1;
 		__builtin_memcpy(at, from, len);
 		return 0;
@@ -120,16 +130,11 @@ static __always_inline void ctx_pull(ctctl_ctx *ctx, __u32 len)
 static __always_inline int ctx_csum_replace(ctctl_ctx *ctx, __u32 off, __u32 from, __u32 to,
 					    __u64 flags)
 {
-	void *data = ctx_data(ctx), *end = ctx_data_end(ctx);
-	__u16 *fp, field;
+	/* In place: NAT updates three or four checksums. */
+	__u16 *fp = ctx_ptr(ctx, off, 2), field;
 	__u64 s;
 
-	/* In place, not through the byte helpers: NAT updates three or four
-	 * checksums.  The mask bounds the offset for the verifier (a frame
-	 * fits a page). */
-	off &= 0xfff;
-	fp = data + off;
-	if ((void *)(fp + 1) > end)
+	if (!fp)
 		return -1;
 	field = *fp;
 	if ((flags & BPF_F_MARK_MANGLED_0) && field == 0)
