@@ -186,15 +186,9 @@ class Wire:
         self.ports = {"eth5": 1, "eth6": self.topo.port("eth6").ifindex}
 
     def fill(self, bpf) -> None:
-        """The program's `ports` devmap: each port its own slot, written
-        from inside the box namespace (where the ifindexes are)."""
-        import ctypes
-
-        from ctctl import netns
-
-        with netns.inside(self.topo.box):
-            for i in self.ports.values():
-                bpf[b"ports"][ctypes.c_int(i)] = ctypes.c_int(i)
+        """The program's `ports` devmap (Maps.set_ports: from inside the box
+        namespace, where the ifindexes are)."""
+        Maps(bpf).set_ports(self.topo.box, self.ports.values())
 
     def close(self) -> None:
         self.topo.destroy()

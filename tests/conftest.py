@@ -107,3 +107,20 @@ def box(topo):
 def tc_filters(ns: str, dev: str) -> str:
     return subprocess.run(["ip", "netns", "exec", ns, "tc", "filter", "show", "dev", dev, "ingress"],
                           capture_output=True, text=True).stdout
+
+
+def peer_state(topo: topology.Topology) -> dict:
+    """What an XDP box changes on the hosts' ends of its ports (ctctl/nic/xdp.py):
+    each one's XDP program id and its VLAN insertion, as the kernel shows them."""
+    from ctctl import netns
+    from ctctl.nic import xdp
+
+    out = {}
+    for h in (p.host for p in topo.ports):
+        with netns.ipr(h.netns) as ipr:
+            out[h.netns] = xdp.prog_id(ipr, ipr.link_lookup(ifname=h.ifname)[0])
+        shown = topology.ns_exec(h.netns, "ethtool", "-k", h.ifname, capture_output=True, text=True,
+                                 check=True).stdout
+        out[h.netns, "vlan"] = [line for line in shown.splitlines() if "vlan-hw-insert" in line or
+                                line.startswith("tx-vlan-offload")]
+    return out

@@ -269,8 +269,6 @@ class Datapath:
         soon as one port runs the program), then port by port: its peer
         prepared, the program attached.  Each step is recorded before it is
         taken, so that a failure takes back exactly what was done."""
-        import ctypes
-
         fn = self.bpf.load_func(FUNCTION, self.bpf.XDP)
         peer_fn = self.bpf.load_func(PEER_FUNCTION, self.bpf.XDP)
         idx = self.ifindexes()
@@ -278,11 +276,7 @@ class Datapath:
             if i >= PORT_SLOTS:
                 raise LoadError(f"port {port!r}: ifindex {i} is beyond the {PORT_SLOTS} slots of the "
                                 "ports devmap")
-        # The kernel resolves a devmap's ifindex in the writer's namespace:
-        # written from outside the box's, it would name another device.
-        with netns.inside(self.netns):
-            for i in idx.values():
-                self.bpf[b"ports"][ctypes.c_int(i)] = ctypes.c_int(i)
+        self.maps.set_ports(self.netns, idx.values())
         with netns.ipr(self.netns) as ipr:
             for port in self.ports:
                 att = Attachment(port, idx[port], False, handle=0, hook="xdp")

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ctctl import abi
+from ctctl import abi, netns
 from ctctl.kernel.offload.hw import DeviceError, DeviceIO, FlowExists, TableFull
 
 BPF_ANY, BPF_NOEXIST, BPF_F_LOCK = 0, 1, 4
@@ -86,6 +86,16 @@ class Maps:
         return ctype.from_buffer_copy(bytes(value))
 
     # -- the program as a whole -------------------------------------------------
+    def set_ports(self, netns_name: str, ifindexes) -> None:
+        """At XDP, the ports a mirred redirects to (the `ports` devmap), each
+        ifindex at its own slot.  Written from inside the box's namespace:
+        the kernel resolves a devmap's ifindex in the writer's, and from the
+        controller's it would name another device."""
+        t = self._table("ports")
+        with netns.inside(netns_name):
+            for i in ifindexes:
+                t[ctypes.c_int(i)] = ctypes.c_int(i)
+
     @staticmethod
     def missing_pins(pin_dir: Path, hook: str = "tc") -> list[str]:
         """The pinned maps (abi.pinned_maps(hook)) absent from pin_dir.  BCC

@@ -169,14 +169,13 @@ def in_a_box(tag: str, harness=Harness, hook: str = "tc"):
     its receive queue registered for XDP, which an attached program does)
     and are in the devmap.  Gives (topology, bpf, harness, {port:
     ifindex}); everything is removed after."""
-    import ctypes
-
     from pyroute2 import netns as pr_netns
 
     from ctctl import netns
     from ctctl.lab import topology
     from ctctl.nic import xdp
     from ctctl.nic.loader import FUNCTION, PEER_FUNCTION, compile_program, hook_cflags
+    from ctctl.nic.maps import Maps
 
     topo = topology.build(topology.unique_tag(tag), ["eth5", "eth6"], ["client", "server"])
     bpf = None
@@ -190,11 +189,9 @@ def in_a_box(tag: str, harness=Harness, hook: str = "tc"):
             with netns.ipr(topo.box) as ipr:
                 for i in ifindex.values():
                     xdp.attach(ipr, i, up.fd)
+            Maps(bpf).set_ports(topo.box, ifindex.values())
         pr_netns.pushns(topo.box)
         try:
-            if hook == "xdp":
-                for i in ifindex.values():
-                    bpf[b"ports"][ctypes.c_int(i)] = ctypes.c_int(i)
             yield topo, bpf, h, ifindex
         finally:
             pr_netns.popns()

@@ -16,12 +16,11 @@ import sys
 import pytest
 import yaml
 
-from conftest import firewall_config, running, tc_filters
-from ctctl import netns
+from conftest import firewall_config, peer_state, running, tc_filters
 from ctctl.box import state as boxstate
 from ctctl.lab.topology import ns_exec, ns_popen
 from ctctl.lab.waiting import wait_until
-from ctctl.nic import loader, xdp
+from ctctl.nic import loader
 from ctctl.nic.maps import program_stats, read_pinned_counters
 
 from accounting import conn_line_and_id, directions
@@ -60,13 +59,7 @@ def attached(topo, hook: str) -> dict:
     the peers' VLAN insertion (which the loader turns off)."""
     if hook == "tc":
         return {p: tc_filters(topo.box, p) for p in ("eth5", "eth6")}
-    out = loader.xdp_programs_on(topo.box, ["eth5", "eth6"])
-    for h in (p.host for p in topo.ports):
-        with netns.ipr(h.netns) as ipr:
-            out[h.netns] = xdp.prog_id(ipr, ipr.link_lookup(ifname=h.ifname)[0])
-        r = ns_exec(h.netns, "ethtool", "-k", h.ifname, capture_output=True, text=True, check=True)
-        out[h.netns, "vlan"] = [l for l in r.stdout.splitlines() if "vlan-hw-insert" in l]
-    return out
+    return {**loader.xdp_programs_on(topo.box, ["eth5", "eth6"]), **peer_state(topo)}
 
 
 # The NIC's own aging (a timer in the controller, as a NIC's firmware) starts

@@ -22,7 +22,7 @@ from ctctl.lab import traffic
 from ctctl.lab.topology import ns_exec
 from ctctl.nic import loader, xdp
 
-from conftest import firewall_config, running
+from conftest import firewall_config, peer_state, running
 
 CTCTL = [sys.executable, "-m", "ctctl"]
 PASS = r"""
@@ -39,18 +39,6 @@ def load(tmp_path, cfg: dict) -> subprocess.CompletedProcess:
     return subprocess.run(CTCTL + ["load", "--config", str(path)], capture_output=True, text=True, timeout=300)
 
 
-def peers(topo) -> dict:
-    """Each host end's XDP program id and VLAN insertion."""
-    out = {}
-    for h in (p.host for p in topo.ports):
-        with netns.ipr(h.netns) as ipr:
-            out[h.netns] = xdp.prog_id(ipr, ipr.link_lookup(ifname=h.ifname)[0])
-        shown = ns_exec(h.netns, "ethtool", "-k", h.ifname, capture_output=True, text=True, check=True).stdout
-        out[h.netns, "vlan"] = [line for line in shown.splitlines() if "vlan-hw-insert" in line or
-                                line.startswith("tx-vlan-offload")]
-    return out
-
-
 def test_a_port_with_someone_elses_xdp_program_is_refused_and_keeps_it(topo, tmp_path):
     from bcc import BPF
 
@@ -59,12 +47,12 @@ def test_a_port_with_someone_elses_xdp_program_is_refused_and_keeps_it(topo, tmp
         fn = bpf.load_func(b"someone_elses", BPF.XDP)
         with netns.ipr(topo.box) as ipr:
             theirs = xdp.attach(ipr, topo.port("eth5").ifindex, fn.fd)
-        before = peers(topo)
+        before = peer_state(topo)
         r = load(tmp_path, firewall_config(topo, "xdp"))
         assert r.returncode == 1, r.stderr
         assert f"port 'eth5' of netns '{topo.box}' already has an XDP program (id {theirs})" in r.stderr, r.stderr
         assert loader.xdp_programs_on(topo.box, ["eth5", "eth6"]) == {"eth5": theirs}
-        assert peers(topo) == before
+        assert peer_state(topo) == before
     finally:
         with netns.ipr(topo.box) as ipr:
             xdp.detach(ipr, topo.port("eth5").ifindex, theirs)
@@ -74,7 +62,7 @@ def test_a_port_with_someone_elses_xdp_program_is_refused_and_keeps_it(topo, tmp
 def test_a_port_that_is_not_a_veth_is_refused_and_nothing_is_left(topo, tmp_path):
     ns_exec(topo.box, "ip", "link", "add", "br0", "type", "bridge", check=True)
     ns_exec(topo.box, "ip", "link", "set", "br0", "up", check=True)
-    before = peers(topo)
+    before = peer_state(topo)
     cfg = firewall_config(topo, "xdp")
     cfg["ports"] = ["eth5", "eth6", "br0"]
     r = load(tmp_path, cfg)
@@ -82,7 +70,7 @@ def test_a_port_that_is_not_a_veth_is_refused_and_nothing_is_left(topo, tmp_path
     assert "port 'br0': cannot attach at XDP: port 'br0' is a bridge, not a veth" in r.stderr, r.stderr
     # eth5 and eth6 were attached, their peers prepared: all taken back.
     assert loader.xdp_programs_on(topo.box, ["eth5", "eth6", "br0"]) == {}
-    assert peers(topo) == before
+    assert peer_state(topo) == before
     assert not (loader.PIN_ROOT / cfg["name"]).exists()
 
 
@@ -90,13 +78,13 @@ def test_unload_after_a_controller_died_takes_the_xdp_box_back(topo):
     """kill -9 leaves the program forwarding at XDP (its pins, the peers'
     pass programs); `ctctl unload` then takes all of it back from the state
     file, as it does at TC."""
-    before = peers(topo)
+    before = peer_state(topo)
     with running(firewall_config(topo, "xdp"), topo) as b:
         assert traffic.ping(b.client.netns, b.server.addr4, count=2, interval=0.05).ok
         pid = b.kill()
         # Still forwarding: the established ping flow is the program's.
         assert set(loader.xdp_programs_on(topo.box, ["eth5", "eth6"])) == {"eth5", "eth6"}
-        assert peers(topo) != before
+        assert peer_state(topo) != before
         r = subprocess.run(CTCTL + ["stats", "--name", b.name], capture_output=True, text=True, timeout=60)
         assert "showing the data path's pinned counters" in r.stderr, r.stderr
         assert r.stdout.splitlines()[0] == (f"box {b.name}, controller not running (pinned counters), "
@@ -105,5 +93,5 @@ def test_unload_after_a_controller_died_takes_the_xdp_box_back(topo):
         assert r.returncode == 0, r.stderr
         assert f"box {b.name}: controller pid {pid} was gone; detached 2 port(s), removed pins" in r.stdout
     assert loader.xdp_programs_on(topo.box, ["eth5", "eth6"]) == {}
-    assert peers(topo) == before
+    assert peer_state(topo) == before
     assert not (loader.PIN_ROOT / b.name).exists()
