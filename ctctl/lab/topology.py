@@ -67,6 +67,20 @@ class Topology:
     def destroy(self) -> None:
         destroy(self.namespaces)
 
+    def quiet_hosts(self) -> None:
+        """Nothing on the hosts' links but what a test sends, so that the
+        counts on either side are its own: no IPv6 (router solicitations
+        go on for as long as a host finds no router, at growing intervals,
+        and MLD reports), no ARP (each host knows the others' addresses
+        for good)."""
+        hosts = [p.host for p in self.ports]
+        for h in hosts:
+            _ns_run(h.netns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
+            for other in hosts:
+                if other is not h:
+                    _ns_run(h.netns, "ip", "neigh", "replace", other.addr4, "lladdr", other.mac, "dev",
+                            h.ifname, "nud", "permanent")
+
 
 def unique_tag(prefix: str = "ctctl") -> str:
     return f"{prefix}-{secrets.token_hex(3)}"

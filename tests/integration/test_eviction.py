@@ -18,13 +18,6 @@ from accounting import conn_line_and_id, directions, ignored
 TOTAL = 100_000_000
 
 
-def quiet(b) -> None:
-    for me, peer in ((b.client, b.server), (b.server, b.client)):
-        ns_exec(me.netns, "sysctl", "-q", "-w", f"net.ipv6.conf.{me.ifname}.disable_ipv6=1", check=True)
-        ns_exec(me.netns, "ip", "neigh", "replace", peer.addr4, "lladdr", peer.mac, "dev", me.ifname,
-                "nud", "permanent", check=True)
-
-
 def tx_packets(host) -> int:
     out = ns_exec(host.netns, "ip", "-s", "-j", "link", "show", host.ifname, capture_output=True, text=True,
                   check=True).stdout
@@ -33,7 +26,7 @@ def tx_packets(host) -> int:
 
 def test_deleting_the_est_rule_evicts_a_transfer_and_its_packets_are_then_dropped(fwbox):
     b = fwbox
-    quiet(b)
+    b.topo.quiet_hosts()
     c0, s0 = tx_packets(b.client), tx_packets(b.server)
     ignored0 = ignored(b)
     # 100 MB paced at 10 MB/s: the rule goes while it runs.

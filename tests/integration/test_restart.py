@@ -36,19 +36,6 @@ def link(ns: str, dev: str) -> dict:
     return {"tx": s["tx"]["packets"], "rx": s["rx"]["packets"], "tx_bytes": s["tx"]["bytes"]}
 
 
-def quiet_hosts(topo) -> None:
-    """Only the transfer on the hosts' links, so that their counts are the
-    connection's: no IPv6 (router solicitations, MLD), no ARP (each host
-    knows the other's address for good).  The namespaces are the test's."""
-    hosts = [p.host for p in topo.ports]
-    for h in hosts:
-        ns_exec(h.netns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", check=True)
-        for other in hosts:
-            if other is not h:
-                ns_exec(h.netns, "ip", "neigh", "replace", other.addr4, "lladdr", other.mac, "dev", h.ifname,
-                        "nud", "permanent", check=True)
-
-
 def pinned_program(name: str) -> dict:
     return program_stats(read_pinned_counters(loader.PIN_ROOT / name))
 
@@ -67,7 +54,7 @@ def attached(topo, hook: str) -> dict:
 # XDP is adopted as one at TC.
 @pytest.mark.parametrize("aging, hook", [("full", "tc"), ("hardware", "tc"), ("full", "xdp")])
 def test_kill_9_mid_transfer_then_load_adopts_the_running_box(topo, tmp_path, aging, hook):
-    quiet_hosts(topo)
+    topo.quiet_hosts()
     before = attached(topo, hook)
     cfg = firewall_config(topo, hook)
     if aging == "hardware":
