@@ -12,8 +12,10 @@ import threading
 
 from scapy.error import Scapy_Exception
 from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import Ether
 from scapy.utils import PcapReader, rdpcap
 
+from checksums import pseudo_header_sum
 from ctctl.lab import traffic
 from ctctl.lab.topology import ns_popen
 from ctctl.lab.waiting import wait_until
@@ -81,9 +83,11 @@ class Capture:
         self._dir.cleanup()
 
 
-def checksums_ok(p) -> bool:
-    """IPv4 header and TCP (or UDP) checksums as on the wire equal scapy's
-    recomputation over the same bytes."""
+def checksum_faults(p) -> str:
+    """What is wrong with the IPv4 header and TCP (or UDP) checksums as on
+    the wire, against scapy's recomputation over the same bytes: "" when
+    nothing.  An L4 field holding the bare pseudo-header sum is named so:
+    a sender left it to a NIC (CHECKSUM_PARTIAL) and nobody completed it."""
     ip = p[IP]
     raw = IP(bytes(ip))
     l4 = TCP if TCP in raw else UDP
@@ -91,7 +95,18 @@ def checksums_ok(p) -> bool:
     del fresh.chksum
     del fresh[l4].chksum
     fresh = IP(bytes(fresh))
-    return raw.chksum == fresh.chksum and raw[l4].chksum == fresh[l4].chksum
+    faults = []
+    if raw.chksum != fresh.chksum:
+        faults.append(f"IP checksum {raw.chksum:#06x}, should be {fresh.chksum:#06x}")
+    if raw[l4].chksum != fresh[l4].chksum:
+        partial = " (the pseudo-header sum: left partial)" if raw[l4].chksum == pseudo_header_sum(
+            bytes(Ether() / raw)) else ""
+        faults.append(f"{l4.__name__} checksum {raw[l4].chksum:#06x}{partial}, should be {fresh[l4].chksum:#06x}")
+    return "; ".join(faults)
+
+
+def checksums_ok(p) -> bool:
+    return not checksum_faults(p)
 
 
 def transfer(b, port: int, size: int, conntrack=lambda: [], snapshot=lambda: None):

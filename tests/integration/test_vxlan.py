@@ -36,7 +36,7 @@ from ctctl.lab import traffic
 from ctctl.lab.topology import ns_exec
 from ctctl.lab.waiting import wait_until
 
-from capture import Capture, checksums_ok
+from capture import Capture, checksum_faults, checksums_ok
 from conftest import box_config, running
 
 VTEP, CLIENT_VTEP = "10.9.0.1", "10.9.0.2"
@@ -129,7 +129,10 @@ def test_a_transfer_through_vxlan_is_decapsulated_once_and_its_replies_encapsula
     # The server got inner packets only, each one the client sent, intact,
     # and no more often than it was sent (a resume that decapsulated twice
     # would not parse; one that forwarded twice would count twice).
-    assert got_pkts and all(UDP not in p and checksums_ok(p) for p in got_pkts)
+    assert got_pkts
+    bad = [f"#{i} {p.summary()} seq={p[TCP].seq} len={len(p[TCP].payload)}: {checksum_faults(p) or 'UDP inside'}"
+           for i, p in enumerate(got_pkts) if UDP in p or checksum_faults(p)]
+    assert not bad, (len(got_pkts), bad[:5])
     extra = _segments(got_pkts) - _segments(sent_pkts)
     assert not extra, list(extra)[:3]
     assert sum(len(p[TCP].payload) for p in got_pkts) >= SIZE
