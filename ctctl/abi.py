@@ -577,6 +577,10 @@ C_STRUCTS = {
 }
 
 
+# Where the program runs: the hooks it is built for (bpf/hook.h).
+HOOKS = ("tc", "xdp")
+
+
 @dataclass(frozen=True)
 class MapSpec:
     """One map of bpf/maps.h: its macro, key and value types, and whether

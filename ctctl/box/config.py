@@ -24,9 +24,8 @@ from pathlib import Path
 import yaml
 from pyroute2 import netns as pr_netns
 
-from ctctl import netns
+from ctctl import abi, netns
 from ctctl.box.metrics import MetricsConfig
-from ctctl.nic.loader import HOOKS
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 KEYS = {
@@ -67,7 +66,7 @@ class BoxConfig:
     eviction: object = None            # ctctl.kernel.offload.eviction.EvictionConfig
     metrics: object = None             # ctctl.box.metrics.MetricsConfig
     port_lost: str = "keep"            # keep | stop
-    attach: str = "tc"                 # one of ctctl.nic.loader.HOOKS
+    attach: str = "tc"                 # one of ctctl.abi.HOOKS
     tunnels: list = field(default_factory=list)   # list[ctctl.kernel.tunnel.Tunnel]
     perf_pages: int = 2048
     # key -> (key node, value node): positions for check_system's errors
@@ -180,8 +179,8 @@ def _settings(path: str, seen: dict, cfg: BoxConfig) -> BoxConfig:
     if "attach" in seen:
         n = seen["attach"][1]
         cfg.attach = _scalar(path, n, str, "attach")
-        if cfg.attach not in HOOKS:
-            raise ConfigError(_where(path, n), f"attach must be {' or '.join(HOOKS)}, not {cfg.attach!r}")
+        if cfg.attach not in abi.HOOKS:
+            raise ConfigError(_where(path, n), f"attach must be {' or '.join(abi.HOOKS)}, not {cfg.attach!r}")
     if "perf_pages" in seen:
         n = seen["perf_pages"][1]
         pages = _scalar(path, n, int, "perf_pages")

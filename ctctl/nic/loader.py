@@ -38,7 +38,6 @@ from ctctl.nic.maps import Maps
 PROGRAM = abi.BPF_DIR / "ctctl.c"
 FUNCTION = b"ctctl_ingress"
 PEER_FUNCTION = b"ctctl_peer_pass"
-HOOKS = ("tc", "xdp")
 # The `ports` devmap's slots (bpf/maps.h): a port's ifindex is its slot.
 PORT_SLOTS = 65536
 PIN_ROOT = Path("/sys/fs/bpf/ctctl")
@@ -103,8 +102,8 @@ def programs_on(netns_name: str, ports: list[str]) -> dict[str, list[int]]:
 
 def hook_cflags(hook: str) -> list[str]:
     """The -D that builds the program for `hook` (part of its id)."""
-    if hook not in HOOKS:
-        raise LoadError(f"attach must be one of {', '.join(HOOKS)}, not {hook!r}")
+    if hook not in abi.HOOKS:
+        raise LoadError(f"attach must be one of {', '.join(abi.HOOKS)}, not {hook!r}")
     return ["-DCTCTL_XDP", f"-DCTCTL_PORT_SLOTS={PORT_SLOTS}"] if hook == "xdp" else []
 
 
