@@ -9,7 +9,26 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from ctctl.lab.topology import ns_exec
+from ctctl.lab.waiting import Timeout, wait_until
+
+
+def settled_stats(b, holds, what: str, timeout: float = 20) -> dict:
+    """The box's stats, read until `holds(stats)`: a balance of counters
+    read once can catch a packet between two of them (counted by the
+    program, still in the ring for software; or between its rx count and
+    its verdict's).  A failure shows the last read."""
+    last = {}
+
+    def read():
+        last["stats"] = s = b.stats()
+        return s if holds(s) else None
+    try:
+        return wait_until(read, timeout, what)
+    except Timeout:
+        pytest.fail(f"{what}: not after {timeout:g} s; last stats {last['stats']}")
 
 
 def conn_line_and_id(b, proto: str, dport: int) -> tuple[str, int]:

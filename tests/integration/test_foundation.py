@@ -12,9 +12,10 @@ import yaml
 from ctctl.box import state as boxstate
 from ctctl.lab import traffic
 from ctctl.lab.boxproc import BoxProcess
-from ctctl.lab.waiting import Timeout, wait_until
+from ctctl.lab.waiting import wait_until
 from ctctl.nic import loader
 
+from accounting import settled_stats
 from conftest import box_config, tc_filters
 
 CTCTL = [sys.executable, "-m", "ctctl"]
@@ -33,19 +34,12 @@ def assert_nothing_left(topo, name):
 
 def everything_seen(box) -> dict:
     """Every packet the program saw was punted, and software received each
-    one; the box's stats, once so.  Waited for: the hosts' own packets (a
-    router solicitation, say) may be in the ring when the stats are read."""
-    last = {}
-
-    def balanced():
-        last["stats"] = s = box.stats()
+    one; the box's stats, once so."""
+    def balanced(s):
         prog, sw = s["program"], s["software"]
         assert prog["perf_lost"] == 0 and sw["ring_lost"] == 0, s
-        return s if prog["punted"] == prog["rx_packets"] == sw["received"] else None
-    try:
-        return wait_until(balanced, 20, "software to receive every punted packet")
-    except Timeout:
-        pytest.fail(f"punted, seen by the program and received by software differ: {last['stats']}")
+        return prog["punted"] == prog["rx_packets"] == sw["received"]
+    return settled_stats(box, balanced, "software to receive every packet the program punted")
 
 
 def test_ping_udp_and_small_tcp(box):

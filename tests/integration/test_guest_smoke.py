@@ -8,9 +8,8 @@ import pytest
 
 from ctctl import abi
 from ctctl.lab import topology, traffic
-from ctctl.lab.waiting import Timeout, wait_until
 
-from accounting import assert_software_saw_only_setup_and_teardown
+from accounting import assert_software_saw_only_setup_and_teardown, settled_stats
 from conftest import firewall_config, running
 
 pytestmark = pytest.mark.vm
@@ -59,16 +58,7 @@ def handled(prog: dict) -> int:
 
 
 def test_every_packet_is_accounted_for(guestbox):
-    # Read until no packet is between its rx count and its verdict's (a
-    # host's router solicitation may be, in the one read).
-    last = {}
-
-    def balanced():
-        last["prog"] = p = guestbox.stats()["program"]
-        return p if p["rx_packets"] == handled(p) else None
-    try:
-        prog = wait_until(balanced, 20, "every packet the program saw to have a verdict")
-    except Timeout:
-        pytest.fail(f"packets without a verdict: {last['prog']}")
+    prog = settled_stats(guestbox, lambda s: s["program"]["rx_packets"] == handled(s["program"]),
+                         "every packet the program saw to have a verdict")["program"]
     assert prog["perf_lost"] == 0
     assert abi.Reason.CT_MISS.label in prog["punts_by_reason"]
